@@ -1,0 +1,25 @@
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""InnerControl for diffusers: readout probes on UNet decoder features, and ControlNet training with
+reward and alignment losses (Eq. 8 of "Heeding the inner voice")."""
+
+__version__ = "0.1.0"
+
+# diffusers' loader looks up `ModelMixin` in the top-level namespace of a pipeline component's library
+# (model_index.json records ["diffusers_innercontrol", "ReadoutProbe"]): keep it exported here.
+from diffusers.models.modeling_utils import ModelMixin
+
+from .features import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch
+from .models.readout_probe import ReadoutProbe, ReadoutProbeOutput
+from .tasks import Task, get_task, list_tasks
+
+__all__ = [
+    "ModelMixin",
+    "ReadoutProbe",
+    "ReadoutProbeOutput",
+    "DecoderFeatureExtractor",
+    "decoder_feature_channels",
+    "split_guidance_batch",
+    "Task",
+    "get_task",
+    "list_tasks",
+]

@@ -1,0 +1,173 @@
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""Offline tiny models with the SD1.5 architecture, built from configs (no network), for tests and demos.
+
+`save_tiny_pipeline(path)` writes a `StableDiffusionControlNetPipeline` (UNet, ControlNet, VAE, CLIP text
+encoder and tokenizer, scheduler) with `save_pretrained`, so that every script can be pointed at `path`
+exactly as at `stable-diffusion-v1-5/stable-diffusion-v1-5`. The configs follow diffusers' own
+ControlNet pipeline tests (SPEC section 6). `SD15_UNET_CONFIG` is the real SD1.5 UNet configuration.
+"""
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+SD15_UNET_CONFIG = dict(
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+TINY_UNET_CONFIG = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+TINY_VAE_CONFIG = dict(
+    block_out_channels=(16, 32),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=2,
+    sample_size=32,
+)
+
+TINY_TEXT_CONFIG = dict(
+    bos_token_id=0,
+    eos_token_id=2,
+    hidden_size=32,
+    intermediate_size=37,
+    layer_norm_eps=1e-05,
+    num_attention_heads=4,
+    num_hidden_layers=5,
+    pad_token_id=1,
+    vocab_size=1000,
+)
+
+SD15_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    clip_sample=False, steps_offset=1,
+)
+
+
+def conditioning_channels_for(vae_scale_factor: int):
+    """ControlNet conditioning-embedding widths whose downsampling matches the VAE (SD1.5: 8 -> (16, 32, 96, 256))."""
+    widths = (16, 32, 96, 256)
+    steps = max(int(round(torch.log2(torch.tensor(float(vae_scale_factor))).item())), 0)
+    return widths[: steps + 1]
+
+
+def _byte_level_alphabet():
+    """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tiny_tokenizer(directory: str):
+    """A byte-level CLIP BPE tokenizer with no merges (every character a token): vocab.json + merges.txt."""
+    os.makedirs(directory, exist_ok=True)
+    chars = _byte_level_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return directory
+
+
+def build_tiny_components(seed: int = 0, tokenizer_dir: Optional[str] = None) -> Dict:
+    """UNet, ControlNet, VAE, text encoder, tokenizer and scheduler of the tiny SD1.5-shaped model."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    torch.manual_seed(seed + 2)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor))
+    # from_unet zero-initialises the ControlNet's output convolutions; give them small random weights so
+    # that a tiny ControlNet changes the UNet's features and tests can see gradients reach it.
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in list(controlnet.controlnet_down_blocks.parameters()) + list(controlnet.controlnet_mid_block.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    torch.manual_seed(seed + 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    tokenizer_dir = write_tiny_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny_tok_"))
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+    return dict(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_pipeline(path: str, seed: int = 0) -> str:
+    """Build the tiny SD1.5-shaped ControlNet pipeline and `save_pretrained` it to `path` (also `path/controlnet`)."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    components = build_tiny_components(seed, tokenizer_dir=os.path.join(path, "_tokenizer_src"))
+    pipe = StableDiffusionControlNetPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(os.path.join(path, "_tokenizer_src"), ignore_errors=True)
+    return path
+
+
+def build_sd15_unet(device="meta"):
+    """The SD1.5 UNet built from its config with random (or, on 'meta', no) weights: no download."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
+
+def main():  # `python -m diffusers_innercontrol.tiny PATH`
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save the offline tiny SD1.5-shaped ControlNet pipeline.")
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(save_tiny_pipeline(args.path, args.seed))
+
+
+if __name__ == "__main__":
+    main()
