@@ -1,0 +1,265 @@
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""One training step of each stage, shared by the example scripts, the benchmarks and the tests.
+
+Stage 2 (`controlnet_step`): one ControlNet + UNet forward gives the diffusion loss (Eq. 3-4), the one-step
+x0 of the reward (Eq. 5-6) and the decoder features of the alignment loss (Eq. 7); the total is Eq. 8.
+The VAE decode and the reward model run only on the samples inside the reward window (`reward_decode=
+"masked"`, the default); `"full"` decodes the whole batch and masks afterwards, as the released
+ControlNet++/InnerControl code does (kept for the benchmarks). The probe runs only on the samples inside
+the alignment window.
+
+Stage 1 (`probe_step`): the frozen UNet (optionally ControlNet-conditioned) under `no_grad`, features
+captured, the probe's loss against the control.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from .features import DecoderFeatureExtractor
+from .losses import (
+    alignment_loss_per_sample,
+    diffusion_loss,
+    diffusion_target,
+    masked_mean,
+    one_step_x0,
+    reward_loss_per_sample,
+    timestep_mask,
+    total_loss,
+)
+
+REWARD_DECODE_MODES = ("masked", "full")
+
+
+@dataclass
+class StepOutput:
+    """Losses of one step. `reward` / `alignment` are `None` when the term is off (weight 0 or no model)."""
+
+    loss: torch.Tensor
+    diffusion: torch.Tensor
+    reward: Optional[torch.Tensor] = None
+    alignment: Optional[torch.Tensor] = None
+    reward_share: float = 0.0  # share of the batch inside the reward window
+    alignment_share: float = 0.0  # share of the batch inside the alignment window
+    timesteps: Optional[torch.Tensor] = None
+    extras: Dict = field(default_factory=dict)
+
+    def logs(self) -> Dict[str, float]:
+        out = {"loss": self.loss.item(), "loss_diffusion": self.diffusion.item()}
+        if self.reward is not None:
+            out["loss_reward"] = self.reward.item()
+            out["reward_share"] = self.reward_share
+        if self.alignment is not None:
+            out["loss_alignment"] = self.alignment.item()
+            out["alignment_share"] = self.alignment_share
+        return out
+
+
+def encode_images(vae, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
+    """VAE latents of images in `[-1, 1]`, times the VAE's scaling factor."""
+    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator)
+    return latents * vae.config.scaling_factor
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images in `[0, 1]` from scaled latents (differentiable)."""
+    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def sample_timesteps(batch_size: int, num_train_timesteps: int, device, generator=None) -> torch.Tensor:
+    """t ~ U{0, ..., T-1}, one per sample."""
+    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, generator=generator).long()
+
+
+def _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype):
+    down, mid = controlnet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=control.to(weight_dtype),
+        return_dict=False,
+    )
+    return unet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        down_block_additional_residuals=[r.to(weight_dtype) for r in down],
+        mid_block_additional_residual=mid.to(weight_dtype),
+        return_dict=False,
+    )[0]
+
+
+def controlnet_step(
+    *,
+    task,
+    unet,
+    controlnet,
+    noise_scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    control: torch.Tensor,
+    control_classes: Optional[torch.Tensor] = None,
+    vae=None,
+    reward_model=None,
+    probe=None,
+    alpha: Optional[float] = None,
+    beta: Optional[float] = None,
+    noise: Optional[torch.Tensor] = None,
+    timesteps: Optional[torch.Tensor] = None,
+    reward_decode: str = "masked",
+    weight_dtype: torch.dtype = torch.float32,
+    generator: Optional[torch.Generator] = None,
+) -> StepOutput:
+    """
+    One stage-2 step (Eq. 8). Returns the losses; the caller runs `backward`.
+
+    Args:
+        task: a `Task`; its windows and loss kinds are used, and `alpha` / `beta` when not given.
+        unet, controlnet, noise_scheduler: the frozen UNet, the trained ControlNet, a DDPM scheduler.
+        latents: scaled VAE latents of the images. encoder_hidden_states: text embeddings.
+        control: the control image `(B, C, H, W)` in `[0, 1]` (the ControlNet input).
+        control_classes: for segmentation, class indices `(B, H, W)` (255 = ignored) the losses compare with.
+        vae, reward_model: needed when `alpha > 0`. probe: needed when `beta > 0`.
+        noise, timesteps: drawn here when not given.
+        reward_decode: `"masked"` (decode only the samples inside the reward window) or `"full"`.
+    """
+    if reward_decode not in REWARD_DECODE_MODES:
+        raise ValueError(f"reward_decode must be one of {REWARD_DECODE_MODES}, got {reward_decode!r}.")
+    alpha = task.alpha if alpha is None else alpha
+    beta = task.beta if beta is None else beta
+    use_reward = alpha > 0
+    use_alignment = beta > 0
+    if use_reward and (reward_model is None or vae is None):
+        raise ValueError("alpha > 0 needs a reward model and the VAE (or pass alpha=0).")
+    if use_alignment and probe is None:
+        raise ValueError("beta > 0 needs a trained readout probe (or pass beta=0).")
+    target_control = control_classes if task.is_segmentation else control
+    if task.is_segmentation and control_classes is None and (use_reward or use_alignment):
+        raise ValueError("Segmentation losses need `control_classes` (class indices of the control).")
+
+    bsz = latents.shape[0]
+    if noise is None:
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
+    if timesteps is None:
+        timesteps = sample_timesteps(bsz, noise_scheduler.config.num_train_timesteps, latents.device, generator)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    extractor = DecoderFeatureExtractor(unet, probe.config.feature_kind) if use_alignment else None
+    if extractor is not None:
+        extractor.register()
+    try:
+        model_pred = _controlnet_unet_forward(
+            unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype
+        )
+    finally:
+        features = extractor.pop() if extractor is not None else None
+        if extractor is not None:
+            extractor.remove()
+
+    target = diffusion_target(noise, latents, timesteps, noise_scheduler)
+    l_diff = diffusion_loss(model_pred, target)
+
+    l_reward = None
+    reward_mask = timestep_mask(timesteps, task.reward_window)
+    reward_share = reward_mask.mean().item()
+    if use_reward:
+        prediction_type = noise_scheduler.config.prediction_type
+        alphas_cumprod = noise_scheduler.alphas_cumprod
+        if reward_decode == "full":
+            x0 = one_step_x0(noisy_latents, model_pred, timesteps, alphas_cumprod, prediction_type)
+            images = decode_latents(vae, x0)
+            losses = reward_loss_per_sample(task, reward_model(images), target_control)
+            l_reward = masked_mean(losses, reward_mask)
+        else:
+            idx = reward_mask.nonzero(as_tuple=True)[0]
+            if idx.numel() == 0:
+                l_reward = model_pred.sum() * 0.0
+            else:
+                x0 = one_step_x0(noisy_latents[idx], model_pred[idx], timesteps[idx], alphas_cumprod, prediction_type)
+                images = decode_latents(vae, x0)
+                losses = reward_loss_per_sample(task, reward_model(images), target_control[idx])
+                l_reward = masked_mean(losses, torch.ones_like(losses))
+
+    l_align = None
+    align_mask = timestep_mask(timesteps, task.alignment_window)
+    alignment_share = align_mask.mean().item()
+    if use_alignment:
+        idx = align_mask.nonzero(as_tuple=True)[0]
+        if idx.numel() == 0:
+            l_align = model_pred.sum() * 0.0
+        else:
+            subset = features if idx.numel() == bsz else [f[idx] for f in features]
+            readout = probe(subset, timesteps[idx], return_dict=False)[0]
+            losses = alignment_loss_per_sample(task, readout, target_control[idx])
+            l_align = masked_mean(losses, torch.ones_like(losses))
+
+    loss = total_loss(l_diff, l_reward, l_align, alpha, beta)
+    return StepOutput(
+        loss=loss,
+        diffusion=l_diff,
+        reward=l_reward,
+        alignment=l_align,
+        reward_share=reward_share,
+        alignment_share=alignment_share,
+        timesteps=timesteps,
+    )
+
+
+def probe_features(
+    unet,
+    feature_kind: str,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    controlnet=None,
+    control: Optional[torch.Tensor] = None,
+    weight_dtype: torch.dtype = torch.float32,
+):
+    """Decoder features of one frozen (optionally ControlNet-conditioned) UNet forward, under `no_grad`."""
+    with torch.no_grad(), DecoderFeatureExtractor(unet, feature_kind, detach=True) as extractor:
+        if controlnet is not None:
+            _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype)
+        else:
+            unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+        return extractor.pop()
+
+
+def probe_step(
+    *,
+    task,
+    unet,
+    probe,
+    noise_scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    control: torch.Tensor,
+    control_classes: Optional[torch.Tensor] = None,
+    controlnet=None,
+    noise: Optional[torch.Tensor] = None,
+    timesteps: Optional[torch.Tensor] = None,
+    weight_dtype: torch.dtype = torch.float32,
+    generator: Optional[torch.Generator] = None,
+    reduce: bool = True,
+):
+    """
+    One stage-1 step: t ~ U[0, T), noise the latents, one frozen UNet forward, the probe's loss
+    (`alignment_loss_per_sample`, the same function as Eq. 7) against the control. Returns the mean loss,
+    or the per-sample losses and the timesteps with `reduce=False` (per-t evaluation).
+    """
+    bsz = latents.shape[0]
+    if noise is None:
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
+    if timesteps is None:
+        timesteps = sample_timesteps(bsz, noise_scheduler.config.num_train_timesteps, latents.device, generator)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    features = probe_features(
+        unet, probe.config.feature_kind, noisy_latents, timesteps, encoder_hidden_states, controlnet, control, weight_dtype
+    )
+    readout = probe(features, timesteps, return_dict=False)[0]
+    target = control_classes if task.is_segmentation else control
+    losses = alignment_loss_per_sample(task, readout, target)
+    if reduce:
+        return losses.mean()
+    return losses, timesteps
