@@ -129,6 +129,8 @@ _PAPER: Dict[str, Task] = {
         feature_kind="resnet", feature_scale=1.0, upsample_head=False, probe_out_channels=150,
         output_activation="none", num_classes=150,
         controlnet_id="lllyasviel/control_v11p_sd15_seg",
+        # The paper's reward is mmseg's UperNet-R50; transformers' Hub checkpoints of UperNet on ADE20K are
+        # ConvNeXt/Swin-backed, so the smallest of them stands in (any UperNet folder can be passed instead).
         reward_model_id="openmmlab/upernet-convnext-small",
         eval_model_id="facebook/mask2former-swin-large-ade-semantic",
         dataset_name="limingcv/Captioned_ADE20K", caption_column="prompt", conditioning_column="control_seg",

@@ -5,6 +5,7 @@ The probe reads a spatial control (edges, depth, segmentation) back out of the d
 of one UNet forward. Architecture: SPEC section 2. Written from the description, not copied.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -187,19 +188,38 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
         if feature_channels is None:
             feature_channels = decoder_feature_channels(unet, feature_kind)
         ucfg = unet.config
-        probe = cls(
-            feature_channels=tuple(feature_channels),
-            feature_kind=feature_kind,
-            timestep_input_dim=ucfg.block_out_channels[0],
-            time_embed_dim=unet.time_embedding.linear_1.out_features,
-            flip_sin_to_cos=ucfg.flip_sin_to_cos,
-            freq_shift=ucfg.freq_shift,
-            time_embedding_act_fn=ucfg.act_fn,
-            **kwargs,
-        )
-        probe.time_embedding.load_state_dict(unet.time_embedding.state_dict())
-        probe.to(device=unet.device)
+        # A UNet built on the "meta" device (shapes only, e.g. to count parameters) has no weights to
+        # copy: the probe is then built on "meta" too.
+        on_meta = unet.time_embedding.linear_1.weight.is_meta
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            probe = cls(
+                feature_channels=tuple(feature_channels),
+                feature_kind=feature_kind,
+                timestep_input_dim=ucfg.block_out_channels[0],
+                time_embed_dim=unet.time_embedding.linear_1.out_features,
+                flip_sin_to_cos=ucfg.flip_sin_to_cos,
+                freq_shift=ucfg.freq_shift,
+                time_embedding_act_fn=ucfg.act_fn,
+                **kwargs,
+            )
+        if not on_meta:
+            probe.time_embedding.load_state_dict(unet.time_embedding.state_dict())
+            probe.to(device=unet.device)
         return probe
+
+    @classmethod
+    def from_readout_guidance(
+        cls, checkpoint_path, unet, trust_pickle: bool = False, feature_kind: str = "resnet", **kwargs
+    ) -> "ReadoutProbe":
+        r"""
+        Import a probe released in Readout Guidance's checkpoint format (InnerControl's and Readout Guidance's
+        `.pt` files). See [`~diffusers_innercontrol.convert.load_readout_guidance_checkpoint`], which this calls.
+        """
+        from ..convert import load_readout_guidance_checkpoint
+
+        return load_readout_guidance_checkpoint(
+            checkpoint_path, unet, trust_pickle=trust_pickle, feature_kind=feature_kind, probe_class=cls, **kwargs
+        )
 
     @property
     def num_probe_parameters(self) -> int:

@@ -1,0 +1,400 @@
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""The metrics of the paper's Table 1 (SPEC section 5), over maintained libraries.
+
+Control fidelity, between what an evaluator model reads from a generated image and the control:
+- HED / LineArt: SSIM and MS-SSIM (torchmetrics) between annotator(generated) and the control, both
+  one-channel maps in `[0, 1]` in the control's polarity;
+- depth: RMSE of 0..255 depth maps (`depth_rmse`): DPT-Large's prediction resized to the control's size,
+  both maps divided by their own maximum and scaled to 0..255;
+- segmentation: mIoU (torchmetrics `MulticlassJaccardIndex`, `ignore_index=255`, accumulated over the whole
+  evaluation set; classes absent from both prediction and target are left out of the mean).
+Image quality: FID (torchmetrics `FrechetInceptionDistance`, InceptionV3 of torch-fidelity by default, any
+feature network on request) and CLIP score (torchmetrics `CLIPScore`, ViT-B/16 by default).
+
+No SSIM, FID or IoU is computed here by hand: these are thin adapters that feed torchmetrics the maps in the
+protocol's normalisation. Every evaluator model can be a local path, so that tests run offline.
+"""
+
+import math
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hub_utils import OfflineModelError, check_model_available, is_offline
+
+IGNORE_INDEX = 255
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch16"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID InceptionV3
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # torchmetrics' (and the original paper's) 5 scales
+
+# The control metric of every task: (key in the results, name in the table, higher is better)
+CONTROL_METRICS = {
+    "hed": ("ssim", "SSIM", True),
+    "lineart": ("ssim", "SSIM", True),
+    "depth": ("rmse", "RMSE", False),
+    "segmentation": ("miou", "mIoU", True),
+}
+
+
+# --- maps ------------------------------------------------------------------------------------------
+def to_single_channel(x: torch.Tensor) -> torch.Tensor:
+    """`(B, C, H, W)` or `(B, H, W)` -> `(B, 1, H, W)` float, averaging the channels (controls are grey RGB)."""
+    x = x.float()
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"Expected maps of shape (B, C, H, W) or (B, H, W), got {tuple(x.shape)}.")
+    return x.mean(1, keepdim=True)
+
+
+def resize_map(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize of `(B, 1, h, w)` maps to `size` (a no-op at that size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def edge_maps(prediction: torch.Tensor, control: torch.Tensor):
+    """The annotator's map resized to the control's size and the control, both `(B, 1, H, W)` in `[0, 1]`."""
+    target = to_single_channel(control).clamp(0, 1)
+    pred = resize_map(to_single_channel(prediction), target.shape[-2:]).clamp(0, 1)
+    if pred.shape[0] != target.shape[0]:
+        raise ValueError(f"Got {pred.shape[0]} predicted maps for {target.shape[0]} controls.")
+    return pred, target
+
+
+# --- HED / LineArt --------------------------------------------------------------------------------
+def edge_ssim(prediction: torch.Tensor, control: torch.Tensor, **kwargs) -> torch.Tensor:
+    """
+    Per-sample SSIM (torchmetrics, Gaussian 11x11, sigma 1.5, `data_range=1`) between the annotator's reading
+    of the generated images and the controls.
+
+    Args:
+        prediction: `(B, 1, h, w)` (or `(B, C, h, w)`, `(B, h, w)`) in `[0, 1]`, in the control's polarity;
+            resized (bilinear) to the control's size.
+        control: `(B, C, H, W)` in `[0, 1]`; its channels are averaged.
+
+    Returns:
+        `(B,)` SSIM values (1 for identical maps).
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    pred, target = edge_maps(prediction, control)
+    return structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none", **kwargs).reshape(-1)
+
+
+def ms_ssim_min_size(kernel_size: int = 11, num_scales: int = len(MS_SSIM_BETAS)) -> int:
+    """MS-SSIM needs both sides larger than this (torchmetrics: `(kernel_size - 1) * 2 ** (scales - 1)`)."""
+    return (kernel_size - 1) * 2 ** (num_scales - 1)
+
+
+def edge_ms_ssim(prediction: torch.Tensor, control: torch.Tensor, kernel_size: int = 11) -> Optional[torch.Tensor]:
+    """
+    Per-sample MS-SSIM (torchmetrics, 5 scales, `data_range=1`), the released code's edge metric.
+
+    Returns `None` (with a warning) when the maps are too small for 5 scales (`ms_ssim_min_size()`: 160 px for
+    an 11x11 window), e.g. with tiny test models; the paper's 512 px maps are fine.
+    """
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    pred, target = edge_maps(prediction, control)
+    need = ms_ssim_min_size(kernel_size)
+    if min(target.shape[-2:]) <= need:
+        warnings.warn(f"MS-SSIM needs maps larger than {need} px (got {tuple(target.shape[-2:])}): not computed.")
+        return None
+    values = multiscale_structural_similarity_index_measure(
+        pred, target, data_range=1.0, kernel_size=kernel_size, reduction="none"
+    )
+    return values.reshape(-1)
+
+
+# --- depth ----------------------------------------------------------------------------------------
+def depth_to_0_255(depth: torch.Tensor, size=None, quantize: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """
+    A depth map as the protocol's 0..255 image: `(resize(depth) / max(resize(depth))) * 255` per sample.
+
+    Args:
+        depth: `(B, h, w)`, `(B, 1, h, w)` or `(B, C, h, w)` (channels averaged), any positive scale.
+        size: resize (bilinear) to this `(H, W)` first; default: keep the size.
+        quantize: round to integers, as when the map is stored as an 8-bit image.
+
+    Returns:
+        `(B, 1, H, W)` float maps in `[0, 255]`.
+    """
+    x = to_single_channel(depth)
+    if size is not None:
+        x = resize_map(x, size)
+    peak = x.flatten(1).amax(1).clamp(min=eps).view(-1, 1, 1, 1)
+    x = (x / peak).clamp(min=0.0) * 255.0
+    return x.round() if quantize else x
+
+
+def depth_rmse(prediction: torch.Tensor, control: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+    """
+    Per-sample RMSE of max-normalised 0..255 depth maps (the depth metric of Table 1):
+    `sqrt(mean((D(pred) - D(control))^2))`, with `D(x) = 255 * x / max(x)` per sample (`depth_to_0_255`)
+    and the prediction resized to the control's size first.
+
+    Args:
+        prediction: the evaluator's depth `(B, h, w)` or `(B, 1, h, w)` (DPT-Large: relative inverse depth).
+        control: the depth control `(B, C, H, W)` in `[0, 1]` (or 0..255: only its shape relative to its
+            maximum matters).
+        quantize: compare 8-bit maps (integers 0..255), as the released evaluation stores them.
+
+    Returns:
+        `(B,)` RMSE values in 0..255 units (0 for identical maps).
+    """
+    target = depth_to_0_255(control, quantize=quantize)
+    pred = depth_to_0_255(prediction, size=target.shape[-2:], quantize=quantize)
+    if pred.shape[0] != target.shape[0]:
+        raise ValueError(f"Got {pred.shape[0]} depth predictions for {target.shape[0]} controls.")
+    return ((pred - target) ** 2).flatten(1).mean(1).sqrt()
+
+
+# --- segmentation ---------------------------------------------------------------------------------
+def build_miou(num_classes: int, ignore_index: int = IGNORE_INDEX):
+    """A torchmetrics `MulticlassJaccardIndex` that accumulates the confusion matrix over the dataset (macro mIoU)."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    return MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index, average="macro")
+
+
+def mean_iou(prediction: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX,
+             per_class: bool = False) -> torch.Tensor:
+    """
+    mIoU of class maps (torchmetrics): pixels whose target is `ignore_index` are skipped, and classes absent
+    from both maps are left out of the mean.
+
+    Args:
+        prediction: `(B, H, W)` class indices (or logits `(B, K, H, W)`, arg-maxed).
+        target: `(B, H, W)` class indices, `ignore_index` where ignored.
+        per_class: return the IoU of every class instead of the mean.
+    """
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
+    if prediction.ndim == 4:
+        prediction = prediction.argmax(1)
+    if prediction.shape != target.shape:
+        raise ValueError(f"Predicted class maps {tuple(prediction.shape)} and targets {tuple(target.shape)} differ in shape.")
+    return multiclass_jaccard_index(
+        prediction.long(), target.long(), num_classes=num_classes, ignore_index=ignore_index,
+        average="none" if per_class else "macro",
+    )
+
+
+# --- one accumulator per task ---------------------------------------------------------------------
+class ControlFidelity:
+    """
+    Running control-fidelity metric of a task over an evaluation set.
+
+    `update(prediction, control, control_classes=None)` with the evaluator's output on a batch of generated
+    images; `compute()` -> dict: `ssim`, `ms_ssim` (HED, LineArt), `rmse` (depth), `miou` (segmentation), each
+    the mean over all generated images (mIoU: over the accumulated confusion matrix), plus `*_std` and
+    `num_images`.
+    """
+
+    def __init__(self, task_name: str, num_classes: Optional[int] = None, quantize_depth: bool = True):
+        if task_name not in CONTROL_METRICS:
+            raise ValueError(f"Unknown task {task_name!r}: choose one of {', '.join(CONTROL_METRICS)}.")
+        self.task_name = task_name
+        self.quantize_depth = quantize_depth
+        self.values: Dict[str, List[float]] = {}
+        self.num_images = 0
+        self.miou = None
+        if task_name == "segmentation":
+            if not num_classes:
+                raise ValueError("The segmentation metric needs num_classes (150 for ADE20K).")
+            self.miou = build_miou(num_classes)
+
+    def _add(self, key, values):
+        if values is not None:
+            self.values.setdefault(key, []).extend(float(v) for v in values.detach().cpu().reshape(-1))
+
+    @torch.no_grad()
+    def update(self, prediction: torch.Tensor, control: Optional[torch.Tensor] = None,
+               control_classes: Optional[torch.Tensor] = None) -> "ControlFidelity":
+        """
+        Args:
+            prediction: HED/LineArt `(B, 1, h, w)` maps in `[0, 1]`; depth `(B, h, w)`; segmentation class
+                maps `(B, H, W)` at the control's size.
+            control: `(B, C, H, W)` in `[0, 1]` (regression tasks).
+            control_classes: `(B, H, W)` class indices (segmentation).
+        """
+        prediction = prediction.detach().cpu()
+        if self.task_name in ("hed", "lineart"):
+            control = control.detach().cpu()
+            self._add("ssim", edge_ssim(prediction, control))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._add("ms_ssim", edge_ms_ssim(prediction, control))
+        elif self.task_name == "depth":
+            self._add("rmse", depth_rmse(prediction, control.detach().cpu(), quantize=self.quantize_depth))
+        else:
+            if control_classes is None:
+                raise ValueError("The segmentation metric needs control_classes (B, H, W).")
+            self.miou.update(prediction.long(), control_classes.detach().cpu().long())
+        self.num_images += prediction.shape[0]
+        return self
+
+    def compute(self) -> Dict[str, Optional[float]]:
+        out: Dict[str, Optional[float]] = {"num_images": self.num_images}
+        for key, values in self.values.items():
+            t = torch.tensor(values, dtype=torch.float64)
+            out[key] = t.mean().item()
+            out[f"{key}_std"] = t.std(unbiased=False).item()
+        if self.task_name in ("hed", "lineart"):
+            out.setdefault("ms_ssim", None)  # maps too small for MS-SSIM
+        if self.miou is not None:
+            out["miou"] = self.miou.compute().item() if self.num_images else None
+        return out
+
+
+# --- FID ------------------------------------------------------------------------------------------
+class PretrainedImageFeatures(nn.Module):
+    """
+    FID features from a `transformers` vision model saved in a folder (e.g. a CLIP vision tower), for when
+    InceptionV3 is not wanted or not available (tests build a tiny one). Input: `(B, 3, H, W)` in `[0, 1]`;
+    output: `(B, D)` pooled (projected, for CLIP) embeddings.
+    """
+
+    def __init__(self, model: nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.image_size = int(image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        with torch.no_grad():
+            self.num_features = int(self(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1])
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "PretrainedImageFeatures":
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+        try:
+            processor = AutoImageProcessor.from_pretrained(path)
+            mean, std = processor.image_mean, processor.image_std
+        except Exception:  # no preprocessor_config.json: ImageNet statistics
+            mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        vision = getattr(config, "vision_config", config)
+        size = getattr(vision, "image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return cls(model, size, mean, std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if hasattr(self.model, "get_image_features"):
+            out = self.model.get_image_features(pixel_values=x)
+        else:
+            out = self.model(pixel_values=x)
+        if not torch.is_tensor(out):
+            pooled = getattr(out, "image_embeds", None)
+            if pooled is None:
+                pooled = getattr(out, "pooler_output", None)
+            out = pooled if pooled is not None else out.last_hidden_state.mean(1)
+        return out.flatten(1).float()
+
+
+def _inception_cache_path() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE)
+
+
+def build_fid(feature_extractor: Union[None, str, nn.Module] = None, option: str = "--fid_feature_extractor"):
+    """
+    A torchmetrics `FrechetInceptionDistance` fed with images in `[0, 1]` (`normalize=True`).
+
+    Args:
+        feature_extractor:
+            - `None` or `"inception"`: torch-fidelity's InceptionV3 (2048-d pool features), the standard FID;
+              its weights are downloaded once into the torch hub cache (offline without them: `OfflineModelError`);
+            - a `.pth` file: those InceptionV3 weights (`INCEPTION_WEIGHTS_FILE`), checked with
+              `torch.load(weights_only=True)` before torch-fidelity loads them;
+            - a folder: a `transformers` vision model (`PretrainedImageFeatures`), e.g. a CLIP;
+            - an `nn.Module` mapping `(B, 3, H, W)` in `[0, 1]` to `(B, D)` features.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if isinstance(feature_extractor, nn.Module):
+        return FrechetInceptionDistance(feature=feature_extractor, normalize=True)
+    if feature_extractor in (None, "inception"):
+        if is_offline() and not os.path.isfile(_inception_cache_path()):
+            raise OfflineModelError(
+                f"FID's InceptionV3 weights ({INCEPTION_WEIGHTS_FILE}) are not in the torch hub cache "
+                f"({_inception_cache_path()}) and this machine is offline (HF_HUB_OFFLINE=1): download them where "
+                f"there is network, or pass the .pth file (or a local feature model folder) with {option}."
+            )
+        return FrechetInceptionDistance(feature=2048, normalize=True)
+    path = os.path.expanduser(str(feature_extractor))
+    if os.path.isfile(path):
+        # torch-fidelity loads this file with weights_only=False: make sure it holds only tensors first.
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{option} {path!r} is not a plain InceptionV3 state dict (weights_only load failed: {err}).") from None
+        return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=path)
+    if os.path.isdir(path):
+        return FrechetInceptionDistance(feature=PretrainedImageFeatures.from_pretrained(path), normalize=True)
+    raise ValueError(
+        f"{option} {feature_extractor!r} is neither 'inception', an InceptionV3 .pth file nor a local model folder."
+    )
+
+
+# --- CLIP score -----------------------------------------------------------------------------------
+class _CLIPFeatures(nn.Module):
+    """
+    A CLIPModel whose `get_image_features` / `get_text_features` return tensors. transformers 5 returns a
+    `BaseModelOutputWithPooling` from them (projected embeddings in `pooler_output`), which torchmetrics 1.9's
+    CLIPScore cannot normalise; this adapter keeps torchmetrics' computation unchanged.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out):
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def build_clip_score(model_name_or_path: str = DEFAULT_CLIP_MODEL, option: str = "--clip_model_name_or_path"):
+    """
+    A torchmetrics `CLIPScore` (100 x cosine of CLIP image and text embeddings) on any CLIP saved with
+    `save_pretrained` (local folder or Hub id; offline Hub ids fail fast). Update it with `uint8` images
+    `(B, 3, H, W)` and their captions.
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    check_model_available(model_name_or_path, option)
+
+    def load():
+        return _CLIPFeatures(CLIPModel.from_pretrained(model_name_or_path)), CLIPProcessor.from_pretrained(model_name_or_path)
+
+    return CLIPScore(model_name_or_path=load)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """`(B, 3, H, W)` in `[0, 1]` -> `uint8` 0..255 (what CLIPScore's processor expects)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def summarize(values: Sequence[float]) -> Dict[str, float]:
+    """Mean and (population) standard deviation of a list of numbers."""
+    t = torch.tensor(list(values), dtype=torch.float64)
+    if t.numel() == 0:
+        return {"mean": math.nan, "std": math.nan}
+    return {"mean": t.mean().item(), "std": t.std(unbiased=False).item()}

@@ -1,0 +1,220 @@
+"""Metric code of the evaluation (SPEC section 5) on hand-made cases."""
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from diffusers_innercontrol.hub_utils import OfflineModelError
+from diffusers_innercontrol.metrics import (
+    ControlFidelity,
+    build_clip_score,
+    build_fid,
+    depth_rmse,
+    depth_to_0_255,
+    edge_ms_ssim,
+    edge_ssim,
+    mean_iou,
+    ms_ssim_min_size,
+)
+
+
+# --- SSIM / MS-SSIM -------------------------------------------------------------------------------
+def test_ssim_identical_maps_is_one():
+    control = (torch.rand(2, 1, 32, 32) > 0.7).float().expand(-1, 3, -1, -1)  # grey RGB control
+    pred = control[:, :1].clone()
+    ssim = edge_ssim(pred, control)
+    assert ssim.shape == (2,)
+    torch.testing.assert_close(ssim, torch.ones(2), atol=1e-5, rtol=0)
+
+
+def test_ssim_of_constant_maps_by_hand():
+    # Constant maps: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1) with C1 = (0.01 * data_range)^2, range 1.
+    a, b, c1 = 0.5, 0.25, 1e-4
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)  # 0.80006...
+    ssim = edge_ssim(torch.full((1, 1, 24, 24), a), torch.full((1, 3, 24, 24), b))
+    assert abs(ssim.item() - expected) < 1e-4
+
+
+def test_ssim_resizes_prediction_to_control():
+    control = torch.zeros(1, 3, 32, 32)
+    control[..., 8:24, 8:24] = 1.0
+    pred = torch.zeros(1, 1, 16, 16)
+    pred[..., 4:12, 4:12] = 1.0  # the same square at half the size
+    assert edge_ssim(pred, control).item() > 0.7
+    assert edge_ssim(1.0 - pred, control).item() < 0.0  # inverted polarity is punished
+
+
+def test_ms_ssim_identical_is_one_and_small_maps_give_none():
+    assert ms_ssim_min_size() == 160  # (11 - 1) * 2 ** 4
+    big = torch.rand(1, 1, 176, 176)
+    torch.testing.assert_close(edge_ms_ssim(big, big.expand(-1, 3, -1, -1)), torch.ones(1), atol=1e-4, rtol=0)
+    with pytest.warns(UserWarning, match="MS-SSIM needs"):
+        assert edge_ms_ssim(torch.rand(1, 1, 32, 32), torch.rand(1, 3, 32, 32)) is None
+
+
+# --- depth RMSE -----------------------------------------------------------------------------------
+def test_depth_to_0_255_by_hand():
+    depth = torch.tensor([[[2.0, 1.0], [0.5, 4.0]]])  # (1, 2, 2), max 4
+    out = depth_to_0_255(depth, quantize=False)
+    torch.testing.assert_close(out, torch.tensor([[[[127.5, 63.75], [31.875, 255.0]]]]))
+    torch.testing.assert_close(depth_to_0_255(depth), torch.tensor([[[[128.0, 64.0], [32.0, 255.0]]]]))
+
+
+def test_depth_rmse_identical_and_scale_invariant_is_zero():
+    control = torch.rand(2, 1, 8, 8).expand(-1, 3, -1, -1) + 0.1
+    assert torch.all(depth_rmse(control[:, 0], control) == 0)
+    assert torch.all(depth_rmse(7.0 * control[:, :1], control) == 0)  # max-normalised: scale does not matter
+
+
+def test_depth_rmse_of_two_hand_maps():
+    control = torch.tensor([[1.0, 0.5], [0.5, 1.0]]).view(1, 1, 2, 2).expand(-1, 3, -1, -1)  # -> 255 127.5 / 127.5 255
+    pred = torch.tensor([[[2.0, 2.0], [1.0, 2.0]]])  # -> 255 255 / 127.5 255
+    # quantised: 127.5 rounds to 128 -> one pixel differs by 127: sqrt(127^2 / 4) = 63.5
+    assert abs(depth_rmse(pred, control).item() - 63.5) < 1e-4
+    # unquantised: one pixel differs by 127.5: 63.75
+    assert abs(depth_rmse(pred, control, quantize=False).item() - 63.75) < 1e-4
+    # a 1x1 prediction is resized to 2x2 (255 everywhere): two pixels differ by 127 -> 127 / sqrt(2)
+    assert abs(depth_rmse(torch.ones(1, 1, 1), control).item() - 127 / math.sqrt(2)) < 1e-3
+
+
+# --- mIoU -----------------------------------------------------------------------------------------
+def test_miou_known_confusion():
+    target = torch.tensor([[[0, 0], [1, 1]]])
+    pred = torch.tensor([[[0, 1], [1, 1]]])
+    # class 0: I = 1, U = 2 -> 1/2; class 1: I = 2, U = 3 -> 2/3; mIoU = 7/12
+    torch.testing.assert_close(mean_iou(pred, target, 2, per_class=True), torch.tensor([0.5, 2 / 3]))
+    assert abs(mean_iou(pred, target, 2).item() - 7 / 12) < 1e-6
+
+
+def test_miou_ignores_255_and_absent_classes():
+    target = torch.tensor([[[0, 0], [1, 255]]])
+    pred = torch.tensor([[[0, 1], [1, 1]]])
+    # the ignored pixel is dropped: class 0 -> 1/2, class 1: I = 1, U = 2 -> 1/2; class 2 absent: not averaged
+    assert abs(mean_iou(pred, target, 3).item() - 0.5) < 1e-6
+
+
+def test_control_fidelity_accumulates_the_confusion_matrix():
+    fidelity = ControlFidelity("segmentation", num_classes=2)
+    fidelity.update(torch.zeros(1, 2, 2, dtype=torch.long), control_classes=torch.zeros(1, 2, 2, dtype=torch.long))
+    fidelity.update(torch.tensor([[[0, 1], [1, 1]]]), control_classes=torch.tensor([[[0, 0], [1, 1]]]))
+    # over both: class 0 I = 5, U = 6; class 1 I = 2, U = 3 -> (5/6 + 2/3) / 2 = 3/4 (not the per-image mean)
+    out = fidelity.compute()
+    assert abs(out["miou"] - 0.75) < 1e-6 and out["num_images"] == 2
+
+
+def test_control_fidelity_regression_tasks():
+    edges = ControlFidelity("hed")
+    control = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    edges.update(control, control.expand(-1, 3, -1, -1))
+    out = edges.compute()
+    assert abs(out["ssim"] - 1.0) < 1e-5 and out["ms_ssim"] is None and out["num_images"] == 2
+    depth = ControlFidelity("depth")
+    c = torch.tensor([[1.0, 0.5], [0.5, 1.0]]).view(1, 1, 2, 2)
+    depth.update(torch.tensor([[[2.0, 2.0], [1.0, 2.0]]]), c)  # 63.5 (see above)
+    depth.update(c[:, 0], c)  # 0
+    out = depth.compute()
+    assert abs(out["rmse"] - 63.5 / 2) < 1e-4 and abs(out["rmse_std"] - 63.5 / 2) < 1e-4
+    with pytest.raises(ValueError, match="num_classes"):
+        ControlFidelity("segmentation")
+
+
+# --- FID ------------------------------------------------------------------------------------------
+class ChannelMeans(nn.Module):
+    """Features = the mean of every channel: FID of shifted copies is known in closed form."""
+
+    num_features = 3
+
+    def forward(self, x):
+        return x.float().mean((2, 3))
+
+
+def test_fid_with_a_replaceable_feature_network_by_hand():
+    torch.manual_seed(0)
+    real = torch.rand(16, 3, 8, 8) * 0.5
+    shift = torch.tensor([0.1, 0.2, 0.0]).view(1, 3, 1, 1)
+    fid = build_fid(ChannelMeans())
+    fid.update(real, real=True)
+    fid.update(real + shift, real=False)
+    # same covariance, means differ by the shift: FID = ||shift||^2 = 0.01 + 0.04
+    assert abs(fid.compute().item() - 0.05) < 1e-3
+
+
+def test_fid_offline_inception_fails_fast_and_bad_weights_are_refused(tmp_path):
+    from diffusers_innercontrol.metrics import _inception_cache_path
+
+    if not os.path.isfile(_inception_cache_path()):
+        with pytest.raises(OfflineModelError, match="--fid_feature_extractor"):
+            build_fid("inception")
+    bad = tmp_path / "inception.pth"
+    torch.save({"model": ChannelMeans()}, bad)  # a pickled module, not a state dict
+    with pytest.raises(ValueError, match="weights_only"):
+        build_fid(str(bad))
+    with pytest.raises(ValueError, match="neither"):
+        build_fid(str(tmp_path / "nothing_here"))
+
+
+# --- CLIP score -----------------------------------------------------------------------------------
+def save_tiny_clip(path: str) -> str:
+    """A tiny CLIP (model + processor) saved with save_pretrained, loadable offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from diffusers_innercontrol.tiny import write_tiny_tokenizer
+
+    write_tiny_tokenizer(path)
+    tokenizer = CLIPTokenizer.from_pretrained(path, model_max_length=77)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_path(tmp_path_factory):
+    return save_tiny_clip(str(tmp_path_factory.mktemp("tiny_clip")))
+
+
+def test_clip_score_matches_cosine_of_the_embeddings(tiny_clip_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    images = (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)
+    captions = ["a red circle", "two blue squares"]
+    metric = build_clip_score(tiny_clip_path)
+    metric.update(images, captions)
+    score = metric.compute().item()
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip_path).eval(), CLIPProcessor.from_pretrained(tiny_clip_path)
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=processor(images=list(images), return_tensors="pt")["pixel_values"])
+        tok = processor(text=captions, return_tensors="pt", padding=True)
+        txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    img = img if torch.is_tensor(img) else img.pooler_output
+    txt = txt if torch.is_tensor(txt) else txt.pooler_output
+    expected = max((100 * torch.nn.functional.cosine_similarity(img, txt)).mean().item(), 0.0)
+    assert abs(score - expected) < 1e-3
+
+
+def test_clip_score_offline_hub_id_fails_fast():
+    with pytest.raises(OfflineModelError, match="--clip_model_name_or_path"):
+        build_clip_score("openai/clip-vit-base-patch16")
+
+
+def test_fid_features_from_a_local_model_folder(tiny_clip_path):
+    from diffusers_innercontrol.metrics import PretrainedImageFeatures
+
+    fid = build_fid(tiny_clip_path)
+    assert isinstance(fid.inception, PretrainedImageFeatures) and fid.inception.num_features == 16
+    images = torch.rand(4, 3, 32, 32)
+    fid.update(images, real=True)
+    fid.update(images, real=False)
+    assert abs(fid.compute().item()) < 1e-2  # identical sets

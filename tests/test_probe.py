@@ -1,0 +1,205 @@
+"""ReadoutProbe: size on the SD1.5 UNet, the copied timestep embedding, shapes, mixing, serialisation."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_innercontrol import ReadoutProbe
+from diffusers_innercontrol.tiny import build_sd15_unet
+
+TINY = dict(projection_dim=32, norm_num_groups=8)
+TINY_CHANNELS = [64, 64, 64, 32, 32, 32]  # the tiny UNet's up-block resnets: (64, 32) blocks, 3 layers each
+
+
+def tiny_features(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, 8 if c == 64 else 16, 8 if c == 64 else 16, generator=g) for c in TINY_CHANNELS]
+
+
+@pytest.fixture
+def unet(tiny_components):
+    return tiny_components["unet"]
+
+
+def _probe_parameters_by_hand(channels, projection, bottleneck, temb, out_channels, head=(128, 32)):
+    """SPEC section 2's architecture, counted by hand (convolutions without bias in the blocks)."""
+    total = 0
+    for c in channels:
+        total += c * bottleneck + 2 * bottleneck  # conv1 1x1 + GN
+        total += temb * bottleneck + bottleneck  # Linear(t_emb -> bottleneck)
+        total += bottleneck * bottleneck * 9 + 2 * bottleneck  # conv2 3x3 + GN
+        total += bottleneck * projection + 2 * projection  # conv3 1x1 + GN
+        if c != projection:
+            total += c * projection + 2 * projection  # shortcut 1x1 + GN
+    total += len(channels)  # mixing weights
+    total += projection * head[0] * 9 + head[0]
+    total += head[0] * head[1] * 9 + head[1]
+    total += head[1] * out_channels + out_channels
+    return total
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return build_sd15_unet("meta")  # the SD1.5 config, no weights, no download
+
+
+@pytest.mark.parametrize("kind,expected_millions,layers", [("resnet", 8.5, 12), ("attention", 5.9, 9)])
+def test_sd15_parameter_count(sd15, kind, expected_millions, layers):
+    probe = ReadoutProbe.from_unet(sd15, feature_kind=kind, projection_dim=384, out_channels=3)
+    n = probe.num_probe_parameters
+    print(f"ReadoutProbe on SD1.5 {kind} features ({layers} layers): {n:,} parameters ({n / 1e6:.2f} M)")
+    assert len(probe.config.feature_channels) == layers
+    assert abs(n - expected_millions * 1e6) / (expected_millions * 1e6) < 0.05
+    assert n == _probe_parameters_by_hand(probe.config.feature_channels, 384, 96, 1280, 3)
+    # the copied embedding (320 -> 1280 -> 1280 linear layers) is what `num_probe_parameters` leaves out
+    total = sum(p.numel() for p in probe.parameters())
+    assert total - n == 320 * 1280 + 1280 + 1280 * 1280 + 1280
+
+
+def test_from_unet_copies_time_embedding(unet):
+    probe = ReadoutProbe.from_unet(unet, "resnet", **TINY)
+    assert list(probe.config.feature_channels) == TINY_CHANNELS
+    src, dst = unet.time_embedding.state_dict(), probe.time_embedding.state_dict()
+    assert src.keys() == dst.keys()
+    for key in src:
+        assert torch.equal(src[key], dst[key]), key
+        assert src[key].data_ptr() != dst[key].data_ptr()  # a copy, not shared storage
+    t = torch.tensor([3, 999])
+    with torch.no_grad():
+        expected = unet.time_embedding(unet.time_proj(t))
+        got = probe.embed_timesteps(t, 2, t.device, torch.float32)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "feature_scale,upsample_head,size", [(1.0, False, 16), (2.0, False, 32), (1.0, True, 32), (2.0, True, 64)]
+)
+def test_output_shapes(unet, feature_scale, upsample_head, size):
+    probe = ReadoutProbe.from_unet(
+        unet, "resnet", feature_scale=feature_scale, upsample_head=upsample_head, out_channels=5, **TINY
+    )
+    feats = tiny_features()
+    with torch.no_grad():
+        out = probe(feats, torch.tensor([10, 700])).sample
+    assert out.shape == (2, 5, size, size)
+    assert probe.output_size([f.shape[-2:] for f in feats]) == (size, size)
+
+
+def test_tanh_versus_none(unet):
+    probe_tanh = ReadoutProbe.from_unet(unet, "resnet", output_activation="tanh", **TINY)
+    probe_none = ReadoutProbe.from_unet(unet, "resnet", output_activation="none", **TINY)
+    probe_none.load_state_dict(probe_tanh.state_dict())
+    with torch.no_grad():
+        probe_none.head[-1].bias.fill_(3.0)  # push the logits outside [-1, 1]
+        probe_tanh.head[-1].bias.fill_(3.0)
+        feats = tiny_features()
+        logits = probe_none(feats, 500).sample
+        bounded = probe_tanh(feats, 500).sample
+    assert logits.max() > 1.0
+    assert bounded.abs().max() <= 1.0
+    assert torch.allclose(bounded, torch.tanh(logits), atol=1e-6)
+    with pytest.raises(ValueError, match="output_activation"):
+        ReadoutProbe(feature_channels=TINY_CHANNELS, output_activation="sigmoid", **TINY)
+
+
+def test_return_dict_false_gives_tuple(unet):
+    probe = ReadoutProbe.from_unet(unet, "resnet", **TINY)
+    feats = tiny_features()
+    with torch.no_grad():
+        as_tuple = probe(feats, 100, return_dict=False)
+        as_output = probe(feats, 100)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.equal(as_tuple[0], as_output.sample)
+
+
+def test_save_load_round_trip_is_bit_exact(unet, tmp_path):
+    probe = ReadoutProbe.from_unet(unet, "attention", feature_scale=2.0, upsample_head=True, out_channels=4, **TINY)
+    with torch.no_grad():
+        for p in probe.parameters():  # not the initial values: every tensor distinct
+            p.add_(torch.randn_like(p) * 0.1)
+    probe.save_pretrained(tmp_path)
+    files = os.listdir(tmp_path)
+    assert "diffusion_pytorch_model.safetensors" in files
+    assert not [f for f in files if f.endswith(".bin")]
+    loaded = ReadoutProbe.from_pretrained(tmp_path)
+    def plain(config):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+    assert plain(loaded.config) == plain(probe.config)
+    a, b = probe.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    feats = [torch.randn(1, c, 8, 8) for c in probe.config.feature_channels]
+    with torch.no_grad():
+        assert torch.equal(probe(feats, 42).sample, loaded(feats, 42).sample)
+
+
+def test_wrong_feature_channels_raise(unet):
+    probe = ReadoutProbe.from_unet(unet, "resnet", **TINY)
+    feats = tiny_features()
+    with pytest.raises(ValueError, match=r"channels \[64, 64, 64, 32, 32, 32\]"):
+        probe(feats[::-1], 10)
+    with pytest.raises(ValueError, match="expects 6 feature maps"):
+        probe(feats[:5], 10)
+    with pytest.raises(ValueError, match="3 timesteps for a batch of 2"):
+        probe(feats, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="feature_kind"):
+        ReadoutProbe(feature_channels=TINY_CHANNELS, feature_kind="mlp", **TINY)
+
+
+def test_timestep_conditioning_matters(unet):
+    probe = ReadoutProbe.from_unet(unet, "resnet", output_activation="none", **TINY)
+    feats = tiny_features(batch=2)
+    with torch.no_grad():
+        a = probe(feats, 10).sample
+        b = probe(feats, 900).sample
+        per_sample = probe(feats, torch.tensor([10, 900])).sample
+    assert not torch.allclose(a, b)
+    # one timestep per sample: each sample gets its own embedding
+    assert torch.allclose(per_sample[0], a[0], atol=1e-6)
+    assert torch.allclose(per_sample[1], b[1], atol=1e-6)
+
+
+def _block_by_hand(block, x, temb):
+    """SPEC section 2's bottleneck block, written out with the functional ops."""
+    groups = block.norm1.num_groups
+    h = F.relu(F.group_norm(F.conv2d(x, block.conv1.weight), groups, block.norm1.weight, block.norm1.bias))
+    h = h + F.relu(F.linear(temb, block.time_emb_proj.weight, block.time_emb_proj.bias))[:, :, None, None]
+    h = F.relu(F.group_norm(F.conv2d(h, block.conv2.weight, padding=1), groups, block.norm2.weight, block.norm2.bias))
+    h = F.group_norm(F.conv2d(h, block.conv3.weight), groups, block.norm3.weight, block.norm3.bias)
+    if block.shortcut is not None:
+        s = F.group_norm(F.conv2d(x, block.shortcut.weight), groups, block.shortcut_norm.weight, block.shortcut_norm.bias)
+    else:
+        s = x
+    return F.relu(h + s)
+
+
+def test_mixing_weights_are_softmax_normalised(unet):
+    probe = ReadoutProbe.from_unet(unet, "resnet", output_activation="none", **TINY)
+    feats = tiny_features(batch=1)
+    t = torch.tensor([250])
+    with torch.no_grad():
+        temb = unet.time_embedding(unet.time_proj(t))
+        resized = [F.interpolate(f, size=(16, 16), mode="bilinear", align_corners=False) for f in feats]
+        blocks = [_block_by_hand(blk, f, temb) for blk, f in zip(probe.bottleneck_layers, resized)]
+
+        # equal weights: softmax gives 1/6 each, the head sees the mean of the six block outputs
+        probe.mixing_weights.fill_(0.7)
+        mean_path = probe.head(sum(blocks) / 6)
+        assert torch.allclose(probe(feats, t).sample, mean_path, atol=1e-5)
+
+        # one huge weight: softmax puts all the mass on layer 1 (an 8 px map, upsampled to 16 px)
+        probe.mixing_weights.copy_(torch.tensor([0.0, 100.0, 0.0, 0.0, 0.0, 0.0]))
+        single = probe.head(blocks[1])
+        assert torch.allclose(probe(feats, t).sample, single, atol=1e-5)
+        # softmax is invariant to a common shift; raw weights (no normalisation) would not be
+        probe.mixing_weights.add_(-50.0)
+        assert torch.allclose(probe(feats, t).sample, single, atol=1e-5)
+
+        # weights (ln 1, ln 3) on two layers, others -inf-like: 1/4 and 3/4
+        probe.mixing_weights.copy_(torch.tensor([-1e4, -1e4, -1e4, 0.0, torch.log(torch.tensor(3.0)).item(), -1e4]))
+        two = probe.head(0.25 * blocks[3] + 0.75 * blocks[4])
+        assert torch.allclose(probe(feats, t).sample, two, atol=1e-5)
