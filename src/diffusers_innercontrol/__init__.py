@@ -11,6 +11,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from .features import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch
 from .models.readout_probe import ReadoutProbe, ReadoutProbeOutput
 from .tasks import Task, get_task, list_tasks
+from .convert import load_readout_guidance_checkpoint
+from .annotators import load_annotator
+from .palette import ade20k_palette, classes_to_control, control_to_classes
+from .rewards import load_reward_model, save_tiny_reward_model
+from .pipeline_readout import ReadoutPipelineOutput, StableDiffusionControlNetReadoutPipeline
+from .probe_eval import BucketErrors, evaluate_probe
 
 __all__ = [
     "ModelMixin",
@@ -22,4 +28,15 @@ __all__ = [
     "Task",
     "get_task",
     "list_tasks",
+    "load_readout_guidance_checkpoint",
+    "load_annotator",
+    "ade20k_palette",
+    "classes_to_control",
+    "control_to_classes",
+    "load_reward_model",
+    "save_tiny_reward_model",
+    "StableDiffusionControlNetReadoutPipeline",
+    "ReadoutPipelineOutput",
+    "BucketErrors",
+    "evaluate_probe",
 ]

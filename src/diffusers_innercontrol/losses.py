@@ -2,7 +2,7 @@
 """The losses of InnerControl, one small function per equation of the paper.
 
 Controls are tensors in `[0, 1]`, `(B, C, H, W)`, as diffusers' ControlNet examples feed them, except for
-segmentation, whose loss functions take class-index maps `(B, H, W)` (see `tasks_io.control_to_classes`).
+segmentation, whose loss functions take class-index maps `(B, H, W)` (see `palette.control_to_classes`).
 
     Eq. 3-4  diffusion_loss / diffusion_target
     Eq. 5    one_step_x0
