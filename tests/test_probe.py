@@ -203,3 +203,24 @@ def test_mixing_weights_are_softmax_normalised(unet):
         probe.mixing_weights.copy_(torch.tensor([-1e4, -1e4, -1e4, 0.0, torch.log(torch.tensor(3.0)).item(), -1e4]))
         two = probe.head(0.25 * blocks[3] + 0.75 * blocks[4])
         assert torch.allclose(probe(feats, t).sample, two, atol=1e-5)
+
+
+def test_bottleneck_runs_1x1_convs_before_the_resize_without_changing_the_result():
+    """The probe resizes after its 1x1 convolutions (cheaper); the output equals resize-then-block (float64)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    probe = ReadoutProbe(
+        feature_channels=(64, 64, 32), projection_dim=32, norm_num_groups=8, feature_scale=2.0, upsample_head=True
+    ).double()
+    feats = [torch.randn(2, 64, 4, 4).double(), torch.randn(2, 64, 8, 8).double(), torch.randn(2, 32, 8, 8).double()]
+    t = torch.tensor([5, 700])
+    out = probe(feats, t).sample
+    temb = probe.embed_timesteps(t, 2, "cpu", torch.float64)
+    weights = torch.softmax(probe.mixing_weights, 0)
+    mixed = 0
+    for w, f, block in zip(weights, feats, probe.bottleneck_layers):
+        mixed = mixed + w * block(F.interpolate(f, size=(16, 16), mode="bilinear", align_corners=False), temb)
+    reference = torch.tanh(probe.head(mixed))
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.allclose(out, reference, atol=1e-12, rtol=0)
