@@ -1,0 +1,632 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""Stage 2 of InnerControl: train a ControlNet with Eq. 8,
+
+    L = L_diffusion + alpha * L_reward(t in reward window) + beta * L_alignment(t in alignment window).
+
+alpha = beta = 0 is plain ControlNet fine-tuning, beta = 0 is ControlNet++, alpha = 0 is alignment only.
+Run it with `accelerate launch train_innercontrol.py --task depth ...` (see README.md). The script is thin:
+the step is `diffusers_innercontrol.training.controlnet_step`; data, arguments, checkpoints and the model
+card live in the package (`data`, `cli`, `checkpointing`, `hub`).
+"""
+
+import argparse
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+logger = logging.getLogger("train_innercontrol")
+
+LORA_TARGET_MODULES = (
+    r".*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|.*\.(proj_in|proj_out|conv1|conv2|conv_shortcut)$"
+    r"|.*controlnet_down_blocks\.\d+$|.*controlnet_mid_block$|.*controlnet_cond_embedding\.(conv_in|conv_out|blocks\.\d+)$"
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; training stopped."""
+
+
+_TRAINING_STARTED = False  # ValueErrors before this are bad input (one line); after it, bugs (traceback)
+
+
+# --------------------------------------------------------------------------------------------- arguments
+def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
+    from diffusers_innercontrol import cli
+
+    parser = argparse.ArgumentParser(description="Train a ControlNet with InnerControl's reward and alignment losses (Eq. 8).")
+    cli.add_common_args(parser, learning_rate=1e-5, train_batch_size=4, validation_steps=100)
+    g = parser.add_argument_group("innercontrol")
+    g.add_argument("--task", type=str, required=True, help="hed, lineart, depth or segmentation: selects every default.")
+    g.add_argument("--preset", type=str, default="paper", help="'paper' (default) or 'released' (the released launchers).")
+    g.add_argument("--alpha", type=float, default=None, help="Reward weight (default: the task's). 0 turns the reward off.")
+    g.add_argument("--beta", type=float, default=None, help="Alignment weight (default: the task's). 0 turns it off.")
+    g.add_argument("--reward_window", type=cli.parse_window, default=None, help="Inclusive timesteps 'lo,hi' of the reward.")
+    g.add_argument("--alignment_window", type=cli.parse_window, default=None, help="Inclusive timesteps 'lo,hi' of the alignment.")
+    g.add_argument("--reward_loss", type=str, default=None, help="mse or ce (default: the task's).")
+    g.add_argument("--alignment_loss", type=str, default=None, help="mse, sparse_mse or ce (default: the task's).")
+    g.add_argument("--reward_decode", type=str, default="masked", choices=("masked", "full"),
+                   help="'masked': VAE decode + reward only on samples inside the reward window; 'full': whole batch (released code).")
+    g.add_argument("--controlnet_model_name_or_path", type=str, default=None,
+                   help="ControlNet to start from (e.g. the task's ControlNet v1.1); default: initialised from the UNet.")
+    g.add_argument("--probe_model_name_or_path", type=str, default=None,
+                   help="The stage-1 ReadoutProbe (train_probe.py); required when beta > 0.")
+    g.add_argument("--probe_revision", type=str, default=None)
+    g.add_argument("--reward_model_name_or_path", type=str, default=None,
+                   help="Reward model id or local dir (default: the task's, SPEC section 4); used when alpha > 0.")
+    g.add_argument("--reward_model_filename", type=str, default=None, help="Weights file inside it (HED/LineArt .pth).")
+    g.add_argument("--reward_model_revision", type=str, default=None)
+    g.add_argument("--reward_model_variant", type=str, default=None)
+    g.add_argument("--use_lora", action="store_true", help="Train LoRA adapters on the ControlNet instead of all weights.")
+    g.add_argument("--lora_rank", type=int, default=16)
+    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA scaling alpha (default: the rank).")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights; the EMA weights are saved.")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--num_validation_readouts", type=int, default=3,
+                   help="Denoising steps at which the probe's readouts are shown during validation.")
+    args = parser.parse_args(input_args)
+    return args
+
+
+def resolve_task(args):
+    """The `Task` with the command line's overrides; raises `ValueError` naming the bad value."""
+    from diffusers_innercontrol.tasks import get_task
+
+    task = get_task(args.task, args.preset)
+    changes = {}
+    for name in ("alpha", "beta", "reward_window", "alignment_window", "reward_loss", "alignment_loss"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = tuple(value) if name.endswith("window") else value
+    return task.replace(**changes) if changes else task
+
+
+def validate_args(args):
+    """Every check that needs no model weights. Returns the `Task`. Raises `ValueError` / `OfflineModelError`."""
+    from diffusers_innercontrol import cli
+    from diffusers_innercontrol.hub_utils import check_model_available
+
+    task = resolve_task(args)
+    cli.validate_common_args(args)
+    if task.beta > 0 and not args.probe_model_name_or_path:
+        raise ValueError(
+            f"beta = {task.beta} > 0 needs a trained readout probe: pass --probe_model_name_or_path (train one with "
+            "train_probe.py), or --beta 0 for ControlNet++ / plain ControlNet training."
+        )
+    if args.use_lora and args.lora_rank < 1:
+        raise ValueError("--lora_rank must be >= 1.")
+    for image in args.validation_image or []:
+        if not os.path.isfile(image):
+            raise ValueError(f"--validation_image {image!r} does not exist.")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        from diffusers_innercontrol.checkpointing import resolve_resume_path
+
+        resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+    # offline: fail fast, one line per model id, before anything is built
+    check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", revision=args.revision)
+    if args.tokenizer_name:
+        check_model_available(args.tokenizer_name, "--tokenizer_name")
+    check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path")
+    if args.annotator_model_name_or_path:
+        check_model_available(args.annotator_model_name_or_path, "--annotator_model_name_or_path")
+    if task.beta > 0:
+        check_model_available(args.probe_model_name_or_path, "--probe_model_name_or_path", revision=args.probe_revision)
+    if task.alpha > 0:
+        check_model_available(
+            args.reward_model_name_or_path or task.reward_model_id, "--reward_model_name_or_path",
+            filename=args.reward_model_filename or (None if args.reward_model_name_or_path else task.reward_model_file),
+            revision=args.reward_model_revision,
+        )
+    return task
+
+
+# --------------------------------------------------------------------------------------------- models
+def check_probe(probe, unet, task):
+    """The probe must read the features this UNet gives: same feature kind present, same channels, right outputs."""
+    from diffusers_innercontrol.features import decoder_feature_channels
+
+    kind = probe.config.feature_kind
+    try:
+        channels = decoder_feature_channels(unet, kind)
+    except ValueError as err:
+        raise ValueError(f"The probe reads '{kind}' features but {err} Train a probe for this UNet (train_probe.py).")
+    if list(probe.config.feature_channels) != list(channels):
+        raise ValueError(
+            f"The probe was trained on '{kind}' features with channels {list(probe.config.feature_channels)}, but this "
+            f"UNet's decoder gives {channels}: the probe belongs to another UNet. Train a probe on "
+            "--pretrained_model_name_or_path with train_probe.py."
+        )
+    if task.is_segmentation and probe.config.out_channels != task.num_classes:
+        raise ValueError(f"A segmentation probe needs {task.num_classes} outputs (classes), this one has {probe.config.out_channels}.")
+    if not task.is_segmentation and probe.config.out_channels not in (1, 3):
+        raise ValueError(f"A '{task.name}' probe predicts a 1- or 3-channel map, this one has {probe.config.out_channels} outputs.")
+    if kind != task.feature_kind:
+        logger.warning(f"The probe reads '{kind}' features; the task's preset uses '{task.feature_kind}'. Using the probe's.")
+
+
+def add_lora(controlnet, args):
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES,
+    )
+    controlnet.requires_grad_(False)
+    controlnet.add_adapter(config)  # diffusers' PeftAdapterMixin: only the LoRA weights require grad
+    return controlnet
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _readout_to_image(task, readout):
+    from PIL import Image
+
+    from diffusers_innercontrol.losses import probe_to_unit
+
+    if task.is_segmentation:
+        classes = readout.argmax(1)[0].cpu()
+        try:
+            from diffusers_innercontrol.palette import ade20k_palette
+
+            palette = torch.as_tensor(ade20k_palette(), dtype=torch.uint8).reshape(-1, 3)
+        except ImportError:
+            palette = torch.randint(0, 256, (readout.shape[1], 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        arr = palette[classes.clamp(max=palette.shape[0] - 1)].numpy()
+    else:
+        unit = probe_to_unit(task, readout.float())[0].mean(0).clamp(0, 1).cpu()
+        arr = (unit.numpy() * 255).round().astype("uint8")
+    return Image.fromarray(arr)
+
+
+def log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, args, accelerator, weight_dtype, step,
+                   is_final_validation=False):
+    """Images from the ControlNet pipeline for each (prompt, control) pair, and the probe's readouts at a few steps."""
+    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+    from diffusers_innercontrol.cli import pair_validation
+    from diffusers_innercontrol.data import load_control_image
+    from diffusers_innercontrol.features import DecoderFeatureExtractor, split_guidance_batch
+
+    prompts, images = pair_validation(args)
+    if not prompts:
+        return []
+    logger.info(f"Running validation at step {step}")
+    if controlnet.dtype != weight_dtype:  # the trained fp32 weights, in the frozen models' precision for inference
+        import copy
+
+        controlnet = copy.deepcopy(controlnet).to(dtype=weight_dtype)
+        # drop accelerate's mixed-precision forward wrapper (autocast + outputs cast to fp32) on the copy
+        vars(controlnet).pop("forward", None)
+        vars(controlnet).pop("_original_forward", None)
+    pipeline = StableDiffusionControlNetPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+        scheduler=UniPCMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                          revision=args.revision),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = None if args.seed is None else torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    n_steps = args.num_validation_inference_steps
+    readout_steps = set()
+    if probe is not None and args.num_validation_readouts > 0:
+        k = min(args.num_validation_readouts, n_steps)
+        readout_steps = {round(i * (n_steps - 1) / max(k - 1, 1)) for i in range(k)}
+    logs = []
+    for prompt, image_path in zip(prompts, images):
+        control = load_control_image(image_path, args.resolution, task)
+        readouts = []
+        extractor = DecoderFeatureExtractor(pipeline.unet, probe.config.feature_kind, detach=True) if readout_steps else None
+
+        def on_step_end(pipe, i, t, kwargs):
+            if extractor is not None and i in readout_steps and extractor.features:
+                feats = extractor.pop()
+                if pipe.do_classifier_free_guidance:
+                    feats = split_guidance_batch(feats)
+                with torch.no_grad():
+                    out = probe([f.to(probe.dtype) for f in feats], t.reshape(1).to(accelerator.device), return_dict=False)[0]
+                readouts.append((int(t), _readout_to_image(task, out[:1])))
+            return kwargs
+
+        generated = []
+        try:
+            if extractor is not None:
+                extractor.register()
+            for _ in range(args.num_validation_images):
+                generated.append(pipeline(
+                    prompt, control, num_inference_steps=n_steps, generator=generator, height=args.resolution,
+                    width=args.resolution, callback_on_step_end=on_step_end,
+                ).images[0])
+        finally:
+            if extractor is not None:
+                extractor.remove()
+        logs.append({"prompt": prompt, "control": control, "images": generated, "readouts": readouts})
+
+    tag = "test" if is_final_validation else "validation"
+    for tracker in accelerator.trackers:
+        import numpy as np
+
+        for i, log in enumerate(logs):
+            control = (log["control"][0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            if tracker.name == "tensorboard":
+                stack = np.stack([control] + [np.asarray(im) for im in log["images"]])
+                tracker.writer.add_images(f"{tag}/{i}: {log['prompt']}", stack, step, dataformats="NHWC")
+                if log["readouts"]:
+                    ro = np.stack([np.asarray(im.convert("RGB")) for _, im in log["readouts"]])
+                    tracker.writer.add_images(f"{tag}/{i}: readouts at t={[t for t, _ in log['readouts']]}", ro, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                items = [wandb.Image(control, caption="control")]
+                items += [wandb.Image(im, caption=log["prompt"]) for im in log["images"]]
+                items += [wandb.Image(im, caption=f"probe readout t={t}") for t, im in log["readouts"]]
+                tracker.log({tag: items}, step=step)
+    del pipeline
+    return logs
+
+
+def validation_grid(logs):
+    """One image per validation pair: control | generated images | readouts (for the model card)."""
+    from PIL import Image
+
+    grids = []
+    for log in logs:
+        control = Image.fromarray((log["control"][0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        tiles = [control] + list(log["images"]) + [im.convert("RGB").resize(control.size) for _, im in log["readouts"]]
+        w, h = control.size
+        grid = Image.new("RGB", (w * len(tiles), h))
+        for i, tile in enumerate(tiles):
+            grid.paste(tile.resize((w, h)), (i * w, 0))
+        grids.append(grid)
+    return grids
+
+
+# --------------------------------------------------------------------------------------------- training
+def check_finite(out) -> Optional[str]:
+    """The name of the first loss term of a `StepOutput` that is NaN or inf, or `None`."""
+    for name, value in (("diffusion", out.diffusion), ("reward", out.reward), ("alignment", out.alignment), ("total", out.loss)):
+        if value is not None and not torch.isfinite(value.detach()).all():
+            return name
+    return None
+
+
+def nan_message(out, bad: Optional[str], step: int, epoch: int, output_dir: str) -> str:
+    from diffusers_innercontrol.checkpointing import latest_checkpoint
+
+    if bad is None:
+        what = "A loss on another process is not finite"
+    else:
+        value = {"diffusion": out.diffusion, "reward": out.reward, "alignment": out.alignment}.get(bad, out.loss)
+        what = f"The {bad} loss is {value.item()}"
+    last = latest_checkpoint(output_dir)
+    kept = (f"The last checkpoint, {last}, is kept: resume from it with --resume_from_checkpoint latest "
+            if last else "No checkpoint was written yet; start again ")
+    return (f"{what} at step {step} (epoch {epoch}); training stopped. {kept}after lowering --learning_rate or the "
+            "weight of that term, or checking the probe / reward model / data.")
+
+
+def step_generator(seed, device, process_index, epoch, batch_index):
+    """A generator for the noise, timesteps and latent sampling of one batch: the same after a resume."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + process_index * 100_003 + epoch * 10_007 + batch_index) % (2**63 - 1))
+    return g
+
+
+def main(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from diffusers_innercontrol import checkpointing, data, hub
+    from diffusers_innercontrol.tiny import conditioning_channels_for
+    from diffusers_innercontrol.training import controlnet_step, encode_images
+
+    # ---- everything that can be checked without training, first
+    task = validate_args(args)
+    vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+    vae_scale_factor = data.vae_scale_factor_of(vae_config)
+    data.check_resolution(args.resolution, vae_scale_factor)
+
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.use_lora)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    if torch.backends.mps.is_available():
+        accelerator.native_amp = False
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.tokenizer_name or args.pretrained_model_name_or_path, subfolder=None if args.tokenizer_name else "tokenizer",
+        revision=args.revision, model_max_length=77,
+    )
+    train_dataset, columns = data.build_train_dataset(args, task, tokenizer)
+    data.check_samples(train_dataset, args.check_data_samples)
+    logger.info(f"Data columns: {columns}")
+
+    # ---- models
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
+    task.validate(noise_scheduler.config.num_train_timesteps)
+    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                 revision=args.revision, variant=args.variant)
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
+                                                variant=args.variant)
+    probe = None
+    if task.beta > 0:
+        from diffusers_innercontrol.models.readout_probe import ReadoutProbe
+
+        probe = ReadoutProbe.from_pretrained(args.probe_model_name_or_path, revision=args.probe_revision)
+        check_probe(probe, unet, task)
+    if args.controlnet_model_name_or_path:
+        logger.info(f"Loading the ControlNet {args.controlnet_model_name_or_path}")
+        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
+    else:
+        logger.info("Initialising the ControlNet from the UNet")
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor))
+    reward_model = None
+    if task.alpha > 0:
+        from diffusers_innercontrol.rewards import load_reward_model
+
+        reward_model = load_reward_model(
+            task, args.reward_model_name_or_path, filename=args.reward_model_filename, revision=args.reward_model_revision,
+            variant=args.reward_model_variant, device=accelerator.device, dtype=torch.float32,
+        )
+        reward_model.requires_grad_(False)
+        reward_model.eval()
+
+    for frozen in (vae, unet, text_encoder, probe):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+            frozen.eval()
+    controlnet.train()
+    if args.use_lora:
+        add_lora(controlnet, args)
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ValueError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers.")
+        unet.enable_xformers_memory_efficient_attention()
+        controlnet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()  # the alignment/reward gradients go back through the UNet
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    params = [p for p in controlnet.parameters() if p.requires_grad]
+    if args.scale_lr:
+        args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=args.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, shuffle=False,  # shuffled by the dataset (set_epoch)
+        collate_fn=data.collate_fn, num_workers=args.dataloader_num_workers,
+    )
+    streaming = isinstance(train_dataset, data.StreamingTrainDataset)
+    if streaming:
+        num_update_steps_per_epoch = None
+        max_train_steps = args.max_train_steps
+        num_train_epochs = 10**9  # the stream is re-read (with set_epoch) until max_train_steps
+    else:
+        batches_per_process = math.ceil(math.ceil(len(train_dataset) / args.train_batch_size) / accelerator.num_processes)
+        num_update_steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+        num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+    controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, train_dataloader, lr_scheduler)
+
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+    vae.to(accelerator.device, dtype=weight_dtype)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if probe is not None:
+        probe.to(accelerator.device)  # fp32; autocast handles the fp16/bf16 features
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    if accelerator.is_main_process:
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+                  if v is not None and not isinstance(v, list)}
+        accelerator.init_trackers(args.tracker_project_name or "train_innercontrol", config=config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    mode = "ControlNet" if task.alpha == 0 and task.beta == 0 else ("ControlNet++" if task.beta == 0 else (
+        "alignment only" if task.alpha == 0 else "InnerControl"))
+    logger.info("***** Running training *****")
+    logger.info(f"  Task = {task.name} ({task.preset}), mode = {mode}: alpha = {task.alpha} (t in {list(task.reward_window)}), "
+                f"beta = {task.beta} (t in {list(task.alignment_window)})")
+    logger.info(f"  Num examples = {'streamed' if streaming else len(train_dataset)}, epochs = "
+                f"{'-' if streaming else num_train_epochs}, total batch size = {total_batch_size}, steps = {max_train_steps}")
+
+    state = checkpointing.resume_from_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir, num_update_steps_per_epoch)
+    global_step = state.global_step
+    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    step_times = []
+    image_logs = []
+    last_logs = {}
+
+    def save_state():
+        checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+
+    done = global_step >= max_train_steps
+    global _TRAINING_STARTED
+    _TRAINING_STARTED = True
+    for epoch in range(state.first_epoch, num_train_epochs):
+        if done:
+            break
+        train_dataset.set_epoch(epoch)
+        if hasattr(train_dataloader, "set_epoch"):  # accelerate's loader re-sets the dataset's epoch from its own counter
+            train_dataloader.set_epoch(epoch)
+        loader = checkpointing.resume_dataloader(accelerator, train_dataloader, epoch, state, args.gradient_accumulation_steps)
+        offset = state.skip_batches_in_epoch * args.gradient_accumulation_steps if (state.path and epoch == state.first_epoch) else 0
+        t_start = time.perf_counter()
+        for step, batch in enumerate(loader):
+            gen = step_generator(args.seed, accelerator.device, accelerator.process_index, epoch, offset + step)
+            with accelerator.accumulate(controlnet):
+                with torch.no_grad():
+                    latents = encode_images(vae, batch["pixel_values"].to(weight_dtype), generator=gen)
+                    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                with accelerator.autocast():
+                    out = controlnet_step(
+                        task=task, unet=unet, controlnet=controlnet, noise_scheduler=noise_scheduler, latents=latents,
+                        encoder_hidden_states=encoder_hidden_states, control=batch["conditioning_pixel_values"],
+                        control_classes=batch.get("control_classes"), vae=vae, reward_model=reward_model, probe=probe,
+                        reward_decode=args.reward_decode, weight_dtype=weight_dtype, generator=gen,
+                    )
+                bad = check_finite(out)
+                flag = torch.tensor([0.0 if bad is None else 1.0], device=accelerator.device)
+                if accelerator.num_processes > 1:  # every process stops, not only the one that saw it
+                    flag = accelerator.reduce(flag, reduction="sum")
+                if flag.item() > 0:
+                    raise NonFiniteLossError(nan_message(out, bad, global_step + 1, epoch, args.output_dir))
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+
+            logs = out.logs()
+            if accelerator.sync_gradients:
+                if ema is not None:
+                    ema.step(params)
+                global_step += 1
+                progress_bar.update(1)
+                now = time.perf_counter()
+                step_times.append(now - t_start)
+                t_start = now
+                logs.update(lr=lr_scheduler.get_last_lr()[0], step_time_s=step_times[-1])
+                if global_step % args.checkpointing_steps == 0:
+                    save_state()
+                if accelerator.is_main_process and args.validation_prompt and global_step % args.validation_steps == 0:
+                    if ema is not None:
+                        ema.store(params)
+                        ema.copy_to(params)
+                    image_logs = log_validation(vae, text_encoder, tokenizer, unet, unwrap(accelerator, controlnet), probe,
+                                               task, args, accelerator, weight_dtype, global_step)
+                    if ema is not None:
+                        ema.restore(params)
+                accelerator.log(logs, step=global_step)
+            last_logs = logs
+            short = {"diff": f"{logs['loss_diffusion']:.4f}"}
+            if "loss_reward" in logs:
+                short["rew"] = f"{logs['loss_reward']:.4f}"
+            if "loss_alignment" in logs:
+                short["align"] = f"{logs['loss_alignment']:.4f}"
+            short["lr"] = f"{lr_scheduler.get_last_lr()[0]:.2e}"
+            progress_bar.set_postfix(**short)
+            if global_step >= max_train_steps:
+                done = True
+                break
+
+    # ---- save
+    accelerator.wait_for_everyone()
+    print(f"[process {accelerator.process_index}/{accelerator.num_processes}] trained {global_step} steps; "
+          f"last losses {dict((k, round(v, 6)) for k, v in last_logs.items() if k.startswith('loss'))}", flush=True)
+    if step_times:
+        timed = step_times[1:] or step_times  # the first step includes warm-up
+        accelerator.print(f"step time: median {statistics.median(timed):.4f} s over {len(timed)} steps ({mode}, {task.name})")
+    if accelerator.is_main_process:
+        controlnet = unwrap(accelerator, controlnet, keep_fp32_wrapper=False)
+        if ema is not None:
+            ema.copy_to(params)
+        if args.use_lora:
+            lora_dir = os.path.join(args.output_dir, "lora")
+            controlnet.save_lora_adapter(lora_dir, safe_serialization=True)
+            controlnet.fuse_lora()
+            controlnet.unload_lora()  # keeps the fused weights: a plain ControlNetModel
+        controlnet.save_pretrained(args.output_dir, safe_serialization=True)
+        if args.validation_prompt:
+            image_logs = log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, args, accelerator,
+                                        weight_dtype, global_step, is_final_validation=True)
+        card = dict(
+            base_model=args.pretrained_model_name_or_path, task=task, probe=args.probe_model_name_or_path if probe is not None else None,
+            reward_model=(args.reward_model_name_or_path or task.reward_model_id) if reward_model is not None else None,
+            controlnet=args.controlnet_model_name_or_path, dataset=args.dataset_name or task.dataset_name if not args.train_data_dir else args.train_data_dir,
+            images=validation_grid(image_logs), validation_prompts=[log["prompt"] for log in image_logs],
+            use_lora=args.use_lora, train_args=dict(
+                steps=global_step, learning_rate=args.learning_rate, total_batch_size=total_batch_size,
+                resolution=args.resolution, mixed_precision=accelerator.mixed_precision, ema=args.use_ema,
+                reward_decode=args.reward_decode, preset=task.preset,
+            ),
+        )
+        hub.save_model_card(args.output_dir, repo_id=args.hub_model_id, **card)
+        if args.push_to_hub:
+            try:
+                hub.push_folder(args.output_dir, repo_id=args.hub_model_id, token=args.hub_token, private=args.hub_private)
+            except hub.HubUploadError as err:
+                accelerator.end_training()
+                raise SystemExit(f"error: {err}")
+    accelerator.end_training()
+    return global_step
+
+
+def unwrap(accelerator, model, keep_fp32_wrapper=True):
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=keep_fp32_wrapper)
+    return model._orig_mod if hasattr(model, "_orig_mod") else model
+
+
+def cli_main(argv=None):
+    """Entry point: bad input ends with one line on stderr and exit status 1, before any training."""
+    from diffusers_innercontrol.hub_utils import OfflineModelError
+
+    from diffusers_innercontrol.data import DataError
+
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (OfflineModelError, NonFiniteLossError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    except ValueError as err:
+        if _TRAINING_STARTED:
+            raise
+        # the checks of validate_args / check_resolution / check_probe: each names the problem and the fix
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cli_main()

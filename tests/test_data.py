@@ -1,0 +1,258 @@
+"""diffusers_innercontrol.data: column resolution, transforms (values by hand), errors naming the sample, shuffling."""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_innercontrol import cli, data
+from diffusers_innercontrol.data import DataColumns, DataError, ExampleTransform
+from diffusers_innercontrol.tasks import get_task
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _data_fixtures import write_toy_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    from diffusers_innercontrol.tiny import write_tiny_tokenizer
+
+    return CLIPTokenizer.from_pretrained(write_tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))), model_max_length=77)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------- columns
+@pytest.mark.parametrize(
+    "task,columns,expected",
+    [
+        ("hed", ["image", "text", "hed", "lineart", "canny"], DataColumns("image", "text", "hed")),
+        ("lineart", ["image", "text", "hed", "lineart"], DataColumns("image", "text", "lineart")),
+        ("depth", ["image", "text", "control_depth"], DataColumns("image", "text", "control_depth")),
+        ("segmentation", ["image", "prompt", "control_seg"], DataColumns("image", "prompt", "control_seg")),
+        ("depth", ["file_name", "text", "control_depth"], DataColumns("file_name", "text", "control_depth")),
+    ],
+)
+def test_columns_default_to_the_task_schema(task, columns, expected):
+    assert data.resolve_columns(columns, get_task(task), parse([])) == expected
+
+
+def test_edge_controls_are_computed_when_absent_but_depth_is_not():
+    cols = data.resolve_columns(["image", "text"], get_task("hed"), parse([]))
+    assert cols.conditioning is None and cols.compute_control
+    with pytest.raises(DataError, match=r"no control column 'control_depth'.*columns are: 'image', 'text'\. Pass --conditioning_image_column"):
+        data.resolve_columns(["image", "text"], get_task("depth"), parse([]))
+
+
+def test_explicit_columns_must_exist_and_the_error_lists_those_that_do():
+    args = parse(["--conditioning_image_column", "edges"])
+    with pytest.raises(DataError, match=r"--conditioning_image_column 'edges' is not a column.*'image', 'text', 'hed'"):
+        data.resolve_columns(["image", "text", "hed"], get_task("hed"), args)
+    with pytest.raises(DataError, match=r"no image column 'image'; its columns are: 'picture', 'text'"):
+        data.resolve_columns(["picture", "text"], get_task("hed"), parse([]))
+    cols = data.resolve_columns(["picture", "caption", "d"], get_task("depth"),
+                                parse(["--image_column", "picture", "--caption_column", "caption", "--conditioning_image_column", "d"]))
+    assert cols == DataColumns("picture", "caption", "d")
+
+
+# ------------------------------------------------------------------------------------------- transform values
+def _transform(task, tokenizer, tmp_path=None, **kw):
+    cols = DataColumns("image", "text", None if kw.get("annotator") else "control", compute_control=bool(kw.get("annotator")))
+    return ExampleTransform(get_task(task), 4, tokenizer, cols, **kw)
+
+
+def test_pixel_and_control_ranges_by_hand(tokenizer):
+    # a 4x4 image with known values: 0 -> -1, 255 -> 1, 51 -> -0.6; control 255 -> 1, 102 -> 0.4
+    img = np.zeros((4, 4, 3), dtype=np.uint8)
+    img[0, 0] = 255
+    img[1, 1] = 51
+    ctl = np.full((4, 4), 102, dtype=np.uint8)
+    ctl[2, 3] = 255
+    t = _transform("depth", tokenizer)
+    out = t({"image": Image.fromarray(img), "text": "hi", "control": Image.fromarray(ctl, "L")}, 0)
+    assert out["pixel_values"].shape == (3, 4, 4) and out["conditioning_pixel_values"].shape == (3, 4, 4)
+    assert torch.allclose(out["pixel_values"][:, 0, 0], torch.ones(3))
+    assert torch.allclose(out["pixel_values"][:, 1, 1], torch.full((3,), 51 / 255 * 2 - 1))
+    assert torch.allclose(out["pixel_values"][:, 3, 3], -torch.ones(3))
+    c = out["conditioning_pixel_values"]
+    assert torch.allclose(c[:, 2, 3], torch.ones(3)) and torch.allclose(c[:, 0, 0], torch.full((3,), 0.4))  # grey replicated
+    assert out["input_ids"].shape == (77,)
+    assert "control_classes" not in out
+
+
+def test_resize_then_center_crop(tokenizer):
+    # 8 x 4 (w x h): resized to short side 4 -> unchanged height, then the centre 4 columns are kept
+    img = np.zeros((4, 8, 3), dtype=np.uint8)
+    img[:, 2:6] = 255
+    t = _transform("depth", tokenizer)
+    out = t({"image": Image.fromarray(img), "text": "", "control": Image.fromarray(img)}, 0)
+    assert torch.allclose(out["pixel_values"], torch.ones(3, 4, 4))
+
+
+def test_segmentation_classes_from_palette_colours(tokenizer):
+    from diffusers_innercontrol.palette import ade20k_palette
+
+    pal = np.asarray(ade20k_palette(), dtype=np.uint8).reshape(-1, 3)
+    labels = np.array([[1, 1, 5, 5], [1, 1, 5, 5], [7, 7, 2, 2], [7, 7, 2, 2]])
+    ctl = pal[labels]
+    t = _transform("segmentation", tokenizer)
+    out = t({"image": Image.fromarray(ctl), "text": "x", "control": Image.fromarray(ctl)}, 0)
+    expected = torch.as_tensor(labels)
+    from diffusers_innercontrol.palette import control_to_classes
+
+    # the same mapping as palette.control_to_classes on the exact colours
+    ref = control_to_classes(torch.as_tensor(ctl).permute(2, 0, 1)[None].float() / 255)[0]
+    assert torch.equal(out["control_classes"], ref)
+    assert out["control_classes"].dtype == torch.long
+    assert torch.equal(out["control_classes"] == out["control_classes"][0, 0], expected == expected[0, 0])
+
+
+@pytest.mark.parametrize("mode,task,ok", [("RGBA", "depth", False), ("LA", "hed", False), ("L", "segmentation", False),
+                                         ("L", "hed", True), ("RGB", "segmentation", True)])
+def test_control_channels_checked_with_the_sample_index(tokenizer, mode, task, ok):
+    t = _transform(task, tokenizer)
+    ctl = Image.new(mode, (4, 4))
+    example = {"image": Image.new("RGB", (4, 4)), "text": "x", "control": ctl}
+    if ok:
+        assert t(example, 7)["conditioning_pixel_values"].shape == (3, 4, 4)
+    else:
+        with pytest.raises(DataError, match=f"sample 7: the control image has {len(ctl.getbands())} channels"):
+            t(example, 7)
+
+
+def test_unreadable_image_names_its_index(tmp_path, tokenizer):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    cols = DataColumns("image", "text", "control")
+    t = ExampleTransform(get_task("depth"), 4, tokenizer, cols, base_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"sample 12: cannot read the image in column 'image' \('bad.png'\)"):
+        t({"image": "bad.png", "text": "x", "control": "bad.png"}, 12)
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    with pytest.raises(DataError, match=r"sample 3: cannot read the control image in column 'control'"):
+        t({"image": "ok.png", "text": "x", "control": "missing.png"}, 3)
+
+
+def test_proportion_empty_prompts(tokenizer):
+    empty = tokenizer("", max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids[0]
+    ex = {"image": Image.new("RGB", (4, 4)), "text": "a long caption", "control": Image.new("RGB", (4, 4))}
+    always = _transform("depth", tokenizer, proportion_empty_prompts=1.0)
+    never = _transform("depth", tokenizer, proportion_empty_prompts=0.0)
+    assert all(torch.equal(always(ex, i)["input_ids"], empty) for i in range(5))
+    assert not any(torch.equal(never(ex, i)["input_ids"], empty) for i in range(5))
+    half = _transform("depth", tokenizer, proportion_empty_prompts=0.5, seed=3)
+    drops = [half.caption(ex, i) == "" for i in range(400)]
+    assert 120 < sum(drops) < 280  # about half; and the draw is reproducible
+    assert drops == [half.caption(ex, i) == "" for i in range(400)]
+
+
+def test_caption_lists_pick_one(tokenizer):
+    t = _transform("depth", tokenizer, seed=0)
+    chosen = {t.caption({"text": ["a", "b", "c"]}, i) for i in range(50)}
+    assert chosen == {"a", "b", "c"}
+
+
+def test_annotator_computes_missing_control(tokenizer):
+    calls = []
+
+    def annotator(image):
+        calls.append(image.size)
+        return Image.new("L", image.size, color=255)
+
+    t = _transform("hed", tokenizer, annotator=annotator)
+    out = t({"image": Image.new("RGB", (6, 4)), "text": "x"}, 0)
+    assert calls == [(6, 4)]
+    assert torch.allclose(out["conditioning_pixel_values"], torch.ones(3, 4, 4))
+    with pytest.raises(DataError, match="no annotator was given"):
+        ExampleTransform(get_task("hed"), 4, tokenizer, DataColumns("image", "text", None, True))
+
+
+# ------------------------------------------------------------------------------------------- datasets
+def test_folder_dataset_end_to_end_and_max_train_samples(tmp_path, tokenizer):
+    folder = write_toy_dataset(str(tmp_path / "d"), "segmentation", num_samples=5, size=24)
+    args = parse(["--train_data_dir", folder, "--resolution", "16", "--max_train_samples", "3", "--seed", "1"])
+    cli.validate_common_args(args)
+    ds, cols = data.build_train_dataset(args, get_task("segmentation"), tokenizer)
+    assert cols == DataColumns("file_name", "prompt", "control_seg") and len(ds) == 3
+    batch = data.collate_fn([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["conditioning_pixel_values"].shape == (2, 3, 16, 16)
+    assert batch["control_classes"].shape == (2, 16, 16) and batch["input_ids"].shape == (2, 77)
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+
+
+def test_shuffle_is_a_permutation_fixed_by_seed_and_epoch(tmp_path, tokenizer):
+    folder = write_toy_dataset(str(tmp_path / "d"), "depth", num_samples=8, size=16)
+    args = parse(["--train_data_dir", folder, "--resolution", "8", "--seed", "5"])
+    a, _ = data.build_train_dataset(args, get_task("depth"), tokenizer)
+    b, _ = data.build_train_dataset(args, get_task("depth"), tokenizer)
+    orders = []
+    for epoch in range(3):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        order = [a.index_of(i) for i in range(8)]
+        assert order == [b.index_of(i) for i in range(8)] and sorted(order) == list(range(8))
+        orders.append(order)
+        assert torch.equal(a[0]["pixel_values"], b[0]["pixel_values"])
+    assert orders[0] != orders[1] or orders[1] != orders[2]
+    a.shuffle = False  # held-out data: the stored order
+    a.set_epoch(4)
+    assert [a.index_of(i) for i in range(8)] == list(range(8))
+
+
+def test_check_samples_finds_a_bad_sample_before_training(tmp_path, tokenizer):
+    folder = write_toy_dataset(str(tmp_path / "d"), "depth", num_samples=4, size=16, broken_index=2)
+    args = parse(["--train_data_dir", folder, "--resolution", "8"])
+    ds, _ = data.build_train_dataset(args, get_task("depth"), tokenizer)
+    data.check_samples(ds, 2)  # the first two are fine
+    with pytest.raises(DataError, match=r"sample 2: cannot read the image in column 'file_name' \('002.png'\)"):
+        data.check_samples(ds, 4)
+
+
+def test_streaming_wrapper_over_an_iterable_dataset(tmp_path, tokenizer):
+    import datasets
+
+    folder = write_toy_dataset(str(tmp_path / "d"), "depth", num_samples=6, size=16)
+    stream = datasets.load_dataset("json", data_files=os.path.join(folder, "metadata.jsonl"), split="train", streaming=True)
+    cols = data.resolve_columns(list(next(iter(stream)).keys()), get_task("depth"), parse([]))
+    t = ExampleTransform(get_task("depth"), 8, tokenizer, cols, base_dir=folder)
+    ds = data.StreamingTrainDataset(stream, t, seed=0, shuffle_buffer_size=4)
+    ds.set_epoch(1)
+    items = list(ds)
+    assert len(items) == 6 and items[0]["pixel_values"].shape == (3, 8, 8)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.collate_fn)
+    assert [b["pixel_values"].shape[0] for b in loader] == [4, 2]
+
+
+def test_check_resolution():
+    assert data.vae_scale_factor_of({"block_out_channels": [128, 256, 512, 512]}) == 8
+    data.check_resolution(512, 8)
+    with pytest.raises(DataError, match="--resolution 500 is not a multiple of the VAE's scale factor 8.*e.g. 496"):
+        data.check_resolution(500, 8)
+
+
+def test_common_arg_checks(tmp_path):
+    with pytest.raises(ValueError, match="--streaming.*--max_train_steps|A streamed dataset has no length"):
+        cli.validate_common_args(parse(["--dataset_name", "x/y", "--streaming"]))
+    with pytest.raises(ValueError, match="no metadata.jsonl"):
+        cli.validate_common_args(parse(["--train_data_dir", str(tmp_path)]))
+    with pytest.raises(ValueError, match=r"--proportion_empty_prompts must be in \[0, 1\]"):
+        cli.validate_common_args(parse(["--proportion_empty_prompts", "1.5"]))
+    with pytest.raises(ValueError, match="either --dataset_name or --train_data_dir"):
+        cli.validate_common_args(parse(["--dataset_name", "a/b", "--train_data_dir", str(tmp_path)]))
+    assert cli.parse_window("0,400") == (0, 400) and cli.parse_window("450:980") == (450, 980)
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_window("400")
+
+
+def test_offline_hub_dataset_error_is_clear(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"Could not load dataset 'nobody/no-such-dataset' \(--dataset_name\).*--train_data_dir"):
+        data.load_train_dataset(parse(["--dataset_name", "nobody/no-such-dataset"]), get_task("depth"))

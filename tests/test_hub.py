@@ -1,0 +1,89 @@
+"""diffusers_innercontrol.hub: the model card (YAML metadata, fields, images) and the upload order/failure."""
+
+import os
+
+import pytest
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from diffusers_innercontrol import hub
+from diffusers_innercontrol.tasks import get_task
+
+
+def test_controlnet_card_fields_and_images(tmp_path):
+    task = get_task("depth").replace(alpha=0.25, alignment_window=(10, 900))
+    images = [Image.new("RGB", (8, 4), "red"), Image.new("RGB", (8, 4), "blue")]
+    path = hub.save_model_card(
+        str(tmp_path), base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", task=task, probe="me/probe-depth",
+        reward_model="Intel/dpt-hybrid-midas", dataset="limingcv/MultiGen-20M_depth", images=images,
+        validation_prompts=["a room", "a street"], train_args={"steps": 12},
+    )
+    card = ModelCard.load(path)
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert card.data.license == "creativeml-openrail-m" and card.data.library_name == "diffusers"
+    assert {"controlnet", "innercontrol", "diffusers", "depth"} <= set(card.data.tags)
+    assert card.data.datasets == ["limingcv/MultiGen-20M_depth"]
+    text = card.text
+    for row in ("| alpha (reward weight) | `0.25` |", "| beta (alignment weight) | `1.0` |",
+                "| reward window (t) | `[0, 400]` |", "| alignment window (t) | `[10, 900]` |",
+                "| readout probe | `me/probe-depth` |", "| reward model | `Intel/dpt-hybrid-midas` |",
+                "| steps | `12` |", "| alignment loss | `mse` |"):
+        assert row in text, row
+    assert "Mode: InnerControl (reward + alignment)." in text
+    assert "![a room](./images_0.png)" in text and "![a street](./images_1.png)" in text
+    assert Image.open(tmp_path / "images_1.png").getpixel((0, 0)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("alpha,beta,mode", [(0, 0, "ControlNet (diffusion loss only)"),
+                                             (1, 0, "ControlNet++ (reward, no alignment)"), (0, 1, "alignment only")])
+def test_card_names_the_baseline(tmp_path, alpha, beta, mode):
+    path = hub.save_model_card(str(tmp_path), base_model="b", task=get_task("hed").replace(alpha=alpha, beta=beta))
+    assert f"Mode: {mode}." in open(path).read()
+
+
+def test_probe_card_and_local_base_model(tmp_path):
+    path = hub.save_model_card(str(tmp_path), base_model=str(tmp_path), model_kind="probe", task=get_task("segmentation"))
+    card = ModelCard.load(path)
+    assert card.data.base_model is None  # a local path is not valid Hub metadata; it is in the table
+    assert {"readout-probe", "innercontrol", "segmentation"} <= set(card.data.tags)
+    assert "ReadoutProbe" in card.text and "| feature kind | `resnet` |" in card.text
+    assert "alpha" not in card.text
+    with pytest.raises(ValueError, match="model_kind must be one of"):
+        hub.save_model_card(str(tmp_path), base_model="b", model_kind="vae")
+
+
+def test_push_writes_the_card_before_the_upload(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    (tmp_path / "config.json").write_text("{}")
+    seen = {}
+
+    class Repo:
+        repo_id = "me/model"
+
+    def fake_upload(repo_id, folder_path, **kwargs):
+        seen["card"] = open(os.path.join(folder_path, "README.md")).read()
+        seen["ignore"] = kwargs.get("ignore_patterns")
+
+        class Info:
+            commit_url = "https://hf.co/me/model/commit/1"
+
+        return Info()
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+    url = hub.push_folder(str(tmp_path), "me/model", card_kwargs=dict(base_model="b", task=get_task("lineart")))
+    assert url.endswith("/commit/1")
+    assert "task **lineart**" in seen["card"]
+    assert "checkpoint-*" in seen["ignore"]
+
+
+def test_failed_upload_keeps_the_local_save_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    hub.save_model_card(str(tmp_path), base_model="b", task=get_task("hed"))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(hub.HubUploadError, match=r"to the Hub repo 'me/x' failed .*saved locally in .*hf upload me/x"):
+        hub.push_folder(str(tmp_path), "me/x")
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
