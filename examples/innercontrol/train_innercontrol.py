@@ -485,6 +485,7 @@ def main(args):
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     step_times = []
     image_logs = []
+    validated_step = None
     last_logs = {}
 
     def save_state():
@@ -546,6 +547,7 @@ def main(args):
                         ema.copy_to(params)
                     image_logs = log_validation(vae, text_encoder, tokenizer, unet, unwrap(accelerator, controlnet), probe,
                                                task, args, accelerator, weight_dtype, global_step)
+                    validated_step = global_step
                     if ema is not None:
                         ema.restore(params)
                 accelerator.log(logs, step=global_step)
@@ -578,7 +580,8 @@ def main(args):
             controlnet.fuse_lora()
             controlnet.unload_lora()  # keeps the fused weights: a plain ControlNetModel
         controlnet.save_pretrained(args.output_dir, safe_serialization=True)
-        if args.validation_prompt:
+        # The final weights equal those just validated unless EMA or a LoRA fuse changed them: don't run it twice.
+        if args.validation_prompt and (validated_step != global_step or ema is not None or args.use_lora):
             image_logs = log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, args, accelerator,
                                         weight_dtype, global_step, is_final_validation=True)
         card = dict(

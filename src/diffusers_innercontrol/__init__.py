@@ -17,6 +17,7 @@ from .palette import ade20k_palette, classes_to_control, control_to_classes
 from .rewards import load_reward_model, save_tiny_reward_model
 from .pipeline_readout import ReadoutPipelineOutput, StableDiffusionControlNetReadoutPipeline
 from .probe_eval import BucketErrors, evaluate_probe
+from .shapesworld import ShapesWorld, write_word_tokenizer
 
 __all__ = [
     "ModelMixin",
@@ -39,4 +40,6 @@ __all__ = [
     "ReadoutPipelineOutput",
     "BucketErrors",
     "evaluate_probe",
+    "ShapesWorld",
+    "write_word_tokenizer",
 ]

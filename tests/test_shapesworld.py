@@ -1,0 +1,322 @@
+"""ShapesWorld: determinism, exact controls, captions, data sets, image folder, word tokenizer, toy pretraining."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffusers_innercontrol.shapesworld import (
+    ALL_COLUMNS,
+    COLOURS,
+    DEPTH_BACKGROUND,
+    DEPTH_FIRST_SHAPE,
+    DEPTH_STEP,
+    SEGMENTATION_CLASSES,
+    VOCABULARY,
+    Background,
+    Scene,
+    Shape,
+    ShapesWorld,
+    caption_for,
+    dilate,
+    region_boundaries,
+    segmentation_palette,
+    shape_area,
+    write_word_tokenizer,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_KEYS = ("image", "hed", "lineart", "control_depth", "control_seg")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld(size=64, seed=0)
+
+
+def _arr(img):
+    return np.asarray(img).astype(np.int64)
+
+
+def _u8(x):
+    return int(np.rint(x * 255))
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+def test_same_seed_and_index_give_identical_bytes():
+    a, b = ShapesWorld(seed=3).sample(5), ShapesWorld(seed=3).sample(5)
+    for key in IMAGE_KEYS:
+        assert a[key].tobytes() == b[key].tobytes(), key
+    assert a["text"] == b["text"]
+    assert np.array_equal(a["classes"], b["classes"])
+
+
+def test_other_index_or_seed_gives_another_image():
+    w = ShapesWorld(seed=3)
+    base = w.sample(5)["image"].tobytes()
+    assert w.sample(6)["image"].tobytes() != base
+    assert ShapesWorld(seed=4).sample(5)["image"].tobytes() != base
+
+
+def test_samples_vary(world):
+    kinds, counts, styles = set(), set(), set()
+    for i in range(40):
+        scene = world.make_scene(i)
+        kinds.update(s.kind for s in scene.shapes)
+        counts.add(len(scene.shapes))
+        styles.add(scene.background.style)
+    assert kinds == set(SEGMENTATION_CLASSES) - {"background"}
+    assert counts == {1, 2, 3}
+    assert styles == {"plain", "gradient", "striped", "checkered"}
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def test_shape_areas_by_hand():
+    r = 10.0
+    assert shape_area(Shape("circle", "red", "large", 30, 30, r)) == pytest.approx(math.pi * 100)
+    # square of circumradius r: side r * sqrt(2), area 2 r^2
+    assert shape_area(Shape("square", "red", "large", 30, 30, r)) == pytest.approx(200.0)
+    # equilateral triangle of circumradius r: 3 sqrt(3) / 4 r^2
+    assert shape_area(Shape("triangle", "red", "large", 30, 30, r)) == pytest.approx(3 * math.sqrt(3) / 4 * 100)
+    assert shape_area(Shape("ellipse", "red", "large", 30, 30, r)) == pytest.approx(math.pi * 10 * 5.5)
+
+
+def test_one_circle_scene_is_exact(world):
+    scene = Scene(Background("green"), (Shape("circle", "red", "large", 32.0, 32.0, 12.0),))
+    out = world.render(scene)
+    area = math.pi * 12.0**2  # 452.4 px
+    circle = out["classes"] == SEGMENTATION_CLASSES["circle"]
+    assert abs(int(circle.sum()) - area) < 0.02 * area
+    assert set(np.unique(out["classes"])) == {SEGMENTATION_CLASSES["background"], SEGMENTATION_CLASSES["circle"]}
+    img = _arr(out["image"])
+    assert tuple(img[32, 32]) == COLOURS["red"]
+    assert tuple(img[2, 2]) == COLOURS["green"]
+    # the colour-coded map is the palette of the class map
+    seg = _arr(out["control_seg"])
+    pal = segmentation_palette().astype(np.int64)
+    assert np.array_equal(seg, pal[out["classes"]])
+    assert tuple(seg[32, 32]) == tuple(pal[119]) and tuple(seg[0, 0]) == tuple(pal[0])
+    # no edge deep inside the circle or far out in the background
+    for key in ("hed", "lineart"):
+        e = _arr(out[key])
+        assert e[32, 32].max() == 0 and e[2, 2].max() == 0 and e[60, 60].max() == 0, key
+        # the rim (radius 12 from (32, 32)): pixel (32, 44) straddles it
+        assert e[31:34, 43:46].max() >= 128, key
+    assert out["text"] == "a large red circle on a green background"
+
+
+def test_segmentation_control_maps_back_to_the_classes(world):
+    import torch
+
+    from diffusers_innercontrol.palette import ade20k_palette, classes_to_control, control_to_classes
+
+    for i in range(4):
+        out = world.sample(i)
+        control = torch.from_numpy(_arr(out["control_seg"]).astype(np.float32) / 255.0).permute(2, 0, 1)
+        assert torch.equal(control_to_classes(control[None])[0], torch.from_numpy(out["classes"]).long())
+        assert torch.allclose(classes_to_control(torch.from_numpy(out["classes"]).long()), control, atol=1e-6)
+    assert np.array_equal(segmentation_palette(), ade20k_palette())
+
+
+def test_128px_option_scales():
+    w = ShapesWorld(size=128, seed=0)
+    out = w.sample(0)
+    assert out["image"].size == (128, 128) and out["hed"].size == (128, 128) and out["classes"].shape == (128, 128)
+    scene = Scene(Background("blue"), (Shape("square", "yellow", "large", 64.0, 64.0, 20.0),))
+    n = int((w.render(scene)["classes"] == SEGMENTATION_CLASSES["square"]).sum())
+    # side 20 * sqrt(2) = 28.28 centred at 64: x, y in [49.86, 78.14]; pixels 50..77 are mostly covered
+    # (pixels 49 and 78 by 14 %), so the class map holds 28 x 28 of them
+    assert n == 28 * 28
+
+
+# ---------------------------------------------------------------------------------------------- depth
+def test_depth_of_the_shape_on_top_is_greater_in_the_overlap(world):
+    below = Shape("square", "red", "large", 26.0, 32.0, 10.0)
+    above = Shape("square", "blue", "large", 38.0, 32.0, 10.0)
+    out = world.render(Scene(Background("white"), (below, above)))
+    depth = _arr(out["control_depth"])[..., 0]
+    # half side of each square: 10 / sqrt(2) = 7.07 -> below covers x in [18.9, 33.1], above x in [30.9, 45.1]
+    assert depth[32, 32] == _u8(DEPTH_FIRST_SHAPE + DEPTH_STEP)  # overlap: the top square
+    assert depth[32, 22] == _u8(DEPTH_FIRST_SHAPE)  # the bottom square, where it is visible
+    assert depth[32, 32] > depth[32, 22]
+    assert tuple(_arr(out["image"])[32, 32]) == COLOURS["blue"]
+    # the background ramp: far (dark) at the top, nearer at the bottom, below every shape
+    col = depth[:, 2]
+    assert np.all(np.diff(col) >= 0) and col[-1] > col[0]
+    assert abs(col[0] - 255 * DEPTH_BACKGROUND[0]) <= 2 and abs(col[-1] - 255 * DEPTH_BACKGROUND[1]) <= 2
+    assert col.max() < depth[32, 22]
+    assert "behind" in out["text"] and out["text"].startswith("a large red square behind a large blue square")
+
+
+# ---------------------------------------------------------------------------------------------- edges
+def test_edges_are_nonzero_exactly_near_boundaries(world):
+    for i in range(12):
+        out = world.sample(i)
+        boundary = region_boundaries(out["instances"])  # low-res visible-region boundaries
+        assert boundary.any()
+        hed = _arr(out["hed"])[..., 0]
+        lineart = _arr(out["lineart"])[..., 0]
+        # zero away from every boundary (HED: 2 px band + blur of radius 2; LineArt: 1 px)
+        assert hed[~dilate(boundary, 5)].max() == 0, i
+        assert lineart[~dilate(boundary, 3)].max() == 0, i
+        # and lit next to every boundary pixel
+        ys, xs = np.nonzero(boundary)
+        for y, x in zip(ys, xs):
+            assert hed[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].max() >= 128, (i, y, x)
+            assert lineart[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].max() >= 128, (i, y, x)
+        # thin lines are thinner than soft edges, white on black with a full-white peak
+        assert (lineart > 0).sum() < (hed > 0).sum()
+        assert hed.max() == 255 and lineart.max() == 255
+        # edges are the same in all three channels
+        assert np.array_equal(_arr(out["hed"])[..., 0], _arr(out["hed"])[..., 2])
+
+
+def test_background_texture_is_not_an_edge(world):
+    scene = Scene(Background("purple", "checkered", period=8.0), (Shape("circle", "white", "small", 32.0, 32.0, 6.0),))
+    out = world.render(scene)
+    img = _arr(out["image"])
+    assert img[2:10, 2:20].std() > 10  # the checkerboard is there ...
+    assert _arr(out["hed"])[:12, :].max() == 0  # ... and not in the edge map
+
+
+# ---------------------------------------------------------------------------------------------- captions
+def test_caption_by_hand():
+    top = Shape("circle", "red", "small", 32.0, 12.0, 6.0)
+    bottom = Shape("square", "blue", "small", 32.0, 50.0, 6.0)
+    right = Shape("star", "yellow", "large", 56.0, 14.0, 6.0)
+    assert caption_for(Scene(Background("green", "gradient"), (top, bottom))) == (
+        "a small red circle above a small blue square on a green gradient background"
+    )
+    assert caption_for(Scene(Background("black", "striped"), (bottom, top, right))) == (
+        "a small blue square below a small red circle left of a large yellow star on a black striped background"
+    )
+
+
+def test_captions_mention_every_shape(world):
+    for i in range(30):
+        out = world.sample(i, with_controls=False)
+        text, scene = out["text"], out["scene"]
+        for s in scene.shapes:
+            assert f"{s.size} {s.colour} {s.kind}" in text
+        assert text.endswith("background") and f"on a {scene.background.colour}" in text
+        assert text.count(" a ") + text.startswith("a ") == len(scene.shapes) + 1
+        assert set(text.split()) <= set(VOCABULARY)
+        assert caption_for(scene) == text  # the geometric overlap test agrees with the rendered masks
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ShapesWorld(size=50)
+    with pytest.raises(ValueError, match="hexagon"):
+        Shape("hexagon", "red", "small", 10, 10, 3)
+    with pytest.raises(ValueError, match="Unknown ShapesWorld column"):
+        ShapesWorld().as_dataset(2, columns=["image", "canny"])
+
+
+# ---------------------------------------------------------------------------------------------- data sets
+def test_as_dataset_columns(world):
+    ds = world.as_dataset(3, start=2)
+    assert ds.column_names == list(ALL_COLUMNS)
+    for name in ("image", "text", "hed", "lineart", "control_depth", "control_seg", "prompt"):
+        assert name in ds.column_names
+    row = ds[1]
+    ref = world.sample(3)
+    assert row["text"] == row["prompt"] == ref["text"]
+    assert np.array_equal(_arr(row["image"]), _arr(ref["image"]))
+    assert np.array_equal(_arr(row["control_depth"]), _arr(ref["control_depth"]))
+    assert np.array_equal(np.asarray(row["classes"]), ref["classes"])
+    small = world.as_dataset(2, columns=["image", "text", "control_seg"])
+    assert small.column_names == ["image", "text", "control_seg"]
+    streamed = next(iter(world.as_dataset(2, start=3, streaming=True)))
+    assert streamed["text"] == ref["text"]
+
+
+def test_imagefolder_loads(world, tmp_path):
+    import datasets
+
+    folder = str(tmp_path / "sw")
+    world.save_imagefolder(folder, 3)
+    ds = datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 3
+    for c in ("image", "text", "prompt", "hed", "lineart", "control_depth", "control_seg"):
+        assert c in ds.column_names
+    for i in range(3):
+        row, ref = ds[i], world.sample(i)
+        assert row["text"] == ref["text"]
+        assert np.array_equal(_arr(row["image"].convert("RGB")), _arr(ref["image"]))
+        from PIL import Image
+
+        for c in ("hed", "lineart", "control_depth", "control_seg"):
+            assert np.array_equal(_arr(Image.open(os.path.join(folder, row[c])).convert("RGB")), _arr(ref[c])), c
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        meta = [json.loads(line) for line in f]
+    assert meta[0]["file_name"] == "images/000000.png" and meta[0]["hed"] == "hed/000000.png"
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_word_tokenizer_gives_one_id_per_word(world, tmp_path):
+    from transformers import CLIPTokenizer
+
+    path = write_word_tokenizer(str(tmp_path / "tok"))
+    with open(os.path.join(path, "merges.txt")) as f:
+        assert f.readline().startswith("#version: 0.2")
+    tok = CLIPTokenizer.from_pretrained(path, model_max_length=77)
+    vocab = tok.get_vocab()
+    for w in VOCABULARY:
+        assert f"{w}</w>" in vocab, w
+    for i in range(30):
+        text = world.sample(i, with_controls=False)["text"]
+        ids = tok(text).input_ids
+        words = text.split()
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert len(ids) == len(words) + 2
+        assert tok.convert_ids_to_tokens(ids[1:-1]) == [f"{w}</w>" for w in words]
+    assert tok.get_vocab()["<|startoftext|>"] == 0 and tok.get_vocab()["<|endoftext|>"] == 1
+    # the same file twice: the vocabulary is deterministic
+    path2 = write_word_tokenizer(str(tmp_path / "tok2"))
+    for name in ("vocab.json", "merges.txt"):
+        with open(os.path.join(path, name)) as a, open(os.path.join(path2, name)) as b:
+            assert a.read() == b.read()
+
+
+def test_learned_merges_by_hand():
+    from diffusers_innercontrol.shapesworld import _learn_merges
+
+    # "ab" -> a, b</w>; "abc" -> a, b, c</w>: three pairs seen once each; ties go to the alphabetically first
+    # pair: (a, b) < (a, b</w>) < (b, c</w>); after merging (a, b): (a, b</w>) then (ab, c</w>)
+    assert _learn_merges(["abc", "ab"]) == [("a", "b"), ("a", "b</w>"), ("ab", "c</w>")]
+    # the most frequent pair first: (o, n</w>) is in two words
+    assert _learn_merges(["on", "son", "of"])[0] == ("o", "n</w>")
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+@pytest.mark.e2e
+def test_pretrain_toy_sd_smoke(tmp_path):
+    script = os.path.join(REPO, "examples", "innercontrol", "shapesworld", "pretrain_toy_sd.py")
+    out = str(tmp_path / "toy_sd")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
+        "--mixed_precision=no", "--dynamo_backend=no", script,
+        "--output_dir", out, "--resolution", "32", "--train_batch_size", "2",
+        "--vae_steps", "2", "--unet_steps", "3", "--vae_channels", "8,16", "--unet_channels", "16,32",
+        "--text_hidden_size", "16", "--text_layers", "1", "--norm_num_groups", "4",
+        "--num_validation_images", "2", "--validation_inference_steps", "2", "--seed", "1",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "total size" in proc.stdout + proc.stderr
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the data, not SD1.5's constant
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "README.md")) and os.path.isfile(os.path.join(out, "samples.png"))
+    ids = pipe.tokenizer("a red circle on a green background").input_ids
+    assert len(ids) == 7 + 2
+    img = pipe("a red circle on a green background", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
