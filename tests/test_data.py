@@ -256,3 +256,16 @@ def test_offline_hub_dataset_error_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match=r"Could not load dataset 'nobody/no-such-dataset' \(--dataset_name\).*--train_data_dir"):
         data.load_train_dataset(parse(["--dataset_name", "nobody/no-such-dataset"]), get_task("depth"))
+
+
+def test_captions_are_optional_when_the_empty_prompt_is_used(tokenizer):
+    """The probe trainer (--use_captions off) accepts a data set without captions; stage 2 does not."""
+    no_caption_args = argparse.Namespace(use_captions=False)
+    cols = data.resolve_columns(["image", "control_depth"], get_task("depth"), no_caption_args)
+    assert cols.caption is None
+    with pytest.raises(DataError, match="no caption column"):
+        data.resolve_columns(["image", "control_depth"], get_task("depth"), parse([]))
+    empty = tokenizer("", max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids[0]
+    t = ExampleTransform(get_task("depth"), 4, tokenizer, DataColumns("image", None, "control"))
+    out = t({"image": Image.new("RGB", (4, 4)), "control": Image.new("RGB", (4, 4))}, 0)
+    assert torch.equal(out["input_ids"], empty)

@@ -61,7 +61,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class DataColumns:
     image: str
-    caption: str
+    caption: Optional[str]  # None: no caption column (every prompt is empty)
     conditioning: Optional[str]  # None: computed on the fly by the annotator
     compute_control: bool = False
 
@@ -138,7 +138,9 @@ def resolve_columns(column_names: Sequence[str], task, args=None) -> DataColumns
             "Pass --image_column NAME."
         )
     caption = pick("caption_column", task.caption_column, ("text", "prompt", "caption"))
-    if caption is None:
+    # The probe trainer uses the empty prompt unless --use_captions: a data set without captions is fine there.
+    require_caption = getattr(args, "use_captions", True) if args is not None else True
+    if caption is None and require_caption:
         raise DataError(
             f"The dataset has no caption column {task.caption_column!r}; its columns are: {existing}. "
             "Pass --caption_column NAME."
@@ -290,6 +292,8 @@ class ExampleTransform:
 
     def caption(self, example, index, epoch=0) -> str:
         rng = random.Random(f"{self.seed}-{epoch}-{index}")
+        if self.columns.caption is None:
+            return ""
         caption = example[self.columns.caption]
         if isinstance(caption, (list, tuple, np.ndarray)):
             caption = rng.choice(list(caption)) if len(caption) else ""

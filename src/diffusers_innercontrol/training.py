@@ -73,6 +73,20 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, device, generato
     return torch.randint(0, num_train_timesteps, (batch_size,), device=device, generator=generator).long()
 
 
+def noise_latents(noise_scheduler, latents: torch.Tensor, noise=None, timesteps=None, generator=None):
+    """Draw the noise and t ~ U{0, ..., T-1} where not given, and noise the latents (DDPM forward process)."""
+    if noise is None:
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
+    if timesteps is None:
+        timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, latents.device, generator)
+    return noise, timesteps, noise_scheduler.add_noise(latents, noise, timesteps)
+
+
+def probe_config(probe):
+    """The config of a probe, also when accelerate / DDP wraps it (`.module`)."""
+    return getattr(probe, "module", probe).config
+
+
 def _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype):
     down, mid = controlnet(
         noisy_latents,
@@ -140,13 +154,9 @@ def controlnet_step(
         raise ValueError("Segmentation losses need `control_classes` (class indices of the control).")
 
     bsz = latents.shape[0]
-    if noise is None:
-        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
-    if timesteps is None:
-        timesteps = sample_timesteps(bsz, noise_scheduler.config.num_train_timesteps, latents.device, generator)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    noise, timesteps, noisy_latents = noise_latents(noise_scheduler, latents, noise, timesteps, generator)
 
-    extractor = DecoderFeatureExtractor(unet, probe.config.feature_kind) if use_alignment else None
+    extractor = DecoderFeatureExtractor(unet, probe_config(probe).feature_kind) if use_alignment else None
     if extractor is not None:
         extractor.register()
     try:
@@ -249,13 +259,9 @@ def probe_step(
     or the per-sample losses and the timesteps with `reduce=False` (per-t evaluation).
     """
     bsz = latents.shape[0]
-    if noise is None:
-        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
-    if timesteps is None:
-        timesteps = sample_timesteps(bsz, noise_scheduler.config.num_train_timesteps, latents.device, generator)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    noise, timesteps, noisy_latents = noise_latents(noise_scheduler, latents, noise, timesteps, generator)
     features = probe_features(
-        unet, probe.config.feature_kind, noisy_latents, timesteps, encoder_hidden_states, controlnet, control, weight_dtype
+        unet, probe_config(probe).feature_kind, noisy_latents, timesteps, encoder_hidden_states, controlnet, control, weight_dtype
     )
     readout = probe(features, timesteps, return_dict=False)[0]
     target = control_classes if task.is_segmentation else control

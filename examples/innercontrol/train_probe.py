@@ -1,0 +1,611 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""Stage 1 of InnerControl: train a readout probe (`ReadoutProbe`) on the frozen UNet's decoder features.
+
+    accelerate launch examples/innercontrol/train_probe.py \
+        --task depth --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --train_data_dir ./depth_data --validation_split 0.02 --output_dir probe-depth
+
+What a step does (SPEC section 3; the math is `diffusers_innercontrol.training.probe_step`): VAE-encode the
+images, draw t ~ U[0, 1000) per sample, noise the latents, one frozen UNet forward (optionally conditioned by
+a frozen ControlNet on the control) under `no_grad` with the decoder features captured, the probe's prediction
+and the task's loss against the control (MSE for depth and LineArt, sparse MSE for HED, cross-entropy for
+segmentation). Only the probe is trained; its copy of the UNet's timestep embedding stays frozen, so that
+the probe embeds t exactly as the UNet does, here and in stage 2 (where the whole probe is frozen).
+
+Validation (every --validation_steps and at the end): a grid of the probe's predictions at several t next to
+the control (PNG under output_dir/validation and in the trackers) and the probe's error per timestep bucket
+on held-out data (JSON). The trained probe is saved with `save_pretrained` (safetensors + config.json).
+
+Options beyond diffusers' ControlNet example (`--help` lists all):
+    --task {hed,lineart,depth,segmentation} [--preset paper|released]   every default below comes from the task
+    --controlnet_model_name_or_path     frozen ControlNet conditioning the UNet (ControlNet-conditioned features)
+    --init_probe                        continue training a saved ReadoutProbe (checked against the UNet)
+    --feature_kind --feature_scale --upsample_head --out_channels --projection_dim --norm_num_groups
+    --use_captions                      condition the UNet on the captions (default: the empty prompt)
+    --validation_split | --validation_data_dir | --validation_dataset_name [--validation_dataset_split]
+    --validation_timesteps 100 300 500 700 900   --num_grid_samples 4   --num_error_buckets 10
+    --max_validation_samples 64
+Defaults follow the paper's recipe: AdamW lr 1e-3 constant, no weight decay, no clipping, batch 8,
+--max_train_steps = the task's probe_train_steps (10 000 for edges, 5 000 for depth and segmentation).
+
+Output folder: config.json + diffusion_pytorch_model.safetensors (`ReadoutProbe.from_pretrained(output_dir)`),
+probe_error.json, validation_grid.png, README.md (model card), checkpoint-N/, validation/, logs/.
+"""
+
+import argparse
+import logging
+import math
+import os
+from typing import Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+import diffusers
+from diffusers.optimization import get_scheduler
+
+from diffusers_innercontrol import ReadoutProbe, decoder_feature_channels, get_task
+from diffusers_innercontrol.checkpointing import resume_dataloader, resume_from_checkpoint, save_checkpoint
+from diffusers_innercontrol.cli import (
+    add_checkpointing_args,
+    add_data_args,
+    add_hub_args,
+    add_logging_args,
+    add_model_args,
+    add_precision_args,
+    add_training_args,
+    validate_common_args,
+)
+from diffusers_innercontrol.data import TrainDataset, build_train_dataset, check_samples, collate_fn
+from diffusers_innercontrol.hub import push_folder, save_model_card
+from diffusers_innercontrol.hub_utils import check_model_available
+from diffusers_innercontrol.probe_eval import (
+    DEFAULT_GRID_TIMESTEPS,
+    evaluate_probe,
+    predict_at_timesteps,
+    validation_grid,
+)
+from diffusers_innercontrol.tasks import PRESETS, TASK_NAMES
+from diffusers_innercontrol.training import encode_images, probe_step
+
+logger = get_logger(__name__)
+
+PROBE_ERROR_FILE = "probe_error.json"
+GRID_FILE = "validation_grid.png"
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train an InnerControl readout probe (stage 1).")
+    parser.add_argument("--task", type=str, required=True,
+                        help=f"Control task: one of {', '.join(TASK_NAMES)}. Sets every default below.")
+    parser.add_argument("--preset", type=str, default="paper", choices=PRESETS,
+                        help="Task settings of the paper (default) or of the released InnerControl launchers.")
+
+    add_model_args(parser)
+    models = parser.add_argument_group("probe")
+    models.add_argument("--controlnet_model_name_or_path", type=str, default=None,
+                        help="A frozen ControlNet conditioning the UNet on the control (ControlNet-conditioned features). "
+                             "Default: the plain UNet.")
+    models.add_argument("--init_probe", type=str, default=None,
+                        help="Continue training a saved ReadoutProbe (local folder or Hub id) instead of a new one.")
+    models.add_argument("--feature_kind", type=str, default=None, choices=("resnet", "attention"),
+                        help="Decoder features the probe reads. Default: the task's.")
+    models.add_argument("--feature_scale", type=float, default=None,
+                        help="Common feature size relative to the latent size (2.0: the paper's HED/LineArt). Default: the task's.")
+    models.add_argument("--upsample_head", type=str, default=None, choices=("true", "false"),
+                        help="2x transposed convolution in the output head. Default: the task's.")
+    models.add_argument("--projection_dim", type=int, default=384, help="Width of the projected features (384 in the paper).")
+    models.add_argument("--norm_num_groups", type=int, default=32, help="GroupNorm groups of the probe (divides projection_dim / 4).")
+    models.add_argument("--out_channels", type=int, default=None,
+                        help="Predicted channels (number of classes for segmentation). Default: the task's.")
+
+    data = add_data_args(parser)
+    data.add_argument("--use_captions", action="store_true",
+                      help="Condition the UNet on the captions (default: the empty prompt, as Readout Guidance).")
+    data.add_argument("--validation_split", type=float, default=None,
+                      help="Hold out this share (0 < x < 1) or this number (x >= 1) of the training samples (after "
+                           "--max_train_samples; a seeded random choice) for the probe's error per timestep bucket.")
+    data.add_argument("--validation_data_dir", type=str, default=None,
+                      help="A separate held-out folder with metadata.jsonl (same columns as the training data).")
+    data.add_argument("--validation_dataset_name", type=str, default=None,
+                      help="A separate held-out Hub dataset (same columns), e.g. limingcv/MultiGen-20M_depth_eval.")
+    data.add_argument("--validation_dataset_split", type=str, default="train", help="Split of --validation_dataset_name.")
+
+    train = add_training_args(parser, learning_rate=1e-3, train_batch_size=8)
+    parser.set_defaults(adam_weight_decay=0.0, max_grad_norm=0.0)  # Readout Guidance: AdamW, no decay, no clipping
+    add_precision_args(parser)
+    add_checkpointing_args(parser)
+    val = add_logging_args(parser, validation_steps=500)
+    val.add_argument("--validation_timesteps", type=int, nargs="+", default=list(DEFAULT_GRID_TIMESTEPS),
+                     help="Timesteps of the columns of the validation grid.")
+    val.add_argument("--num_grid_samples", type=int, default=4, help="Rows (held-out samples) of the validation grid.")
+    val.add_argument("--num_error_buckets", type=int, default=10, help="Timestep buckets of the probe's error (10 x 100 steps).")
+    val.add_argument("--max_validation_samples", type=int, default=64,
+                     help="Held-out samples the error is computed on (each once per bucket).")
+    train.add_argument("--validation_batch_size", type=int, default=None, help="Default: --train_batch_size.")
+    add_hub_args(parser)
+
+    args = parser.parse_args(input_args)
+    if args.upsample_head is not None:
+        args.upsample_head = args.upsample_head == "true"
+    return args
+
+
+def check_args(args) -> None:
+    """Checks that need no model: raise `ValueError` naming the problem and the fix."""
+    validate_common_args(args)
+    if args.task not in TASK_NAMES:
+        raise ValueError(f"Unknown task {args.task!r}: choose one of {', '.join(TASK_NAMES)} (--task).")
+    if args.validation_prompt or args.validation_image:
+        raise ValueError(
+            "train_probe.py validates on held-out samples (images and their controls), not on --validation_prompt/"
+            "--validation_image: pass --validation_split, --validation_data_dir or --validation_dataset_name."
+        )
+    held_out = [o for o in ("validation_split", "validation_data_dir", "validation_dataset_name") if getattr(args, o) is not None]
+    if len(held_out) > 1:
+        raise ValueError(f"Pass one source of held-out data, got {', '.join('--' + o for o in held_out)}.")
+    if args.validation_split is not None:
+        if args.validation_split <= 0 or (args.validation_split >= 1 and args.validation_split != int(args.validation_split)):
+            raise ValueError(f"--validation_split is a share in (0, 1) or a whole number of samples, got {args.validation_split}.")
+        if args.streaming:
+            raise ValueError("A streamed dataset cannot be split: pass --validation_data_dir or --validation_dataset_name.")
+    if args.validation_data_dir is not None and not os.path.isfile(os.path.join(args.validation_data_dir, "metadata.jsonl")):
+        raise ValueError(f"--validation_data_dir {args.validation_data_dir!r} has no metadata.jsonl.")
+    if args.feature_scale is not None and args.feature_scale <= 0:
+        raise ValueError(f"--feature_scale must be > 0, got {args.feature_scale}.")
+    if args.out_channels is not None and args.out_channels < 1:
+        raise ValueError(f"--out_channels must be >= 1, got {args.out_channels}.")
+    if args.projection_dim % 4 or (args.projection_dim // 4) % args.norm_num_groups:
+        raise ValueError(
+            f"--projection_dim {args.projection_dim} / 4 must be divisible by --norm_num_groups {args.norm_num_groups}."
+        )
+    bad = [t for t in args.validation_timesteps if not 0 <= t < 1000]
+    if bad:
+        raise ValueError(f"--validation_timesteps {bad} are outside [0, 1000).")
+    for name in ("num_grid_samples", "num_error_buckets", "max_validation_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1.")
+
+
+def task_from_args(args):
+    """The task with the probe options given on the command line (validated by `Task.replace`)."""
+    task = get_task(args.task, args.preset)
+    changes = {}
+    for option, field in (("feature_kind", "feature_kind"), ("feature_scale", "feature_scale"),
+                          ("upsample_head", "upsample_head"), ("out_channels", "probe_out_channels")):
+        value = getattr(args, option)
+        if value is not None:
+            changes[field] = value
+    task = task.replace(**changes) if changes else task
+    if task.is_segmentation and task.num_classes and task.probe_out_channels < task.num_classes:
+        raise ValueError(
+            f"--out_channels {task.probe_out_channels} is fewer than the {task.num_classes} segmentation classes the "
+            "controls are mapped to: the probe needs one output channel per class."
+        )
+    return task
+
+
+# ------------------------------------------------------------------------------------------------ models
+def load_models(args, weight_dtype):
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", subfolder="unet",
+                          revision=args.revision)
+    if args.controlnet_model_name_or_path:
+        check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path")
+    if args.init_probe:
+        check_model_available(args.init_probe, "--init_probe")
+    path, common = args.pretrained_model_name_or_path, dict(revision=args.revision, cache_dir=args.cache_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or path, subfolder=None if args.tokenizer_name else "tokenizer", **common)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    controlnet = None
+    if args.controlnet_model_name_or_path:
+        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+    for model in (text_encoder, vae, unet, controlnet):
+        if model is not None:
+            model.requires_grad_(False)
+            model.eval()
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=noise_scheduler,
+                controlnet=controlnet)
+
+
+def check_models(args, task, models) -> None:
+    """Shapes that must fit before anything is trained: resolution vs VAE/UNet, ControlNet vs UNet."""
+    vae, unet = models["vae"], models["unet"]
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_down = 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % (vae_scale * unet_down):
+        raise ValueError(
+            f"--resolution {args.resolution} cannot be taken by this model: it must be a multiple of "
+            f"{vae_scale * unet_down} (VAE scale factor {vae_scale} x UNet downsampling {unet_down}), e.g. "
+            f"{max(1, args.resolution // (vae_scale * unet_down)) * vae_scale * unet_down}."
+        )
+    controlnet = models["controlnet"]
+    if controlnet is not None:
+        if controlnet.config.block_out_channels != unet.config.block_out_channels:
+            raise ValueError(
+                f"--controlnet_model_name_or_path has block_out_channels {tuple(controlnet.config.block_out_channels)}, "
+                f"the UNet {tuple(unet.config.block_out_channels)}: pass the ControlNet of this base model."
+            )
+        if controlnet.config.conditioning_channels != task.control_channels:
+            raise ValueError(
+                f"The ControlNet takes {controlnet.config.conditioning_channels}-channel controls; task '{task.name}' "
+                f"controls have {task.control_channels}."
+            )
+    try:
+        decoder_feature_channels(unet, task.feature_kind)
+    except ValueError as err:
+        raise ValueError(f"{err} Pass --feature_kind {'resnet' if task.feature_kind == 'attention' else 'attention'}.") from None
+
+
+def build_probe(args, task, unet) -> ReadoutProbe:
+    """A new probe for `unet`'s features (the task's configuration), or `--init_probe`, checked against the UNet."""
+    if args.init_probe:
+        probe = ReadoutProbe.from_pretrained(args.init_probe, cache_dir=args.cache_dir)
+        cfg = probe.config
+        for option, field, wanted in (("feature_kind", "feature_kind", args.feature_kind),
+                                      ("feature_scale", "feature_scale", args.feature_scale),
+                                      ("upsample_head", "upsample_head", args.upsample_head),
+                                      ("out_channels", "out_channels", args.out_channels)):
+            if wanted is not None and getattr(cfg, field) != wanted:
+                raise ValueError(
+                    f"--init_probe has {field}={getattr(cfg, field)!r} but --{option} {wanted!r} was given: leave "
+                    f"--{option} out to continue the saved probe, or train a new probe without --init_probe."
+                )
+        expected = decoder_feature_channels(unet, cfg.feature_kind)
+        if list(cfg.feature_channels) != list(expected):
+            raise ValueError(
+                f"--init_probe reads '{cfg.feature_kind}' features with channels {list(cfg.feature_channels)}, but this "
+                f"UNet's are {expected}: it was trained on another base model. Pass the probe of "
+                f"{args.pretrained_model_name_or_path}, or leave --init_probe out."
+            )
+        if task.is_segmentation and task.num_classes and cfg.out_channels < task.num_classes:
+            raise ValueError(f"--init_probe predicts {cfg.out_channels} classes; task segmentation needs {task.num_classes}.")
+        return probe
+    return ReadoutProbe.from_unet(
+        unet, **task.probe_kwargs(), projection_dim=args.projection_dim, norm_num_groups=args.norm_num_groups
+    )
+
+
+# ------------------------------------------------------------------------------------------------ data
+def build_datasets(args, task, tokenizer):
+    """(train dataset, held-out dataset or None) from the shared data module."""
+    train_dataset, columns = build_train_dataset(args, task, tokenizer)
+    val_dataset = None
+    if args.validation_split is not None:
+        raw, transform = train_dataset.data, train_dataset.transform
+        split = args.validation_split
+        num_val = int(split) if split >= 1 else int(round(split * len(raw)))
+        if not 1 <= num_val < len(raw):
+            raise ValueError(
+                f"--validation_split {split} leaves no training or no held-out sample out of {len(raw)}: hold out "
+                "between 1 and all but one sample."
+            )
+        order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed or 0)).tolist()
+        val_idx, train_idx = sorted(order[:num_val]), sorted(order[num_val:])
+        train_dataset = TrainDataset(raw.select(train_idx, keep_in_memory=True), transform, seed=args.seed or 0)
+        val_dataset = TrainDataset(raw.select(val_idx, keep_in_memory=True), transform, shuffle=False)
+    elif args.validation_data_dir or args.validation_dataset_name:
+        val_args = argparse.Namespace(**vars(args))
+        val_args.train_data_dir = args.validation_data_dir
+        val_args.dataset_name = args.validation_dataset_name
+        val_args.dataset_split = args.validation_dataset_split
+        val_args.streaming = False
+        val_args.max_train_samples = args.max_validation_samples
+        val_args.proportion_empty_prompts = 0.0
+        val_dataset, _ = build_train_dataset(val_args, task, tokenizer)
+        val_dataset.shuffle = False
+        val_dataset.set_epoch(0)
+    return train_dataset, val_dataset, columns
+
+
+def first_samples(dataset, n: int):
+    """The first `n` samples of a dataset, collated (the rows of the validation grid)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        examples = []
+        for example in dataset:
+            examples.append(example)
+            if len(examples) == n:
+                break
+    else:
+        examples = [dataset[i] for i in range(min(n, len(dataset)))]
+    return collate_fn(examples)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_dataloader, accelerator, step,
+                   weight_dtype, final: bool = False):
+    """Grid of predictions at several t (PNG + trackers) and the error per t bucket on held-out data (JSON)."""
+    logger.info(f"Running validation at step {step}")
+    probe = accelerator.unwrap_model(probe)
+    out_dir = os.path.join(args.output_dir, "validation")
+    os.makedirs(out_dir, exist_ok=True)
+
+    inputs = batch_inputs(grid_batch, generator=torch.Generator().manual_seed(args.seed or 0))
+    predictions = predict_at_timesteps(
+        probe=probe, unet=models["unet"], noise_scheduler=models["scheduler"], latents=inputs["latents"],
+        encoder_hidden_states=inputs["encoder_hidden_states"], timesteps=args.validation_timesteps,
+        controlnet=models["controlnet"], control=inputs["control"], seed=args.seed or 0, weight_dtype=weight_dtype,
+    )
+    classes = inputs.get("control_classes")
+    grid, _ = validation_grid(
+        task, inputs["control"].cpu(), [p.cpu() for p in predictions], None if classes is None else classes.cpu(),
+        image=(grid_batch["pixel_values"].float() + 1) / 2,
+    )
+    grid.save(os.path.join(out_dir, f"grid_step{step:06d}.png"))
+    if final:
+        grid.save(os.path.join(args.output_dir, GRID_FILE))
+
+    errors = None
+    if val_dataloader is not None:
+        eval_generator = torch.Generator().manual_seed(args.seed or 0)
+        errors = evaluate_probe(
+            task=task, probe=probe, unet=models["unet"], noise_scheduler=models["scheduler"], batches=val_dataloader,
+            prepare=lambda b: batch_inputs(b, generator=eval_generator), controlnet=models["controlnet"],
+            num_buckets=args.num_error_buckets, seed=args.seed or 0, weight_dtype=weight_dtype,
+        )
+        extra = {"step": step, "task": task.name, "feature_kind": probe.config.feature_kind}
+        errors.save(os.path.join(out_dir, f"probe_error_step{step:06d}.json"), extra=extra)
+        if final:
+            errors.save(os.path.join(args.output_dir, PROBE_ERROR_FILE), extra=extra)
+        logger.info("Probe error per timestep bucket:\n" + errors.to_markdown())
+
+    columns = (["image", "control"] + [f"t={t}" for t in args.validation_timesteps])
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation/grid", np.asarray(grid), step, dataformats="HWC")
+            tracker.writer.add_text("validation/columns", " | ".join(columns), step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation/grid": wandb.Image(grid, caption=" | ".join(columns))}, step=step)
+    if errors is not None:
+        accelerator.log(errors.log_dict("probe_error"), step=step)
+    return grid, errors
+
+
+# ------------------------------------------------------------------------------------------------ card
+def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
+    """The probe's card: task, feature kind, channels, base model, loss, error per t bucket, the grid."""
+    cfg = probe.config
+    train_args = {  # the task, base model, feature kind and loss rows are written by hub.save_model_card
+        "feature channels": list(cfg.feature_channels),
+        "feature scale": cfg.feature_scale,
+        "upsample head": cfg.upsample_head,
+        "output channels": cfg.out_channels,
+        "output activation": cfg.output_activation,
+        "probe parameters (without the copied time embedding)": probe.num_probe_parameters,
+        "UNet prompt": "captions" if args.use_captions else "empty prompt",
+        "training steps": args.max_train_steps,
+        "batch size": args.train_batch_size,
+        "learning rate": args.learning_rate,
+        "timesteps": "t ~ U[0, 1000)",
+    }
+    text = ["## Error per timestep bucket (held-out data)\n"]
+    if errors is not None:
+        text.append(f"Per-sample `{task.alignment_loss}` of the probe against the control, mean per bucket of t:\n")
+        text.append(errors.to_markdown() + "\n")
+    else:
+        text.append("No held-out data was given (--validation_split / --validation_data_dir).\n")
+    text.append(
+        f"The validation grid shows, per row, the image, its control and the probe's readout at t = "
+        f"{', '.join(map(str, args.validation_timesteps))}.\n"
+    )
+    return save_model_card(
+        args.output_dir, base_model=args.pretrained_model_name_or_path, model_kind="probe", repo_id=repo_id,
+        task=task, controlnet=args.controlnet_model_name_or_path,
+        dataset=args.dataset_name or args.train_data_dir or task.dataset_name,
+        images=[grid] if grid is not None else None, train_args=train_args, extra_text="\n".join(text),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(args):
+    check_args(args)
+    task = task_from_args(args)
+    if args.max_train_steps is None:
+        args.max_train_steps = task.probe_train_steps
+
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if not accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_error()
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Models, then every shape check, then the data (decoded up front): all before any training.
+    models = load_models(args, weight_dtype)
+    check_models(args, task, models)
+    unet, vae, text_encoder = models["unet"], models["vae"], models["text_encoder"]
+    probe = build_probe(args, task, unet)
+    if probe.config.feature_kind != task.feature_kind or probe.config.out_channels != task.probe_out_channels:
+        task = task.replace(feature_kind=probe.config.feature_kind, probe_out_channels=probe.config.out_channels,
+                            feature_scale=probe.config.feature_scale, upsample_head=probe.config.upsample_head)
+    probe.time_embedding.requires_grad_(False)  # the UNet's embedding of t, as in stage 2
+    probe.train()
+
+    train_dataset, val_dataset, columns = build_datasets(args, task, models["tokenizer"] if args.use_captions else None)
+    check_samples(train_dataset, args.check_data_samples)
+    if val_dataset is not None:
+        check_samples(val_dataset, args.check_data_samples)
+
+    for model in (unet, vae, text_encoder, models["controlnet"]):
+        if model is not None:
+            model.to(accelerator.device, dtype=weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        logger.info("--gradient_checkpointing has no effect here: the UNet runs under no_grad in stage 1.")
+
+    with torch.no_grad():
+        empty_ids = models["tokenizer"](
+            [""], max_length=models["tokenizer"].model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(accelerator.device)
+        empty_embedding = text_encoder(empty_ids, return_dict=False)[0]
+
+    def batch_inputs(batch, generator=None) -> Dict[str, torch.Tensor]:
+        """Latents, text embeddings and controls of a collated batch (frozen models, no_grad)."""
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+            latents = encode_images(vae, pixels, generator=generator).float()
+            if args.use_captions:
+                ehs = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+            else:
+                ehs = empty_embedding.expand(latents.shape[0], -1, -1)
+        out = {
+            "latents": latents.to(weight_dtype),
+            "encoder_hidden_states": ehs.to(weight_dtype),
+            "control": batch["conditioning_pixel_values"].to(accelerator.device, dtype=torch.float32),
+        }
+        if "control_classes" in batch:
+            out["control_classes"] = batch["control_classes"].to(accelerator.device)
+        return out
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in probe.parameters() if p.requires_grad]
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, shuffle=False, collate_fn=collate_fn, batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        # The loader draws a base seed at every `iter()`: from its own generator, not from the global RNG, so that
+        # the extra `iter()` of a resumed run (after `load_state` restored the RNG) leaves the noise unchanged.
+        generator=torch.Generator().manual_seed(args.seed or 0),
+    )  # shuffled by the dataset per epoch (data.TrainDataset.set_epoch): exact resume
+    val_dataloader = None
+    if val_dataset is not None and accelerator.is_main_process:
+        val_subset = torch.utils.data.Subset(val_dataset, range(min(args.max_validation_samples, len(val_dataset))))
+        val_dataloader = torch.utils.data.DataLoader(
+            val_subset, shuffle=False, collate_fn=collate_fn, batch_size=args.validation_batch_size or args.train_batch_size,
+        )
+    grid_batch = first_samples(val_dataset if val_dataset is not None else train_dataset, args.num_grid_samples)
+    if val_dataset is None:
+        logger.warning("No held-out data: the validation grid shows training samples and no error per t is computed.")
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    probe, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(probe, optimizer, train_dataloader, lr_scheduler)
+
+    streamed = isinstance(train_dataset, torch.utils.data.IterableDataset)
+    num_update_steps_per_epoch = None if streamed else math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_train_epochs = 10**9 if streamed else math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        accelerator.init_trackers(args.tracker_project_name or "train_probe", config=tracker_config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running stage-1 probe training *****")
+    logger.info(f"  Task = {task.name} ({task.preset}), feature kind = {task.feature_kind}, loss = {task.alignment_loss}")
+    logger.info(f"  Probe parameters (without the copied time embedding) = {accelerator.unwrap_model(probe).num_probe_parameters}")
+    logger.info(f"  Num examples = {'streamed' if streamed else len(train_dataset)}")
+    logger.info(f"  Total train batch size = {total_batch_size}, max steps = {args.max_train_steps}")
+
+    state = resume_from_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir, num_update_steps_per_epoch)
+    global_step, first_epoch = state.global_step, state.first_epoch
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+
+    def checkpoint_now():
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        train_dataset.set_epoch(epoch)
+        loader = resume_dataloader(accelerator, train_dataloader, epoch, state, args.gradient_accumulation_steps)
+        if hasattr(loader, "set_epoch"):
+            # accelerate's loaders call `dataset.set_epoch(self.iteration)` in `__iter__`, with their own count of
+            # iterations: a resumed run (and the skip-batches loader) would count from 0 and reuse epoch 0's order.
+            loader.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(probe):
+                inputs = batch_inputs(batch)
+                loss = probe_step(
+                    task=task, unet=unet, probe=probe, noise_scheduler=models["scheduler"],
+                    latents=inputs["latents"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                    control=inputs["control"], control_classes=inputs.get("control_classes"),
+                    controlnet=models["controlnet"], weight_dtype=weight_dtype,
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"The probe loss ({task.alignment_loss}) is {loss.item()} at step {global_step}: training "
+                        f"stopped; the last checkpoint in {args.output_dir} is intact. Lower --learning_rate or check "
+                        "the controls."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+
+            if accelerator.sync_gradients:
+                progress_bar.update(1)
+                global_step += 1
+                if global_step % args.checkpointing_steps == 0:
+                    checkpoint_now()
+                if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+                    log_validation(args=args, task=task, probe=probe, models=models, batch_inputs=batch_inputs,
+                                   grid_batch=grid_batch, val_dataloader=val_dataloader, accelerator=accelerator,
+                                   step=global_step, weight_dtype=weight_dtype)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress_bar.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step >= args.max_train_steps:
+                break
+
+    logger.info(f"Process {accelerator.process_index} of {accelerator.num_processes} trained {global_step} steps",
+                main_process_only=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_probe = accelerator.unwrap_model(probe)
+        final_probe.save_pretrained(args.output_dir, safe_serialization=True)
+        grid, errors = log_validation(args=args, task=task, probe=final_probe, models=models, batch_inputs=batch_inputs,
+                                      grid_batch=grid_batch, val_dataloader=val_dataloader, accelerator=accelerator,
+                                      step=global_step, weight_dtype=weight_dtype, final=True)
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        save_model_card_for_probe(args, task, final_probe, grid, errors, repo_id=repo_id)
+        if args.push_to_hub:
+            push_folder(args.output_dir, repo_id=repo_id, token=args.hub_token, private=args.hub_private)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
