@@ -269,3 +269,12 @@ def test_captions_are_optional_when_the_empty_prompt_is_used(tokenizer):
     t = ExampleTransform(get_task("depth"), 4, tokenizer, DataColumns("image", None, "control"))
     out = t({"image": Image.new("RGB", (4, 4)), "control": Image.new("RGB", (4, 4))}, 0)
     assert torch.equal(out["input_ids"], empty)
+
+
+def test_16_bit_depth_controls_are_scaled_not_clipped():
+    """PIL's convert("RGB") clips I;16 values above 255: such depth maps are scaled by their maximum first."""
+    arr = np.array([[0, 4000], [8000, 2000]], dtype=np.uint16)
+    control = data.prepare_control(Image.fromarray(arr), get_task("depth"), 2)
+    expected = torch.tensor([[0.0, round(4000 / 8000 * 255) / 255], [1.0, round(2000 / 8000 * 255) / 255]])
+    assert control.shape == (3, 2, 2)
+    assert torch.allclose(control[0], expected, atol=1e-6) and torch.equal(control[0], control[2])

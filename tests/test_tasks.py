@@ -121,6 +121,10 @@ def test_replace_validates():
         task.replace(alignment_loss="ce")
     with pytest.raises(ValueError, match="reward_loss 'l1'"):
         task.replace(reward_loss="l1")
+    with pytest.raises(ValueError, match="reward loss is cross-entropy for segmentation"):
+        task.replace(reward_loss="ce")
+    with pytest.raises(ValueError, match="reward loss is cross-entropy for segmentation"):
+        get_task("segmentation").replace(reward_loss="mse")
     with pytest.raises(dataclasses.FrozenInstanceError):
         task.alpha = 3.0
 

@@ -57,7 +57,8 @@ logger = get_logger(__name__)
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a ControlNet with the protocol of InnerControl's Table 1.")
     parser.add_argument("--task", type=str, required=True, choices=TASK_NAMES)
-    parser.add_argument("--method_name", type=str, default="ours", help="Name of the method in the results table.")
+    parser.add_argument("--method_name", type=str, default=None,
+                        help="Name of the method in the results table (default: the ControlNet's path or id).")
     parser.add_argument("--t2i_model_name", type=str, default=None, help="T2I model name in the table (default: from the path).")
 
     g = parser.add_argument_group("models")
@@ -220,7 +221,7 @@ def main(args):
         )
 
     result = {
-        "method": args.method_name,
+        "method": args.method_name or args.controlnet_model_name_or_path,
         "t2i_model": args.t2i_model_name or t2i_model_label(args.pretrained_model_name_or_path),
         "task": task.name,
         "controlnet": args.controlnet_model_name_or_path,

@@ -356,29 +356,32 @@ def main(args):
 
     tokenizer = AutoTokenizer.from_pretrained(
         args.tokenizer_name or args.pretrained_model_name_or_path, subfolder=None if args.tokenizer_name else "tokenizer",
-        revision=args.revision, model_max_length=77,
+        revision=args.revision, cache_dir=args.cache_dir, model_max_length=77,
     )
     train_dataset, columns = data.build_train_dataset(args, task, tokenizer)
     data.check_samples(train_dataset, args.check_data_samples)
     logger.info(f"Data columns: {columns}")
 
     # ---- models
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision,
+                                                    cache_dir=args.cache_dir)
     task.validate(noise_scheduler.config.num_train_timesteps)
     text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                 revision=args.revision, variant=args.variant)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant)
+                                                 revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant,
+                                        cache_dir=args.cache_dir)
     unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
-                                                variant=args.variant)
+                                                variant=args.variant, cache_dir=args.cache_dir)
     probe = None
     if task.beta > 0:
         from diffusers_innercontrol.models.readout_probe import ReadoutProbe
 
-        probe = ReadoutProbe.from_pretrained(args.probe_model_name_or_path, revision=args.probe_revision)
+        probe = ReadoutProbe.from_pretrained(args.probe_model_name_or_path, revision=args.probe_revision,
+                                             cache_dir=args.cache_dir)
         check_probe(probe, unet, task)
     if args.controlnet_model_name_or_path:
         logger.info(f"Loading the ControlNet {args.controlnet_model_name_or_path}")
-        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
+        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
     else:
         logger.info("Initialising the ControlNet from the UNet")
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor))
@@ -410,6 +413,8 @@ def main(args):
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()  # the alignment/reward gradients go back through the UNet
+        if reward_model is not None:
+            vae.enable_gradient_checkpointing()  # the reward's VAE decode at full resolution holds the most activations
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -481,6 +486,8 @@ def main(args):
                 f"{'-' if streaming else num_train_epochs}, total batch size = {total_batch_size}, steps = {max_train_steps}")
 
     state = checkpointing.resume_from_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir, num_update_steps_per_epoch)
+    if ema is not None:
+        ema.to(accelerator.device)  # accelerate loads custom states on the CPU (map_location="cpu")
     global_step = state.global_step
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     step_times = []

@@ -215,6 +215,16 @@ def _to_tensor01(image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def _high_bit_depth_to_8bit(image):
+    """16-bit / int / float maps (e.g. depth PNGs): scaled by their own maximum to 0..255 (PIL would clip at 255)."""
+    from PIL import Image
+
+    arr = np.asarray(image, dtype=np.float64)
+    peak = arr.max()
+    arr = arr / peak * 255.0 if peak > 0 else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+
+
 def prepare_control(image, task, resolution: int, index=None) -> torch.Tensor:
     """A control PIL image -> `(3, R, R)` in `[0, 1]`. Checks its channels (grayscale is replicated for edges/depth)."""
     channels = _num_channels(image)
@@ -229,6 +239,8 @@ def prepare_control(image, task, resolution: int, index=None) -> torch.Tensor:
             f"{where}the control image has {channels} channels (mode {image.mode}); the '{task.name}' ControlNet takes "
             f"{kind} with 3 channels{' (or 1, replicated)' if 1 in allowed else ''}. Convert the controls to RGB."
         )
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") and not task.is_segmentation:
+        image = _high_bit_depth_to_8bit(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
     image = _resize_center_crop(image, resolution, nearest=task.is_segmentation)

@@ -75,6 +75,11 @@ class Task:
             raise ValueError(f"alignment_loss {self.alignment_loss!r} is not one of {ALIGNMENT_LOSSES}.")
         if (self.alignment_loss == "ce") != self.is_segmentation:
             raise ValueError("The cross-entropy alignment loss belongs to segmentation and only to it.")
+        if (self.reward_loss == "ce") != self.is_segmentation:
+            raise ValueError(
+                "The reward loss is cross-entropy for segmentation (class logits) and MSE for the other tasks "
+                f"(maps): got reward_loss={self.reward_loss!r} for '{self.name}'."
+            )
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}.")
         return self

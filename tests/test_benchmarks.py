@@ -1,0 +1,143 @@
+"""Smoke tests of the benchmarks (tiny preset, one iteration) and checks of their bookkeeping on hand-made numbers.
+No timing assertions."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+
+import bench_train_step  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    return ["--num_threads", "1"]
+
+
+def test_stratified_timesteps_one_per_stratum():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        t = bench_train_step.draw_timesteps(8, 1000, g, stratified=True)
+        # stratum k is [125 k, 125 (k + 1)): after sorting, sample k lies in stratum k
+        strata = torch.sort(t).values // 125
+        assert strata.tolist() == list(range(8))
+    t = bench_train_step.draw_timesteps(64, 1000, g, stratified=False)
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.long
+
+
+def test_summary_ratios_and_targets_by_hand():
+    times = {
+        "controlnet": [1.0, 2.0, 1.0],
+        "alignment_only": [1.2, 2.0, 1.05],  # per-iteration ratios 1.2, 1.0, 1.05 -> median 1.05
+        "controlnet++_full": [3.0, 4.0, 2.0],
+        "innercontrol": [1.5, 2.0, 1.2],  # ratios to full: 0.5, 0.5, 0.6 -> median 0.5
+    }
+    memory = {
+        "controlnet": dict(peak=100 * 2**20, step=10 * 2**20),
+        "alignment_only": dict(peak=110 * 2**20, step=20 * 2**20),
+        "controlnet++_full": dict(peak=200 * 2**20, step=110 * 2**20),
+        "innercontrol": dict(peak=130 * 2**20, step=40 * 2**20),
+    }
+    shares = {m: dict(reward=0.2, alignment=0.8) for m in times}
+    results = bench_train_step.summarise(times, memory, batch_size=4, shares=shares)
+    assert results["alignment_only"]["ratio_to_controlnet"] == pytest.approx(1.05)
+    assert results["alignment_only"]["ratio_of_medians"] == pytest.approx(1.2 / 1.0)  # medians 1.2 and 1.0
+    assert results["controlnet"]["images_per_s"] == pytest.approx(4 / 1.0)
+    assert results["innercontrol"]["memory_ratio"] == pytest.approx(1.3)
+    assert results["innercontrol"]["peak_memory_mib"] == pytest.approx(130)
+    targets = bench_train_step.check_targets(times, results)
+    assert targets["alignment_only_time"]["ratio"] == pytest.approx(1.05) and targets["alignment_only_time"]["met"]
+    assert targets["innercontrol_vs_full_decode_time"]["ratio"] == pytest.approx(0.5)
+    assert targets["innercontrol_peak_memory"]["ratio"] == pytest.approx(1.3)
+    assert not targets["innercontrol_peak_memory"]["met"]
+
+
+def test_profiler_step_peak_counts_live_bytes():
+    def step():
+        a = torch.empty(256 * 1024)  # 1 MiB
+        b = torch.empty(512 * 1024)  # 2 MiB while `a` lives: peak 3 MiB
+        del a, b
+        c = torch.empty(128 * 1024)  # 0.5 MiB after both are freed
+        del c
+
+    assert bench_train_step.profiler_step_peak(step) == 3 * 2**20
+
+
+def test_bench_train_step_tiny_writes_json(tmp_path, one_thread):
+    out = tmp_path / "train.json"
+    report = bench_train_step.main(
+        ["--preset", "tiny", "--iters", "1", "--warmup", "0", "--batch_size", "4", "--device", "cpu",
+         "--json", str(out), "--markdown", str(tmp_path / "train.md"), *one_thread]
+    )
+    data = json.loads(out.read_text())
+    assert set(data["modes"]) == set(bench_train_step.MODES)
+    assert data["modes"]["controlnet"]["ratio_to_controlnet"] == pytest.approx(1.0)
+    for mode in data["modes"].values():
+        assert mode["median_ms"] > 0 and len(mode["times_ms"]) == 1
+        assert mode["peak_memory_mib"] > 0  # the CPU path: torch.profiler memory events
+    assert data["config"]["reward_window"] == [0, 200] and data["config"]["resolution"] == 32
+    assert set(data["gmacs_per_sample"]) == {"controlnet", "unet", "probe", "vae_decode", "reward_model"}
+    assert set(data["targets"]) == {"alignment_only_time", "innercontrol_vs_full_decode_time", "innercontrol_peak_memory"}
+    assert (tmp_path / "train.md").read_text().startswith("| mode |")
+    assert report["table"] == data["table"]
+
+
+def test_bench_train_step_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench_train_step.parse_args(["--modes", "controlnet,nonsense"])
+    with pytest.raises(ValueError, match="multiple of"):
+        bench_train_step.main(["--preset", "tiny", "--resolution", "30", "--iters", "1", "--device", "cpu", "--no_flops"])
+
+
+def test_bench_sampling_tiny_writes_json(tmp_path, one_thread):
+    import bench_sampling
+
+    out = tmp_path / "sampling.json"
+    bench_sampling.main(
+        ["--preset", "tiny", "--iters", "1", "--warmup", "0", "--num_inference_steps", "2", "--device", "cpu",
+         "--json", str(out), *one_thread]
+    )
+    data = json.loads(out.read_text())
+    modes = data["modes"]
+    assert set(modes) == set(bench_sampling.MODES)
+    assert modes["plain"]["ratio_to_plain"] == pytest.approx(1.0)
+    # 2 steps: every step -> 2 readouts, every fifth step (step 0) -> 1, off -> 0
+    assert modes["readouts_every_step"]["readouts_per_call"] == 2
+    assert modes["readouts_every_5th"]["readouts_per_call"] == 1
+    assert modes["readouts_off"]["readouts_per_call"] == 0
+    assert modes["plain"]["readouts_per_call"] == 0
+
+
+def test_bench_train_step_drops_a_mode_that_runs_out_of_memory(tmp_path, monkeypatch):
+    real_step = bench_train_step.run_step
+
+    def step(mode, *args, **kwargs):
+        if mode == "controlnet++_full":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_step(mode, *args, **kwargs)
+
+    monkeypatch.setattr(bench_train_step, "run_step", step)
+    out = tmp_path / "oom.json"
+    bench_train_step.main(
+        ["--preset", "tiny", "--iters", "1", "--warmup", "0", "--batch_size", "2", "--device", "cpu", "--no_flops",
+         "--memory", "none", "--modes", "controlnet,controlnet++_full,controlnet++_masked", "--json", str(out)]
+    )
+    data = json.loads(out.read_text())
+    assert set(data["modes"]) == {"controlnet", "controlnet++_masked"}
+    assert data["failed"]["controlnet++_full"].startswith("out of memory")
+    assert "| ControlNet++ (full-batch decode) | out of memory |" in data["table"]
+    assert "innercontrol_vs_full_decode_time" not in data["targets"]
