@@ -140,14 +140,23 @@ def test_import_matches_original(tiny_components, tmp_path, sequential):
     for key, value in unet.time_embedding.state_dict().items():
         assert torch.equal(ours["time_embedding." + key], value)
 
-    # (b) the output equals the original architecture's forward on the raw dict
+    # (b) the output equals the original architecture's forward on the raw dict, whose trainer embedded the
+    # step index 999 - t (flip_timesteps, the default; sequential blocks ignore the timestep anyway)
     feats, t = _features(), torch.tensor([30, 870])
+    assert probe.config.flip_timesteps == (not sequential)
     with torch.no_grad():
-        emb = unet.time_embedding(unet.time_proj(t))
+        emb = unet.time_embedding(unet.time_proj(999 - t))
         expected = _reference_forward(checkpoint, feats, emb)
         got = probe(feats, t).sample
     assert got.shape == (2, 3, 16, 16)
     assert torch.allclose(got, expected, atol=1e-5)
+    if not sequential:  # without the flip the probe embeds t itself
+        unflipped = load_readout_guidance_checkpoint(path, unet, flip_timesteps=False, task="depth")
+        assert unflipped.config.task == "depth" and not unflipped.config.flip_timesteps
+        with torch.no_grad():
+            expected_t = _reference_forward(checkpoint, feats, unet.time_embedding(unet.time_proj(t)))
+            assert torch.allclose(unflipped(feats, t).sample, expected_t, atol=1e-5)
+            assert not torch.allclose(expected_t, expected, atol=1e-3)
 
 
 def test_import_without_tanh_and_roundtrip(tiny_components, tmp_path):
@@ -157,7 +166,7 @@ def test_import_without_tanh_and_roundtrip(tiny_components, tmp_path):
     assert probe.config.output_activation == "none" and probe.config.out_channels == 5
     feats, t = _features(batch=1), torch.tensor([500])
     with torch.no_grad():
-        emb = unet.time_embedding(unet.time_proj(t))
+        emb = unet.time_embedding(unet.time_proj(999 - t))
         assert torch.allclose(probe(feats, t).sample, _reference_forward(checkpoint, feats, emb), atol=1e-5)
     probe.save_pretrained(os.path.join(tmp_path, "saved"))
     loaded = ReadoutProbe.from_pretrained(os.path.join(tmp_path, "saved"))

@@ -138,6 +138,8 @@ def test_probe_kwargs(name):
         upsample_head=PAPER[name][8],
         out_channels=PAPER[name][9],
         output_activation=PAPER[name][10],
+        task=name,
+        task_preset="paper",
     )
     assert isinstance(task, Task)
 
@@ -160,3 +162,19 @@ def test_probe_from_task_has_the_task_output_size(tiny_components):
             unet(latents, t, encoder_hidden_states=text)
             out = probe(extractor.features, t).sample
         assert out.shape == (1, 3, size, size)
+
+
+def test_probe_task_and_preset_are_checked():
+    from types import SimpleNamespace
+
+    from diffusers_innercontrol.tasks import check_probe_task
+
+    lineart_paper = SimpleNamespace(task="lineart", task_preset="paper")
+    check_probe_task(lineart_paper, get_task("lineart"))  # same task and preset
+    check_probe_task(SimpleNamespace(task=None, task_preset=None), get_task("hed"))  # imported: unknown
+    with pytest.raises(ValueError, match="trained for the 'lineart' task, not 'hed'"):
+        check_probe_task(lineart_paper, get_task("hed"))
+    with pytest.raises(ValueError, match="--preset paper"):  # LineArt's readout mapping differs between presets
+        check_probe_task(lineart_paper, get_task("lineart", "released"))
+    # depth maps its readout the same way under both presets: accepted
+    check_probe_task(SimpleNamespace(task="depth", task_preset="paper"), get_task("depth", "released"))

@@ -132,6 +132,9 @@ def check_probe(probe, unet, task):
     """The probe must read the features this UNet gives: same feature kind present, same channels, right outputs."""
     from diffusers_innercontrol.features import decoder_feature_channels
 
+    from diffusers_innercontrol.tasks import check_probe_task
+
+    check_probe_task(probe.config, task)
     kind = probe.config.feature_kind
     try:
         channels = decoder_feature_channels(unet, kind)

@@ -180,6 +180,8 @@ def load_readout_guidance_checkpoint(
     feature_kind: str = "resnet",
     norm_num_groups: Optional[int] = None,
     probe_class=None,
+    flip_timesteps: bool = True,
+    task: Optional[str] = None,
 ):
     r"""
     Import a probe in Readout Guidance's checkpoint format into a [`ReadoutProbe`].
@@ -199,6 +201,12 @@ def load_readout_guidance_checkpoint(
         norm_num_groups (`int`, *optional*): GroupNorm groups; the checkpoint's `num_norm_groups` (in
             `config` or `config["aggregation_kwargs"]`), else 32, Readout Guidance's default.
         probe_class (*optional*): The class to build, `ReadoutProbe` by default.
+        flip_timesteps (`bool`, defaults to `True`): Readout Guidance's trainer (which InnerControl's probes
+            come from) embeds the denoising-step index, `999 - t`, not the timestep `t`; with `True` the imported
+            probe embeds `999 - t` for the real `t` it is called with, as its weights were trained. Irrelevant for
+            `bottleneck_sequential` checkpoints (their blocks ignore the timestep).
+        task (`str`, *optional*): The task the probe reads (`hed`, `lineart`, `depth`, `segmentation`), recorded
+            in its config so that the training script and the readout pipeline check and render it.
 
     Notes:
         - `bottleneck_sequential=True` checkpoints (keys `bottleneck_layers.{l}.0.*`): the original forward
@@ -289,6 +297,9 @@ def load_readout_guidance_checkpoint(
         head_channels=head_channels,
         output_activation=activation,
         norm_num_groups=norm_num_groups,
+        flip_timesteps=bool(flip_timesteps) and not sequential,
+        num_train_timesteps=int(config.get("num_timesteps", 1000) or 1000),
+        task=task,
     )
     probe.load_state_dict(readout_guidance_state_dict_to_probe(state, probe, sequential), strict=True)
     return probe.eval()
@@ -306,6 +317,10 @@ def parse_args(argv=None):
     parser.add_argument("--norm_num_groups", type=int, default=None)
     parser.add_argument("--trust_pickle", action="store_true", help="Allow a full unpickling (only for trusted files).")
     parser.add_argument("--output_dir", required=True, help="Where `save_pretrained` writes the probe.")
+    parser.add_argument("--task", default=None, choices=["hed", "lineart", "depth", "segmentation"],
+                        help="The task the probe reads (recorded in its config).")
+    parser.add_argument("--no_flip_timesteps", action="store_true",
+                        help="Embed t itself (Readout Guidance's trainer embedded 999 - t; see the function's docstring).")
     return parser.parse_args(argv)
 
 
@@ -319,7 +334,7 @@ def main(argv=None):
     unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision)
     probe = load_readout_guidance_checkpoint(
         args.checkpoint, unet, trust_pickle=args.trust_pickle, feature_kind=args.feature_kind,
-        norm_num_groups=args.norm_num_groups,
+        norm_num_groups=args.norm_num_groups, flip_timesteps=not args.no_flip_timesteps, task=args.task,
     )
     probe.save_pretrained(args.output_dir)
     print(f"Saved a ReadoutProbe ({probe.num_probe_parameters / 1e6:.2f} M parameters) to {args.output_dir}")

@@ -73,8 +73,14 @@ class ReadoutPipelineOutput(StableDiffusionPipelineOutput):
     readout_task: Optional[str] = None
 
 
-def default_readout_task(probe: ReadoutProbe) -> str:
-    """The task assumed when none is given: `segmentation` for a probe that outputs logits, else `depth`."""
+def default_readout_task(probe: ReadoutProbe):
+    """
+    The task assumed when none is given: the one the probe records (with its preset), else `segmentation`
+    for a probe that outputs logits and `depth` otherwise.
+    """
+    recorded = getattr(probe.config, "task", None)
+    if recorded is not None:
+        return get_task(recorded, getattr(probe.config, "task_preset", None) or "paper")
     if probe.config.output_activation == "none":
         return "segmentation"
     return "depth"
@@ -85,7 +91,9 @@ def resolve_readout_task(task: Union[None, str, Task], probe: ReadoutProbe) -> T
     if task is None:
         task = default_readout_task(probe)
     if isinstance(task, str):
-        task = get_task(task)
+        # A probe trained with the released preset maps its readout as that preset does.
+        same = getattr(probe.config, "task", None) == task
+        task = get_task(task, (getattr(probe.config, "task_preset", None) if same else None) or "paper")
     if not isinstance(task, Task):
         raise TypeError(f"readout_task must be a task name or a `Task`, got {type(task).__name__}.")
     wants_logits = task.is_segmentation

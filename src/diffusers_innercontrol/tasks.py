@@ -85,13 +85,15 @@ class Task:
         return self
 
     def probe_kwargs(self) -> Dict:
-        """Arguments for `ReadoutProbe.from_unet` that this task's probe needs."""
+        """Arguments for `ReadoutProbe.from_unet` that this task's probe needs (the task and preset are recorded)."""
         return dict(
             feature_kind=self.feature_kind,
             feature_scale=self.feature_scale,
             upsample_head=self.upsample_head,
             out_channels=self.probe_out_channels,
             output_activation=self.output_activation,
+            task=self.name,
+            task_preset=self.preset,
         )
 
 
@@ -173,6 +175,31 @@ def get_task(name: str, preset: str = "paper") -> Task:
             **_RELEASED_CHANGES[name],
         )
     return task.validate()
+
+
+def check_probe_task(probe_config, task: "Task") -> None:
+    """
+    Refuse a probe trained for another task, or with a preset that maps its readout differently (LineArt's
+    min-max and polarity differ between `paper` and `released`). Probes that record no task (imported ones)
+    are accepted as they are.
+    """
+    trained_for = getattr(probe_config, "task", None)
+    if trained_for is None:
+        return
+    if trained_for != task.name:
+        raise ValueError(
+            f"The probe was trained for the '{trained_for}' task, not '{task.name}': pass a '{task.name}' probe "
+            "(train_probe.py --task ...)."
+        )
+    preset = getattr(probe_config, "task_preset", None)
+    if preset is not None and preset != task.preset:
+        trained = get_task(trained_for, preset)
+        if (trained.alignment_minmax, trained.alignment_invert) != (task.alignment_minmax, task.alignment_invert):
+            raise ValueError(
+                f"The probe was trained with --preset {preset}, whose '{task.name}' readout is mapped to the control "
+                f"differently from --preset {task.preset}: pass --preset {preset}, or a probe trained with "
+                f"--preset {task.preset}."
+            )
 
 
 def list_tasks():

@@ -134,6 +134,14 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
         flip_sin_to_cos (`bool`, defaults to `True`): As the UNet's `flip_sin_to_cos`.
         freq_shift (`int`, defaults to 0): As the UNet's `freq_shift`.
         time_embedding_act_fn (`str`, defaults to `"silu"`): As the UNet's `act_fn`.
+        task (`str`, *optional*): The task the probe was trained for (`hed`, `lineart`, `depth`, `segmentation`).
+        task_preset (`str`, *optional*): The task preset it was trained with (`paper` or `released`): the presets
+            map a readout to the control differently (e.g. LineArt polarity), so stage 2 must use the same one.
+        flip_timesteps (`bool`, defaults to `False`):
+            Embed `num_train_timesteps - 1 - t` instead of `t`. Only for probes imported from Readout Guidance,
+            whose trainer embedded the denoising-step index (`999 - t`) rather than the timestep; callers always
+            pass the real DDPM timestep `t`.
+        num_train_timesteps (`int`, defaults to 1000): Used by `flip_timesteps`.
     """
 
     @register_to_config
@@ -154,6 +162,10 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
         flip_sin_to_cos: bool = True,
         freq_shift: int = 0,
         time_embedding_act_fn: str = "silu",
+        task: Optional[str] = None,
+        task_preset: Optional[str] = None,
+        flip_timesteps: bool = False,
+        num_train_timesteps: int = 1000,
     ):
         super().__init__()
         if feature_kind not in FEATURE_KINDS:
@@ -257,6 +269,8 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
         if timestep.ndim == 0:
             timestep = timestep[None]
         timestep = timestep.expand(batch_size) if timestep.shape[0] == 1 else timestep
+        if self.config.flip_timesteps:
+            timestep = (self.config.num_train_timesteps - 1) - timestep
         if timestep.shape[0] != batch_size:
             raise ValueError(f"Got {timestep.shape[0]} timesteps for a batch of {batch_size} feature maps.")
         t_emb = self.time_proj(timestep).to(dtype=dtype)
