@@ -141,3 +141,8 @@ def test_bench_train_step_drops_a_mode_that_runs_out_of_memory(tmp_path, monkeyp
     assert data["failed"]["controlnet++_full"].startswith("out of memory")
     assert "| ControlNet++ (full-batch decode) | out of memory |" in data["table"]
     assert "innercontrol_vs_full_decode_time" not in data["targets"]
+
+
+def test_quantile_timesteps_by_hand():
+    # strata of 125: middles 62.5, 187.5, ... floored
+    assert bench_train_step.quantile_timesteps(8, 1000).tolist() == [62, 187, 312, 437, 562, 687, 812, 937]

@@ -6,8 +6,7 @@ x0 of the reward (Eq. 5-6) and the decoder features of the alignment loss (Eq. 7
 The VAE decode and the reward model run only on the samples inside the reward window (`reward_decode=
 "masked"`, the default); `"full"` decodes the whole batch and masks afterwards, as the released
 ControlNet++/InnerControl code does (kept for the benchmarks). The probe runs only on the samples inside
-the alignment window, under activation checkpointing when the UNet uses gradient checkpointing (its
-activations at the common feature size would otherwise dominate the memory that checkpointing saves).
+the alignment window.
 
 Stage 1 (`probe_step`): the frozen UNet (optionally ControlNet-conditioned) under `no_grad`, features
 captured, the probe's loss against the control.
@@ -18,7 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .features import DecoderFeatureExtractor, _unwrap
+from .features import DecoderFeatureExtractor
 from .losses import (
     alignment_loss_per_sample,
     diffusion_loss,
@@ -106,22 +105,6 @@ def _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder
     )[0]
 
 
-def _uses_gradient_checkpointing(model) -> bool:
-    return bool(getattr(_unwrap(model), "is_gradient_checkpointing", False))
-
-
-def _run_probe(probe, features, timesteps, checkpoint: bool) -> torch.Tensor:
-    """The probe's readout; with `checkpoint`, its activations are recomputed in backward instead of kept."""
-    if not (checkpoint and torch.is_grad_enabled()):
-        return probe(features, timesteps, return_dict=False)[0]
-    from torch.utils.checkpoint import checkpoint as activation_checkpoint
-
-    def readout(*maps):
-        return probe(list(maps), timesteps, return_dict=False)[0]
-
-    return activation_checkpoint(readout, *features, use_reentrant=False)
-
-
 def controlnet_step(
     *,
     task,
@@ -142,7 +125,6 @@ def controlnet_step(
     reward_decode: str = "masked",
     weight_dtype: torch.dtype = torch.float32,
     generator: Optional[torch.Generator] = None,
-    checkpoint_probe: Optional[bool] = None,
 ) -> StepOutput:
     """
     One stage-2 step (Eq. 8). Returns the losses; the caller runs `backward`.
@@ -156,8 +138,6 @@ def controlnet_step(
         vae, reward_model: needed when `alpha > 0`. probe: needed when `beta > 0`.
         noise, timesteps: drawn here when not given.
         reward_decode: `"masked"` (decode only the samples inside the reward window) or `"full"`.
-        checkpoint_probe: recompute the probe's activations during backward instead of keeping them (same
-            gradients, one more probe forward). `None` (default): when the UNet uses gradient checkpointing.
     """
     if reward_decode not in REWARD_DECODE_MODES:
         raise ValueError(f"reward_decode must be one of {REWARD_DECODE_MODES}, got {reward_decode!r}.")
@@ -221,9 +201,7 @@ def controlnet_step(
             l_align = model_pred.sum() * 0.0
         else:
             subset = features if idx.numel() == bsz else [f[idx] for f in features]
-            if checkpoint_probe is None:
-                checkpoint_probe = _uses_gradient_checkpointing(unet)
-            readout = _run_probe(probe, subset, timesteps[idx], checkpoint_probe)
+            readout = probe(subset, timesteps[idx], return_dict=False)[0]
             losses = alignment_loss_per_sample(task, readout, target_control[idx])
             l_align = masked_mean(losses, torch.ones_like(losses))
 
