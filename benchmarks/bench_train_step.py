@@ -410,6 +410,8 @@ def main(argv=None):
         unet.enable_gradient_checkpointing()
         models["controlnet"].enable_gradient_checkpointing()
         models["vae"].enable_gradient_checkpointing()  # the reward's decode (diffusers' Decoder supports it)
+        if models.get("probe") is not None:
+            models["probe"].enable_gradient_checkpointing()  # per probe block
     controlnet = models["controlnet"]
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(device.type) if (args.precision == "fp16" and device.type == "cuda") else None

@@ -224,3 +224,29 @@ def test_bottleneck_runs_1x1_convs_before_the_resize_without_changing_the_result
     reference = torch.tanh(probe.head(mixed))
     assert out.shape == (2, 3, 32, 32)
     assert torch.allclose(out, reference, atol=1e-12, rtol=0)
+
+
+def test_probe_gradient_checkpointing_gives_the_same_gradients():
+    """Per-block activation checkpointing (stage 2 with --gradient_checkpointing) changes memory, not gradients."""
+    torch.manual_seed(0)
+    probe = ReadoutProbe(feature_channels=(64, 32), projection_dim=32, norm_num_groups=8, feature_scale=2.0).requires_grad_(False)
+    feats = [torch.randn(2, 64, 4, 4), torch.randn(2, 32, 8, 8)]
+    t = torch.tensor([10, 600])
+
+    def input_grads():
+        leaves = [f.clone().requires_grad_(True) for f in feats]
+        (probe(leaves, t).sample ** 2).sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    plain = input_grads()
+    calls = []
+    probe.enable_gradient_checkpointing()
+    original = probe._gradient_checkpointing_func
+    probe._gradient_checkpointing_func = lambda *a: calls.append(1) or original(*a)
+    checkpointed = input_grads()
+    assert len(calls) == 2  # one checkpointed call per feature block
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(plain, checkpointed))
+    assert all(g.abs().sum() > 0 for g in plain)
+    with torch.no_grad():  # no checkpointing when no gradient is needed
+        probe(feats, t)
+    assert len(calls) == 2

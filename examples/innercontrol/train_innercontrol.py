@@ -416,6 +416,8 @@ def main(args):
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()  # the alignment/reward gradients go back through the UNet
+        if probe is not None:
+            probe.enable_gradient_checkpointing()  # one probe block's activations at a time in backward
         if reward_model is not None:
             vae.enable_gradient_checkpointing()  # the reward's VAE decode at full resolution holds the most activations
     if args.allow_tf32:

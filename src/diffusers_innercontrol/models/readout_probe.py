@@ -144,6 +144,10 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
         num_train_timesteps (`int`, defaults to 1000): Used by `flip_timesteps`.
     """
 
+    # Per-block activation checkpointing (`probe.enable_gradient_checkpointing()`): in stage 2 the probe's
+    # backward runs while the UNet's activations are alive, so only recomputing one block at a time lowers the peak.
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -188,6 +192,7 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
             ]
         )
         self.mixing_weights = nn.Parameter(torch.ones(len(feature_channels)))
+        self.gradient_checkpointing = False
 
         hidden, last = head_channels
         head = [nn.Conv2d(projection_dim, hidden, kernel_size=3, padding=1), nn.SiLU()]
@@ -309,7 +314,11 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
         weights = torch.softmax(self.mixing_weights, dim=0)
         mixed = None
         for i, (feature, block) in enumerate(zip(features, self.bottleneck_layers)):
-            out = weights[i] * block(feature.to(dtype), temb, size)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                out = self._gradient_checkpointing_func(block, feature.to(dtype), temb, size)
+            else:
+                out = block(feature.to(dtype), temb, size)
+            out = weights[i] * out
             mixed = out if mixed is None else mixed + out
         sample = self.head(mixed)
         if self.config.output_activation == "tanh":
