@@ -20,7 +20,6 @@ encoder of the UNet's cross-attention width; UniPC with 20 steps and guidance 7.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import PRECISIONS, environment  # noqa: E402
-from presets import PRESETS, build_preset  # noqa: E402
+from presets import PRESETS, build_preset, write_report  # noqa: E402
 
 from diffusers_innercontrol.tasks import get_task  # noqa: E402
 
@@ -216,13 +215,7 @@ def main(argv=None):
         targets=targets,
         table=table,
     )
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    write_report(report, table, args.json, args.markdown)
     return report
 
 

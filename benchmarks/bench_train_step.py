@@ -33,7 +33,6 @@ smaller of the two) plus the bytes that live across steps (weights, buffers, opt
 import argparse
 import contextlib
 import gc
-import json
 import os
 import platform
 import statistics
@@ -44,7 +43,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from presets import PRESETS, build_preset  # noqa: E402
+from presets import PRESETS, build_preset, write_report  # noqa: E402
 
 from diffusers_innercontrol.tasks import get_task  # noqa: E402
 from diffusers_innercontrol.training import controlnet_step  # noqa: E402
@@ -549,13 +548,7 @@ def main(argv=None):
         targets=targets,
         table=table,
     )
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    write_report(report, table, args.json, args.markdown)
     return report
 
 

@@ -268,3 +268,17 @@ def build_preset(
             "probe": probe.num_probe_parameters if probe is not None else 0,
         },
     )
+
+
+def write_report(report: Dict, table: str, json_path=None, markdown_path=None) -> None:
+    """Write a benchmark's results as JSON and its markdown table (each when a path is given)."""
+    import json
+    import os
+
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(table + "\n")

@@ -330,7 +330,7 @@ def main(args):
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from diffusers_innercontrol import checkpointing, data, hub
+    from diffusers_innercontrol import checkpointing, cli, data, hub
     from diffusers_innercontrol.tiny import conditioning_channels_for
     from diffusers_innercontrol.training import controlnet_step, encode_images
 
@@ -425,16 +425,7 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
 
     params = [p for p in controlnet.parameters() if p.requires_grad]
-    if args.scale_lr:
-        args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = cli.build_optimizer(params, args, accelerator)
 
     ema = None
     if args.use_ema:

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 import diffusers
 from diffusers.optimization import get_scheduler
 
-from diffusers_innercontrol import ReadoutProbe, decoder_feature_channels, get_task
+from diffusers_innercontrol import ReadoutProbe, cli, decoder_feature_channels, get_task
 from diffusers_innercontrol.checkpointing import resume_dataloader, resume_from_checkpoint, save_checkpoint
 from diffusers_innercontrol.cli import (
     add_checkpointing_args,
@@ -486,17 +486,8 @@ def main(args):
             out["control_classes"] = batch["control_classes"].to(accelerator.device)
         return out
 
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     params = [p for p in probe.parameters() if p.requires_grad]
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = cli.build_optimizer(params, args, accelerator)
 
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset, shuffle=False, collate_fn=collate_fn, batch_size=args.train_batch_size,

@@ -241,3 +241,24 @@ def validate_common_args(args):
             raise ValueError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or leave the flag out.")
     pair_validation(args)
     return args
+
+
+def build_optimizer(params, args, accelerator=None):
+    """
+    AdamW (or bitsandbytes' 8-bit AdamW with `--use_8bit_adam`) from the `add_training_args` options; with
+    `--scale_lr`, `args.learning_rate` is first multiplied by the accumulation steps, the per-device batch and
+    the number of processes (as diffusers' examples do).
+    """
+    if getattr(args, "scale_lr", False):
+        processes = accelerator.num_processes if accelerator is not None else 1
+        args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * processes
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        import torch
+
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

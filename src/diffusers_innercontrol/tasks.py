@@ -7,7 +7,7 @@ settings; `get_task(name, preset="released")` the settings of the released Inner
 """
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 TASK_NAMES = ("hed", "lineart", "depth", "segmentation")

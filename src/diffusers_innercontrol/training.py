@@ -258,7 +258,6 @@ def probe_step(
     (`alignment_loss_per_sample`, the same function as Eq. 7) against the control. Returns the mean loss,
     or the per-sample losses and the timesteps with `reduce=False` (per-t evaluation).
     """
-    bsz = latents.shape[0]
     noise, timesteps, noisy_latents = noise_latents(noise_scheduler, latents, noise, timesteps, generator)
     features = probe_features(
         unet, probe_config(probe).feature_kind, noisy_latents, timesteps, encoder_hidden_states, controlnet, control, weight_dtype
