@@ -201,6 +201,18 @@ def test_depth_ema_and_gradient_accumulation(assets, tmp_path):
     assert checkpoint_names(out) == ["checkpoint-2"]
     assert os.path.isfile(out / "checkpoint-2" / "custom_checkpoint_0.pkl")  # the EMA state is checkpointed
     assert_saved_controlnet(out)
+    # the saved ControlNet holds the EMA weights (EMAModel's shadow parameters), not the live ones
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    ema_state = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True, map_location="cpu")
+    assert ema_state["optimization_step"] == 2
+    names = [n for n, _ in ControlNetModel.from_pretrained(out).named_parameters()]
+    final = load_file(out / "diffusion_pytorch_model.safetensors")
+    live = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert len(names) == len(ema_state["shadow_params"])
+    assert all(torch.equal(final[n], shadow) for n, shadow in zip(names, ema_state["shadow_params"]))
+    assert any(not torch.equal(final[n], live[n]) for n in names)
     assert_card(out, "depth", 0.5, 1.0, probe=assets["depth"]["probe"])
 
 
