@@ -167,34 +167,17 @@ def add_lora(controlnet, args):
 
 
 # --------------------------------------------------------------------------------------------- validation
-def _readout_to_image(task, readout):
-    from PIL import Image
-
-    from diffusers_innercontrol.losses import probe_to_unit
-
-    if task.is_segmentation:
-        classes = readout.argmax(1)[0].cpu()
-        try:
-            from diffusers_innercontrol.palette import ade20k_palette
-
-            palette = torch.as_tensor(ade20k_palette(), dtype=torch.uint8).reshape(-1, 3)
-        except ImportError:
-            palette = torch.randint(0, 256, (readout.shape[1], 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-        arr = palette[classes.clamp(max=palette.shape[0] - 1)].numpy()
-    else:
-        unit = probe_to_unit(task, readout.float())[0].mean(0).clamp(0, 1).cpu()
-        arr = (unit.numpy() * 255).round().astype("uint8")
-    return Image.fromarray(arr)
-
-
 def log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, args, accelerator, weight_dtype, step,
                    is_final_validation=False):
-    """Images from the ControlNet pipeline for each (prompt, control) pair, and the probe's readouts at a few steps."""
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    """
+    Images from the ControlNet for each (prompt, control) pair and, with a probe, what it reads out of the UNet at
+    a few denoising steps of the first image (`StableDiffusionControlNetReadoutPipeline`, rendered per task).
+    """
+    from diffusers import UniPCMultistepScheduler
 
     from diffusers_innercontrol.cli import pair_validation
     from diffusers_innercontrol.data import load_control_image
-    from diffusers_innercontrol.features import DecoderFeatureExtractor, split_guidance_batch
+    from diffusers_innercontrol.pipeline_readout import StableDiffusionControlNetReadoutPipeline
 
     prompts, images = pair_validation(args)
     if not prompts:
@@ -207,47 +190,33 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, 
         # drop accelerate's mixed-precision forward wrapper (autocast + outputs cast to fp32) on the copy
         vars(controlnet).pop("forward", None)
         vars(controlnet).pop("_original_forward", None)
-    pipeline = StableDiffusionControlNetPipeline(
+    pipeline = StableDiffusionControlNetReadoutPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
         scheduler=UniPCMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
                                                           revision=args.revision),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False, readout_probe=probe,
     ).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     generator = None if args.seed is None else torch.Generator(device=accelerator.device).manual_seed(args.seed)
     n_steps = args.num_validation_inference_steps
-    readout_steps = set()
+    readout_steps = []
     if probe is not None and args.num_validation_readouts > 0:
         k = min(args.num_validation_readouts, n_steps)
-        readout_steps = {round(i * (n_steps - 1) / max(k - 1, 1)) for i in range(k)}
+        readout_steps = sorted({round(i * (n_steps - 1) / max(k - 1, 1)) for i in range(k)})
     logs = []
     for prompt, image_path in zip(prompts, images):
         control = load_control_image(image_path, args.resolution, task)
-        readouts = []
-        extractor = DecoderFeatureExtractor(pipeline.unet, probe.config.feature_kind, detach=True) if readout_steps else None
-
-        def on_step_end(pipe, i, t, kwargs):
-            if extractor is not None and i in readout_steps and extractor.features:
-                feats = extractor.pop()
-                if pipe.do_classifier_free_guidance:
-                    feats = split_guidance_batch(feats)
-                with torch.no_grad():
-                    out = probe([f.to(probe.dtype) for f in feats], t.reshape(1).to(accelerator.device), return_dict=False)[0]
-                readouts.append((int(t), _readout_to_image(task, out[:1])))
-            return kwargs
-
-        generated = []
-        try:
-            if extractor is not None:
-                extractor.register()
-            for _ in range(args.num_validation_images):
-                generated.append(pipeline(
-                    prompt, control, num_inference_steps=n_steps, generator=generator, height=args.resolution,
-                    width=args.resolution, callback_on_step_end=on_step_end,
-                ).images[0])
-        finally:
-            if extractor is not None:
-                extractor.remove()
+        generated, readouts = [], []
+        for i in range(args.num_validation_images):
+            with_readouts = bool(readout_steps) and i == 0
+            out = pipeline(
+                prompt, control, num_inference_steps=n_steps, generator=generator, height=args.resolution,
+                width=args.resolution, return_readouts=with_readouts, readout_steps=readout_steps or None,
+                readout_task=task if with_readouts else None,
+            )
+            generated.append(out.images[0])
+            if with_readouts:
+                readouts = [(t, per_sample[0]) for t, per_sample in zip(out.readout_timesteps, out.readout_images)]
         logs.append({"prompt": prompt, "control": control, "images": generated, "readouts": readouts})
 
     tag = "test" if is_final_validation else "validation"
