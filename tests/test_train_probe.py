@@ -277,3 +277,17 @@ def test_train_probe_resume_continues_at_the_right_step(tmp_path, tiny_pipeline_
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert json.loads((parts / "probe_error.json").read_text())["step"] == 6
+
+
+def test_offline_model_id_is_one_line_without_traceback():
+    """The probe trainer's entry point, like the stage-2 one, ends bad input with one line and exit status 1."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "innercontrol", "train_probe.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, script, "--task", "depth", "--pretrained_model_name_or_path", "nobody/no-model"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'nobody/no-model' (--pretrained_model_name_or_path)" in errors[0]

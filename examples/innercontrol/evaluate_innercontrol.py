@@ -252,4 +252,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from diffusers_innercontrol import cli
+
+    cli.run_main(main, parse_args())

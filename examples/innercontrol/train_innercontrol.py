@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import statistics
-import sys
 import time
 from typing import List, Optional
 
@@ -585,22 +584,10 @@ def unwrap(accelerator, model, keep_fp32_wrapper=True):
 
 def cli_main(argv=None):
     """Entry point: bad input ends with one line on stderr and exit status 1, before any training."""
-    from diffusers_innercontrol.hub_utils import OfflineModelError
+    from diffusers_innercontrol import cli
 
-    from diffusers_innercontrol.data import DataError
-
-    args = parse_args(argv)
-    try:
-        main(args)
-    except (OfflineModelError, NonFiniteLossError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    except ValueError as err:
-        if _TRAINING_STARTED:
-            raise
-        # the checks of validate_args / check_resolution / check_probe: each names the problem and the fix
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
+    return cli.run_main(main, parse_args(argv), training_started=lambda: _TRAINING_STARTED,
+                        extra_errors=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

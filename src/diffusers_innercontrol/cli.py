@@ -262,3 +262,26 @@ def build_optimizer(params, args, accelerator=None):
         optimizer_cls = torch.optim.AdamW
     return optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def run_main(main, args, training_started=None, extra_errors=()):
+    """
+    Run a script's `main(args)` so that bad input ends with one line on stderr and exit status 1 (no traceback):
+    a model id that needs the network offline, unusable data, and (until `training_started()` says otherwise) the
+    `ValueError`s of the argument checks, each of which names the problem and the fix.
+    """
+    import sys
+
+    from .data import DataError
+    from .hub_utils import OfflineModelError
+
+    try:
+        return main(args)
+    except (OfflineModelError, DataError, *extra_errors) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    except ValueError as err:
+        if training_started is None or training_started():
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
