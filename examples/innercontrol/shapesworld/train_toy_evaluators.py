@@ -128,7 +128,13 @@ def build_model(task: str, kind: str, resolution: int, width_multiplier: int):
         from transformers import UperNetForSemanticSegmentation
 
         return rewards.SegmentationReward(UperNetForSemanticSegmentation(segmentation_config(width_multiplier)))
-    return rewards.HEDReward(rewards.build_hed_network())
+    network = rewards.build_hed_network()
+    with torch.no_grad():
+        # Random VGG weights on inputs in [0, 255] saturate the sigmoid (mean logit ~ -16, no gradient to learn
+        # from): centre and scale the input as rewards.save_tiny_reward_model does for its tiny HED.
+        network.norm.fill_(127.5)
+        network.block1.convs[0].weight.div_(127.5)
+    return rewards.HEDReward(network)
 
 
 def network_of(wrapper):

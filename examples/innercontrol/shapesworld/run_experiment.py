@@ -1,0 +1,721 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""The protocol of the paper's Table 2 and Fig. 2 in ShapesWorld (issue 5).
+
+For every task (default depth and hed) and seed (default 0, 1, 2), a ControlNet is continued from the task's
+toy ControlNet (or initialised from the UNet) with `train_innercontrol.py` in each mode:
+
+| mode | alpha | beta | reward window |
+|---|---|---|---|
+| `controlnet` | 0 | 0 | - (the diffusion loss alone) |
+| `alignment` | 0 | task's | - |
+| `reward200` | task's | 0 | 0..199 |
+| `reward_all` | task's | 0 | 0..999 |
+| `reward200_alignment` | task's | task's | 0..199 |
+
+Each run is a separate `accelerate launch` process (isolation: no state leaks between runs; a run that
+finished is skipped when the driver is started again). Then every ControlNet is evaluated on held-out
+ShapesWorld scenes (indices after the training ones):
+
+- control fidelity with the *evaluation* models (stronger and trained separately from the reward models,
+  `train_toy_evaluators.py`): depth RMSE (`metrics.depth_rmse`, DPT evaluator), segmentation mIoU; HED with a
+  fixed edge operator (`sobel_edges`: the Sobel gradient magnitude of each RGB channel, the channel maximum,
+  divided by its per-image maximum) compared with SSIM (`metrics.edge_ssim`) against the exact soft edges;
+- FID with the toy evaluator's features (`EvaluatorFeatures`: the depth evaluation model's mean-pooled ViT
+  tokens by default; `metrics.build_fid` with an `nn.Module`);
+- per timestep bucket, on one reference ControlNet per task (the first evaluated run), the error against the
+  control of (a) the readout probe on the UNet's decoder features and (b) the evaluator on the VAE decode of
+  the one-step x0 estimate (`losses.one_step_x0`, Eq. 5), both from the same noisy latents and measured with
+  the same per-sample loss (`losses.reward_loss_per_sample`: MSE against the control for hed/depth, the probe
+  mapped by `losses.probe_to_unit`; cross-entropy for segmentation): the paper's Fig. 2.
+
+Output in `--output_dir`: `results.json` (every run, every number), `shapesworld.md` (mean +- std over seeds
+in markdown tables; the layout of docs/shapesworld.md), `plots/*.png` (matplotlib, skipped with a note if it
+is not installed) and the per-run folders `runs/{task}/{mode}/seed{seed}` (ControlNet, train.log, images).
+
+    python run_experiment.py --pretrained_model_name_or_path toy-sd --train_data_dir shapes64 \
+      --depth_controlnet toy-cn-depth --hed_controlnet toy-cn-hed --depth_probe probe-depth --hed_probe probe-hed \
+      --depth_reward_model toy-depth-reward --depth_eval_model toy-depth-eval \
+      --hed_reward_model toy-hed-reward/ControlNetHED.safetensors --output_dir shapesworld-experiment
+
+`--quick` shrinks every count (2 steps, 2 conditions, 2 inference steps, 2 buckets) for the tests.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("run_experiment")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_SCRIPT = os.path.normpath(os.path.join(HERE, "..", "train_innercontrol.py"))
+TASKS = ("hed", "depth", "segmentation")
+# mode -> (label, overrides of the task's alpha / beta / reward window; None keeps the task's value)
+MODES = {
+    "controlnet": ("ControlNet (diffusion loss only)", dict(alpha=0.0, beta=0.0)),
+    "alignment": ("Alignment only", dict(alpha=0.0)),
+    "reward200": ("Reward, t < 200", dict(beta=0.0, reward_window="0,199")),
+    "reward_all": ("Reward, all t", dict(beta=0.0, reward_window="0,999")),
+    "reward200_alignment": ("Reward t < 200 + alignment", dict(reward_window="0,199")),
+}
+CONTROL_DATA_COLUMN = {"hed": "hed", "depth": "control_depth", "segmentation": "control_seg"}
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def _csv(kind):
+    def parse(value: str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        return [kind(v) for v in items]
+
+    return parse
+
+
+def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="ShapesWorld: the paper's Table 2 / Fig. 2 protocol.")
+    g = parser.add_argument_group("protocol")
+    g.add_argument("--tasks", type=_csv(str), default=["depth", "hed"], help="Comma-separated tasks (hed, depth, segmentation).")
+    g.add_argument("--modes", type=_csv(str), default=list(MODES), help=f"Comma-separated modes: {', '.join(MODES)}.")
+    g.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="Training seeds (one ControlNet per task x mode x seed).")
+    g.add_argument("--quick", action="store_true", help="Tiny counts everywhere (tests): 2 steps, 2 conditions, 2 buckets.")
+    g.add_argument("--output_dir", type=str, default="shapesworld-experiment")
+    g.add_argument("--skip_training", action="store_true", help="Only evaluate the runs already in --output_dir.")
+    g = parser.add_argument_group("models and data")
+    g.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="The toy SD pipeline folder.")
+    g.add_argument("--train_data_dir", type=str, required=True,
+                   help="ShapesWorld image folder (ShapesWorld(...).save_imagefolder); written with --num_train_samples scenes if missing.")
+    g.add_argument("--num_train_samples", type=int, default=2000, help="Scenes written when --train_data_dir is missing.")
+    g.add_argument("--world_seed", type=int, default=0, help="ShapesWorld seed of the data (and the held-out scenes).")
+    g.add_argument("--resolution", type=int, default=64)
+    for task in TASKS:
+        g.add_argument(f"--{task}_controlnet", type=str, default=None, help=f"The toy {task} ControlNet to continue (default: from the UNet).")
+        g.add_argument(f"--{task}_probe", type=str, default=None, help=f"The {task} readout probe (train_probe.py).")
+        g.add_argument(f"--{task}_reward_model", type=str, default=None, help=f"The {task} reward model (train_toy_evaluators.py).")
+    g.add_argument("--hed_reward_model_filename", type=str, default=None, help="Weights file inside --hed_reward_model when it is a folder.")
+    g.add_argument("--depth_eval_model", type=str, default=None, help="The depth evaluation model (train_toy_evaluators.py --model_kind eval).")
+    g.add_argument("--segmentation_eval_model", type=str, default=None, help="The segmentation evaluation model.")
+    g.add_argument("--fid_feature_model", type=str, default=None,
+                   help="Toy evaluator whose features FID uses (a DPT or UperNet folder); default: --depth_eval_model, "
+                        "else --segmentation_eval_model.")
+    g = parser.add_argument_group("training (each run)")
+    g.add_argument("--max_train_steps", type=int, default=300)
+    g.add_argument("--train_batch_size", type=int, default=8)
+    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"))
+    g.add_argument("--extra_train_args", type=str, default="", help="More train_innercontrol.py arguments (one shell-quoted string).")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--num_eval_conditions", type=int, default=64, help="Held-out scenes (after the training ones).")
+    g.add_argument("--eval_start_index", type=int, default=None, help="First held-out scene (default: --num_train_samples).")
+    g.add_argument("--generation_seeds", type=_csv(int), default=[0], help="Images per condition (one per seed).")
+    g.add_argument("--num_inference_steps", type=int, default=20)
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--num_buckets", type=int, default=10, help="Timestep buckets of the probe / one-step-x0 errors.")
+    g.add_argument("--num_bucket_conditions", type=int, default=32, help="Held-out scenes for the bucket errors.")
+    g.add_argument("--eval_batch_size", type=int, default=8)
+    g.add_argument("--num_grid_rows", type=int, default=4, help="Held-out conditions shown in each task's sample grid.")
+    g.add_argument("--device", type=str, default=None, help="Evaluation device (default: cuda if available).")
+    args = parser.parse_args(input_args)
+    if args.quick:
+        args.max_train_steps, args.train_batch_size = 2, 2
+        args.num_eval_conditions, args.num_bucket_conditions = 2, 2
+        args.num_inference_steps, args.num_buckets, args.eval_batch_size = 2, 2, 2
+        args.generation_seeds = args.generation_seeds[:1]
+        if args.num_train_samples > 8:
+            args.num_train_samples = 8
+    if args.eval_start_index is None:
+        args.eval_start_index = args.num_train_samples
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Every check that needs no model weights; raises `ValueError` naming the option and the fix."""
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad or not args.tasks:
+        raise ValueError(f"--tasks {bad or args.tasks}: choose from {', '.join(TASKS)}.")
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        raise ValueError(f"--modes {bad or args.modes}: choose from {', '.join(MODES)}.")
+    if not args.seeds:
+        raise ValueError("--seeds: give at least one seed.")
+    for task in args.tasks:
+        alpha_modes = [m for m in args.modes if MODES[m][1].get("alpha", None) != 0.0]
+        beta_modes = [m for m in args.modes if MODES[m][1].get("beta", None) != 0.0]
+        if alpha_modes and not getattr(args, f"{task}_reward_model"):
+            raise ValueError(f"Modes {alpha_modes} use the reward: pass --{task}_reward_model (train_toy_evaluators.py).")
+        if beta_modes and not getattr(args, f"{task}_probe"):
+            raise ValueError(f"Modes {beta_modes} use the alignment: pass --{task}_probe (train_probe.py).")
+        if task != "hed" and not getattr(args, f"{task}_eval_model"):
+            raise ValueError(f"--{task}_eval_model is needed to evaluate {task} (train_toy_evaluators.py --model_kind eval).")
+    for name in ("max_train_steps", "train_batch_size", "num_eval_conditions", "num_inference_steps", "num_buckets",
+                 "num_bucket_conditions", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1.")
+    if args.num_eval_conditions < 2:
+        raise ValueError("--num_eval_conditions must be >= 2 (FID needs two images on each side).")
+    if not args.generation_seeds:
+        raise ValueError("--generation_seeds: give at least one seed.")
+    if not os.path.isdir(args.pretrained_model_name_or_path):
+        raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not a folder "
+                         "(the toy SD pipeline: pretrain_toy_sd.py --output_dir).")
+
+
+# --------------------------------------------------------------------------------------------- math
+def sobel_edges(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """
+    The fixed edge operator of the HED evaluation: `(B, 3, H, W)` in `[0, 1]` -> `(B, 1, H, W)` in `[0, 1]`.
+
+    Sobel gradients (3x3 kernels `[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]` and its transpose, replicate padding) of
+    each RGB channel, the magnitude `sqrt(gx^2 + gy^2)`, the maximum over the channels (so that two colours of
+    equal brightness still have an edge), divided by its per-image maximum (contrast-independent; a flat image
+    gives 0). A two-line convolution: no library operator was worth a dependency (kornia is not installed;
+    scikit-image's `sobel` works on numpy, without batches).
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"sobel_edges takes images (B, 3, H, W); got {tuple(images.shape)}.")
+    x = images.float()
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
+    kernels = torch.stack([kx, kx.t()])[:, None].repeat(3, 1, 1, 1)  # (6, 1, 3, 3): gx, gy per channel
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    grads = F.conv2d(padded, kernels, groups=3).view(x.shape[0], 3, 2, *x.shape[-2:])
+    magnitude = grads.pow(2).sum(2).sqrt().amax(1, keepdim=True)
+    peak = magnitude.flatten(1).amax(1).view(-1, 1, 1, 1)
+    return magnitude / (peak + eps) * (peak > eps)
+
+
+class SobelEdges(nn.Module):
+    """`sobel_edges` as a module (the HED evaluator)."""
+
+    num_classes = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return sobel_edges(images)
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
+    """Mean and sample standard deviation (n - 1; 0 for one value) of the numbers that are not None/NaN."""
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(xs)}
+
+
+def format_mean_std(stats: Dict[str, Optional[float]], digits: int = 3) -> str:
+    """`"m ± s"` with `digits` decimals, `"m"` alone for a single value, `"-"` without values."""
+    if stats.get("mean") is None:
+        return "-"
+    if stats.get("n", 2) <= 1:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+# --------------------------------------------------------------------------------------------- data
+def ensure_train_data(args):
+    """Write the ShapesWorld image folder when it does not exist yet."""
+    if os.path.isfile(os.path.join(args.train_data_dir, "metadata.jsonl")):
+        return
+    from diffusers_innercontrol.shapesworld import ShapesWorld
+
+    logger.info(f"Writing {args.num_train_samples} ShapesWorld scenes to {args.train_data_dir}")
+    ShapesWorld(size=args.resolution, seed=args.world_seed).save_imagefolder(args.train_data_dir, args.num_train_samples)
+
+
+class ShapesWorldEvalSet:
+    """Held-out ShapesWorld scenes as `evaluation.EvalSample`s (exact controls), `set[i]` for scene `start + i`."""
+
+    def __init__(self, task: str, resolution: int, world_seed: int, start: int, n: int):
+        from diffusers_innercontrol.shapesworld import ShapesWorld
+
+        self.task, self.start, self.n = task, start, n
+        self.world = ShapesWorld(size=resolution, seed=world_seed)
+        self._cache = {}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index: int):
+        import numpy as np
+
+        from diffusers_innercontrol.evaluation import EvalSample
+
+        index = int(index)
+        if index not in self._cache:
+            s = self.world.sample(self.start + index)
+
+            def tensor(im):
+                return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+            classes = None
+            if self.task == "segmentation":
+                classes = torch.from_numpy(np.asarray(s["classes"]).astype(np.int64))
+            self._cache[index] = EvalSample(index=index, caption=s["text"], image=tensor(s["image"]),
+                                            control=tensor(s[CONTROL_DATA_COLUMN[self.task]]), control_classes=classes)
+        return self._cache[index]
+
+
+# --------------------------------------------------------------------------------------------- training
+def run_dir(args, task: str, mode: str, seed: int) -> str:
+    return os.path.join(args.output_dir, "runs", task, mode, f"seed{seed}")
+
+
+def train_args_for(args, task: str, mode: str, seed: int) -> List[str]:
+    """The `train_innercontrol.py` command line of one run."""
+    overrides = MODES[mode][1]
+    out = [
+        "--task", task, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+        "--train_data_dir", args.train_data_dir, "--resolution", str(args.resolution),
+        "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
+        "--learning_rate", str(args.learning_rate), "--seed", str(seed), "--output_dir", run_dir(args, task, mode, seed),
+        "--report_to", "none", "--checkpointing_steps", str(args.max_train_steps + 1),
+        "--mixed_precision", args.mixed_precision,
+    ]
+    for name in ("alpha", "beta"):
+        if name in overrides:
+            out += [f"--{name}", str(overrides[name])]
+    if "reward_window" in overrides:
+        out += ["--reward_window", overrides["reward_window"]]
+    uses_reward = overrides.get("alpha", None) != 0.0
+    uses_alignment = overrides.get("beta", None) != 0.0
+    if getattr(args, f"{task}_controlnet"):
+        out += ["--controlnet_model_name_or_path", getattr(args, f"{task}_controlnet")]
+    if uses_alignment:
+        out += ["--probe_model_name_or_path", getattr(args, f"{task}_probe")]
+    if uses_reward:
+        out += ["--reward_model_name_or_path", getattr(args, f"{task}_reward_model")]
+        if task == "hed" and args.hed_reward_model_filename:
+            out += ["--reward_model_filename", args.hed_reward_model_filename]
+    return out + shlex.split(args.extra_train_args)
+
+
+def launch_command(train_args: List[str]) -> List[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "1",
+           "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():
+        cmd += ["--cpu"]
+    return cmd + [TRAIN_SCRIPT] + train_args
+
+
+def train_run(args, task: str, mode: str, seed: int) -> Dict:
+    """Train one ControlNet in its own process (skipped when its weights exist). Returns the run's record."""
+    out = run_dir(args, task, mode, seed)
+    record = {"task": task, "mode": mode, "seed": seed, "dir": out}
+    if os.path.isfile(os.path.join(out, WEIGHTS_FILE)):
+        record["train"] = "reused"
+        return record
+    if args.skip_training:
+        record["train"] = "missing"
+        return record
+    os.makedirs(out, exist_ok=True)
+    cmd = launch_command(train_args_for(args, task, mode, seed))
+    logger.info(f"training {task}/{mode}/seed{seed}: {shlex.join(cmd)}")
+    t0 = time.perf_counter()
+    with open(os.path.join(out, "train.log"), "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    record["train_seconds"] = round(time.perf_counter() - t0, 1)
+    if proc.returncode != 0:
+        with open(os.path.join(out, "train.log")) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"Training {task}/{mode}/seed{seed} failed ({proc.returncode}); {out}/train.log ends:\n{tail}")
+    record["train"] = "trained"
+    return record
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+class EvaluatorFeatures(nn.Module):
+    """
+    FID features from a toy evaluation model: `(B, 3, H, W)` in `[0, 1]` -> `(B, D)`.
+
+    DPT: the mean of the ViT's last hidden states (its input preprocessing: resize to `config.image_size`,
+    mean = std = 0.5). UperNet: the global average of the last ConvNext stage (ImageNet normalisation).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.kind = model.config.model_type
+        if self.kind not in ("dpt", "upernet"):
+            raise ValueError(f"EvaluatorFeatures takes a DPT or UperNet model, got {self.kind!r}.")
+        with torch.no_grad():
+            size = getattr(model.config, "image_size", 64) if self.kind == "dpt" else 64
+            self.num_features = int(self(torch.zeros(1, 3, size, size)).shape[-1])
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "EvaluatorFeatures":
+        from transformers import AutoConfig, DPTForDepthEstimation, UperNetForSemanticSegmentation
+
+        kind = AutoConfig.from_pretrained(path).model_type
+        model_cls = DPTForDepthEstimation if kind == "dpt" else UperNetForSemanticSegmentation
+        return cls(model_cls.from_pretrained(path))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = x.to(next(self.model.parameters()).device)
+        if self.kind == "dpt":
+            size = int(self.model.config.image_size)
+            if tuple(x.shape[-2:]) != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            return self.model.dpt(pixel_values=(x - 0.5) / 0.5).last_hidden_state.mean(1).float()
+        from diffusers_innercontrol.rewards import IMAGENET_MEAN, IMAGENET_STD
+
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return self.model.backbone((x - mean) / std).feature_maps[-1].mean((2, 3)).float()
+
+
+def fidelity_evaluator(args, task: str):
+    """The evaluator of `compute_metrics`: Sobel for hed, the evaluation models otherwise."""
+    from diffusers_innercontrol.evaluation import DepthEvaluator, SegmentationEvaluator
+
+    if task == "hed":
+        return SobelEdges()
+    if task == "depth":
+        return DepthEvaluator.from_pretrained(args.depth_eval_model, option="--depth_eval_model")
+    return SegmentationEvaluator.from_pretrained(args.segmentation_eval_model, option="--segmentation_eval_model")
+
+
+def bucket_evaluator(args, task: str) -> nn.Module:
+    """The evaluator of the bucket errors, in what `losses.reward_loss_per_sample` takes (maps, or logits)."""
+    from transformers import DPTForDepthEstimation, UperNetForSemanticSegmentation
+
+    from diffusers_innercontrol.rewards import DepthReward, SegmentationReward
+
+    if task == "hed":
+        return SobelEdges()
+    if task == "depth":
+        return DepthReward(DPTForDepthEstimation.from_pretrained(args.depth_eval_model)).freeze()
+    return SegmentationReward(UperNetForSemanticSegmentation.from_pretrained(args.segmentation_eval_model)).freeze()
+
+
+def fid_feature_path(args) -> Optional[str]:
+    return args.fid_feature_model or args.depth_eval_model or args.segmentation_eval_model
+
+
+@torch.no_grad()
+def x0_and_probe_bucket_errors(task, pipe, evaluator, probe, dataset, indices, num_buckets=10, batch_size=8, seed=0,
+                               device=None):
+    """
+    Fig. 2: per timestep bucket, the error against the control of the evaluator on the decoded one-step x0 and
+    of the probe on the decoder features, from the same noisy latents (one UNet + ControlNet forward each).
+
+    Every held-out sample is noised once per bucket (`probe_eval.stratified_timesteps`, seeded). Both errors are
+    `losses.reward_loss_per_sample` (the probe's output through `losses.probe_to_unit` for regression tasks).
+
+    Returns:
+        `{"x0_evaluator": BucketErrors, "probe": BucketErrors or None}`.
+    """
+    from diffusers import DDPMScheduler
+
+    from diffusers_innercontrol.features import DecoderFeatureExtractor
+    from diffusers_innercontrol.losses import one_step_x0, probe_to_unit, reward_loss_per_sample
+    from diffusers_innercontrol.probe_eval import BucketErrors, stratified_timesteps
+    from diffusers_innercontrol.training import decode_latents, encode_images
+
+    device = device or pipe.unet.device
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    n_t = scheduler.config.num_train_timesteps
+    x0_errors = BucketErrors(num_buckets, n_t, loss_name=task.reward_loss)
+    probe_errors = BucketErrors(num_buckets, n_t, loss_name=task.reward_loss) if probe is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    evaluator = evaluator.to(device)
+    indices = list(indices)
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start : start + batch_size]]
+        pixels = torch.stack([s.image for s in samples]).to(device) * 2.0 - 1.0
+        ids = pipe.tokenizer([s.caption for s in samples], max_length=pipe.tokenizer.model_max_length,
+                             padding="max_length", truncation=True, return_tensors="pt").input_ids.to(device)
+        hidden = pipe.text_encoder(ids)[0]
+        control = torch.stack([s.control for s in samples]).to(device)
+        target = torch.stack([s.control_classes for s in samples]).to(device) if task.is_segmentation else control
+        latents = encode_images(pipe.vae, pixels)
+        for row in stratified_timesteps(len(samples), num_buckets, n_t, generator):
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            t = row.to(device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            down, mid = pipe.controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=control, return_dict=False)
+            kind = probe.config.feature_kind if probe is not None else None
+            with DecoderFeatureExtractor(pipe.unet, kind, detach=True) if probe is not None else _null() as extractor:
+                eps = pipe.unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                                mid_block_additional_residual=mid, return_dict=False)[0]
+                features = extractor.pop() if probe is not None else None
+            x0 = one_step_x0(noisy, eps, t, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+            images = decode_latents(pipe.vae, x0).clamp(0, 1)
+            x0_errors.update(reward_loss_per_sample(task, evaluator(images), target).cpu(), t.cpu())
+            if probe is not None:
+                out = probe(features, t, return_dict=False)[0].float()
+                reading = out if task.is_segmentation else probe_to_unit(task, out)
+                probe_errors.update(reward_loss_per_sample(task, reading, target).cpu(), t.cpu())
+    return {"x0_evaluator": x0_errors, "probe": probe_errors}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def evaluate_run(args, task_name: str, record: Dict, dataset, fidelity, features, device) -> Dict:
+    """Generate the held-out images of one ControlNet and score them (control fidelity, FID)."""
+    from diffusers_innercontrol.evaluation import compute_metrics, generate_images, load_generation_pipeline
+    from diffusers_innercontrol.metrics import build_fid
+    from diffusers_innercontrol.tasks import get_task
+
+    task = get_task(task_name)
+    pipe = load_generation_pipeline(args.pretrained_model_name_or_path, record["dir"]).to(device)
+    images_dir = os.path.join(record["dir"], "eval")
+    indices = range(args.num_eval_conditions)
+    generate_images(pipe, dataset, indices, images_dir, seeds=args.generation_seeds,
+                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                    negative_prompt=None, resolution=args.resolution, progress=False)
+    fid = build_fid(features) if features is not None else None
+    metrics = compute_metrics(task, dataset, indices, images_dir, seeds=args.generation_seeds, control_evaluator=fidelity,
+                              fid=fid, device=device, progress=False)
+    return {"metrics": metrics, "pipe": pipe}
+
+
+# --------------------------------------------------------------------------------------------- reports
+def sample_grid(dataset, runs: Sequence[Dict], modes: Sequence[str], num_rows: int, generation_seed: int):
+    """
+    One PIL image per task: a row per held-out condition (up to `num_rows`): control | real image | the image of
+    each mode (the first seed's ControlNet, generation seed `generation_seed`). Missing images stay black.
+    """
+    from PIL import Image
+
+    from diffusers_innercontrol.evaluation import image_path, tensor_to_pil
+
+    first = {}
+    for r in runs:
+        if "metrics" in r and r["mode"] not in first:
+            first[r["mode"]] = r
+    rows = min(num_rows, len(dataset))
+    if rows == 0:
+        return None
+    size = dataset[0].control.shape[-1]
+    columns = 2 + len(modes)
+    grid = Image.new("RGB", (columns * size, rows * size))
+    for i in range(rows):
+        sample = dataset[i]
+        tiles = [tensor_to_pil(sample.control), tensor_to_pil(sample.image)]
+        for mode in modes:
+            path = image_path(os.path.join(first[mode]["dir"], "eval"), i, generation_seed) if mode in first else None
+            tiles.append(Image.open(path).convert("RGB") if path and os.path.isfile(path) else None)
+        for j, tile in enumerate(tiles):
+            if tile is not None:
+                grid.paste(tile.resize((size, size)), (j * size, i * size))
+    return grid
+
+
+def aggregate(runs: Sequence[Dict], tasks: Sequence[str], modes: Sequence[str]) -> Dict:
+    """`{task: {mode: {metric: mean_std}}}` over the seeds of each (task, mode)."""
+    from diffusers_innercontrol.metrics import CONTROL_METRICS
+
+    table = {}
+    for task in tasks:
+        key = CONTROL_METRICS[task][0]
+        table[task] = {}
+        for mode in modes:
+            rows = [r for r in runs if r["task"] == task and r["mode"] == mode and "metrics" in r]
+            table[task][mode] = {
+                "control": mean_std([r["metrics"].get(key) for r in rows]),
+                "fid": mean_std([r["metrics"].get("fid") for r in rows]),
+            }
+    return table
+
+
+def results_markdown(result: Dict) -> str:
+    from diffusers_innercontrol.metrics import CONTROL_METRICS
+
+    a = result["args"]
+    lines = ["# ShapesWorld: the paper's Table 2 / Fig. 2 protocol", "",
+             f"Toy SD `{a['pretrained_model_name_or_path']}`, {a['resolution']} px, {a['max_train_steps']} training steps a run "
+             f"(batch {a['train_batch_size']}, lr {a['learning_rate']}), seeds {a['seeds']}; evaluated on "
+             f"{a['num_eval_conditions']} held-out scenes x {len(a['generation_seeds'])} image(s), {a['num_inference_steps']} "
+             f"UniPC steps, guidance {a['guidance_scale']}. Mean ± standard deviation over the seeds.", "",
+             "HED fidelity: SSIM between the Sobel edges of the image (fixed operator) and the exact soft edges; depth: "
+             "RMSE (0..255) of the toy evaluation DPT; segmentation: mIoU of the toy evaluation UperNet. FID: Fréchet "
+             f"distance of the features of `{result.get('fid_feature_model')}`.", ""]
+    for task, modes in result["table"].items():
+        key, name, higher = CONTROL_METRICS[task]
+        scale = 100.0 if key == "miou" else 1.0  # mIoU in percent, as the paper's tables
+        unit = " (%)" if key == "miou" else ""
+        lines += [f"## {task}", "", f"| mode | {name}{unit} ({'higher' if higher else 'lower'} is better) | FID (toy features) |",
+                  "|---|---|---|"]
+        for mode, stats in modes.items():
+            control = {k: (v * scale if isinstance(v, float) and k != "n" else v) for k, v in stats["control"].items()}
+            lines.append(f"| {MODES[mode][0]} | {format_mean_std(control, 4 if key == 'ssim' else 2)} | "
+                         f"{format_mean_std(stats['fid'], 3)} |")
+        lines.append("")
+        buckets = result.get("buckets", {}).get(task)
+        if buckets:
+            lines += [f"Error against the control per timestep bucket (Fig. 2), ControlNet `{buckets['controlnet']}`: "
+                      f"probe on decoder features vs evaluator on the decoded one-step x0 ({buckets['loss']}).", "",
+                      "| t | probe | evaluator on one-step x0 |", "|---|---|---|"]
+            probe = buckets["probe"]["means"] if buckets.get("probe") else [None] * len(buckets["buckets"])
+            for (lo, hi), p, e in zip(buckets["buckets"], probe, buckets["x0_evaluator"]["means"]):
+                fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+                lines.append(f"| {lo}-{hi} | {fmt(p)} | {fmt(e)} |")
+            lines.append("")
+    for task, grid in result.get("grids", {}).items():
+        columns = ["control", "real image"] + [MODES[m][0] for m in result["table"][task]]
+        lines += [f"Samples, {task} (columns: {' | '.join(columns)}; the first seed's ControlNets):", "",
+                  f"![{task} samples]({grid})", ""]
+    if result.get("plots_note"):
+        lines += [result["plots_note"], ""]
+    for plot in result.get("plots", []):
+        lines += [f"![{os.path.basename(plot)}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def write_plots(result: Dict, output_dir: str) -> List[str]:
+    """Bar charts of the control metric per mode and the bucket-error curves; [] (and a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        result["plots_note"] = "Plots skipped: matplotlib is not installed (pip install matplotlib)."
+        return []
+    from diffusers_innercontrol.metrics import CONTROL_METRICS
+
+    os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
+    paths = []
+    for task, modes in result["table"].items():
+        names = list(modes)
+        means = [modes[m]["control"]["mean"] or 0.0 for m in names]
+        stds = [modes[m]["control"]["std"] or 0.0 for m in names]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+        ax.set_ylabel(CONTROL_METRICS[task][1])
+        ax.set_title(f"{task}: control fidelity by mode")
+        fig.tight_layout()
+        rel = os.path.join("plots", f"{task}_fidelity.png")
+        fig.savefig(os.path.join(output_dir, rel), dpi=100)
+        plt.close(fig)
+        paths.append(rel)
+        buckets = result.get("buckets", {}).get(task)
+        if buckets:
+            centres = [(lo + hi) / 2 for lo, hi in buckets["buckets"]]
+            fig, ax = plt.subplots(figsize=(5, 3))
+            for label, values in (("evaluator on one-step x0", buckets["x0_evaluator"]["means"]),
+                                  ("probe on features", (buckets.get("probe") or {}).get("means"))):
+                if values:
+                    ax.plot(centres, [math.nan if v is None else v for v in values], marker="o", label=label)
+            ax.set_xlabel("timestep t")
+            ax.set_ylabel(f"error ({buckets['loss']})")
+            ax.set_title(f"{task}: error vs control per timestep")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            rel = os.path.join("plots", f"{task}_buckets.png")
+            fig.savefig(os.path.join(output_dir, rel), dpi=100)
+            plt.close(fig)
+            paths.append(rel)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(args) -> Dict:
+    from diffusers_innercontrol.models.readout_probe import ReadoutProbe
+    from diffusers_innercontrol.probe_eval import timestep_buckets
+    from diffusers_innercontrol.tasks import get_task
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(args.output_dir, exist_ok=True)
+    ensure_train_data(args)
+    t0 = time.perf_counter()
+
+    runs = []
+    for task in args.tasks:
+        for mode in args.modes:
+            for seed in args.seeds:
+                runs.append(train_run(args, task, mode, seed))
+
+    fid_path = fid_feature_path(args)
+    features = EvaluatorFeatures.from_pretrained(fid_path).to(device) if fid_path else None
+    buckets, grids = {}, {}
+    for task_name in args.tasks:
+        task = get_task(task_name)
+        dataset = ShapesWorldEvalSet(task_name, args.resolution, args.world_seed, args.eval_start_index,
+                                     max(args.num_eval_conditions, args.num_bucket_conditions))
+        fidelity = fidelity_evaluator(args, task_name)
+        fidelity = fidelity.to(device)
+        reference = None
+        for record in runs:
+            if record["task"] != task_name or record["train"] == "missing":
+                continue
+            logger.info(f"evaluating {task_name}/{record['mode']}/seed{record['seed']}")
+            out = evaluate_run(args, task_name, record, dataset, fidelity, features, device)
+            record["metrics"] = out["metrics"]
+            if reference is None:
+                reference = (record, out["pipe"])
+            else:
+                del out["pipe"]
+        if reference is not None:
+            record, pipe = reference
+            probe_path = getattr(args, f"{task_name}_probe")
+            probe = ReadoutProbe.from_pretrained(probe_path).to(device).eval() if probe_path else None
+            errors = x0_and_probe_bucket_errors(
+                task, pipe, bucket_evaluator(args, task_name), probe, dataset, range(args.num_bucket_conditions),
+                num_buckets=args.num_buckets, batch_size=args.eval_batch_size, seed=0, device=device)
+            buckets[task_name] = {
+                "controlnet": record["dir"], "loss": task.reward_loss,
+                "buckets": [list(b) for b in timestep_buckets(args.num_buckets, pipe.scheduler.config.num_train_timesteps)],
+                "x0_evaluator": dict(errors["x0_evaluator"].to_dict(), means=errors["x0_evaluator"].means()),
+                "probe": dict(errors["probe"].to_dict(), means=errors["probe"].means()) if errors["probe"] is not None else None,
+            }
+        grid = sample_grid(dataset, [r for r in runs if r["task"] == task_name], args.modes,
+                           min(args.num_grid_rows, args.num_eval_conditions), args.generation_seeds[0])
+        if grid is not None:
+            os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
+            grids[task_name] = os.path.join("grids", f"{task_name}.png")
+            grid.save(os.path.join(args.output_dir, grids[task_name]))
+
+    result = {
+        "args": {k: v for k, v in vars(args).items()},
+        "runs": runs,
+        "table": aggregate(runs, args.tasks, args.modes),
+        "buckets": buckets,
+        "grids": grids,
+        "fid_feature_model": fid_path,
+        "mode_labels": {m: MODES[m][0] for m in args.modes},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    result["plots"] = write_plots(result, args.output_dir)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(os.path.join(args.output_dir, "shapesworld.md"), "w") as f:
+        f.write(results_markdown(result))
+    logger.info(f"wrote {args.output_dir}/results.json and shapesworld.md in {result['seconds']} s")
+    return result
+
+
+def cli_main(argv=None):
+    """Entry point: bad arguments (and offline model ids, unusable data) end with one line and exit status 1."""
+    from diffusers_innercontrol import cli
+
+    try:
+        args = parse_args(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return cli.run_main(main, args, training_started=lambda: True)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,237 @@
+"""examples/innercontrol/shapesworld/run_experiment.py and train_toy_evaluators.py (issue 5): the math by hand,
+short end-to-end runs on the tiny random models (marked e2e)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SW = os.path.join(ROOT, "examples", "innercontrol", "shapesworld")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_sw_{name}", os.path.join(SW, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return _load("run_experiment")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return _load("train_toy_evaluators")
+
+
+# --- the edge operator ---------------------------------------------------------------------------
+def test_sobel_vertical_step_by_hand(exp):
+    # columns 0,1 black, 2,3 white (all channels). Replicate padding: gx at column c is
+    # sum_rows (1,2,1) * (x[c+1] - x[c-1]) = 4 * (x[c+1] - x[c-1]): columns 0..3 -> 0, 4, 4, 0; gy = 0.
+    # Divided by the maximum (4): 0, 1, 1, 0 in every row.
+    img = torch.zeros(1, 3, 4, 4)
+    img[..., 2:] = 1.0
+    edges = exp.sobel_edges(img)
+    assert edges.shape == (1, 1, 4, 4)
+    expected = torch.tensor([0.0, 1.0, 1.0, 0.0]).expand(4, 4)
+    torch.testing.assert_close(edges[0, 0], expected, atol=1e-5, rtol=0)
+
+
+def test_sobel_colour_edge_and_flat_image(exp):
+    # red | green of equal brightness: the grey image is flat, but per channel each has a step (max over channels).
+    img = torch.zeros(1, 3, 4, 4)
+    img[0, 0, :, :2] = 1.0
+    img[0, 1, :, 2:] = 1.0
+    torch.testing.assert_close(exp.sobel_edges(img)[0, 0, 0], torch.tensor([0.0, 1.0, 1.0, 0.0]), atol=1e-5, rtol=0)
+    # a flat image has no edges (0, not 0/0)
+    assert exp.sobel_edges(torch.full((2, 3, 4, 4), 0.3)).abs().max().item() == 0.0
+
+
+def test_sobel_horizontal_step_half_contrast(exp):
+    # rows 0,1 at 0.2, rows 2,3 at 0.7 in one channel: gy = 4 * 0.5 = 2 at rows 1,2; normalised -> 1 there, 0 elsewhere
+    img = torch.zeros(1, 3, 4, 4)
+    img[0, 2, :2] = 0.2
+    img[0, 2, 2:] = 0.7
+    torch.testing.assert_close(exp.sobel_edges(img)[0, 0, :, 0], torch.tensor([0.0, 1.0, 1.0, 0.0]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        exp.sobel_edges(torch.zeros(1, 1, 4, 4))
+
+
+# --- mean +- std ---------------------------------------------------------------------------------
+def test_mean_std_by_hand(exp):
+    # 1, 2, 3, 6: mean 3; deviations -2, -1, 0, 3 -> squares 4 + 1 + 0 + 9 = 14; / (n - 1 = 3) -> sqrt(14/3)
+    stats = exp.mean_std([1.0, 2.0, None, 3.0, float("nan"), 6.0])
+    assert stats["n"] == 4 and stats["mean"] == 3.0
+    assert stats["std"] == pytest.approx(math.sqrt(14 / 3))
+    assert exp.format_mean_std(stats, 2) == f"3.00 ± {math.sqrt(14 / 3):.2f}" == "3.00 ± 2.16"
+    assert exp.format_mean_std(exp.mean_std([0.5]), 3) == "0.500"
+    assert exp.format_mean_std(exp.mean_std([None]), 3) == "-"
+
+
+def test_aggregate_over_seeds(exp):
+    runs = [
+        {"task": "depth", "mode": "controlnet", "seed": s, "metrics": {"rmse": r, "fid": f}}
+        for s, r, f in ((0, 10.0, 1.0), (1, 14.0, 3.0))
+    ] + [{"task": "hed", "mode": "controlnet", "seed": 0, "metrics": {"ssim": 0.25, "fid": None}}]
+    table = exp.aggregate(runs, ["depth", "hed"], ["controlnet", "alignment"])
+    # 10, 14: mean 12, sample std sqrt((4 + 4) / 1)
+    assert table["depth"]["controlnet"]["control"]["mean"] == 12.0
+    assert table["depth"]["controlnet"]["control"]["std"] == pytest.approx(math.sqrt(8))
+    assert table["depth"]["controlnet"]["fid"]["mean"] == 2.0
+    assert table["hed"]["controlnet"]["control"] == {"mean": 0.25, "std": 0.0, "n": 1}
+    assert table["hed"]["controlnet"]["fid"]["n"] == 0
+    assert table["depth"]["alignment"]["control"]["mean"] is None
+
+
+def test_train_args_per_mode(exp, tmp_path):
+    pipe = tmp_path / "sd"
+    pipe.mkdir()
+    args = exp.parse_args(["--pretrained_model_name_or_path", str(pipe), "--train_data_dir", "d", "--tasks", "depth",
+                           "--depth_probe", "P", "--depth_reward_model", "R", "--depth_eval_model", "E",
+                           "--depth_controlnet", "C", "--output_dir", str(tmp_path / "o")])
+    def opts(mode):
+        a = exp.train_args_for(args, "depth", mode, 1)
+        return {a[i]: a[i + 1] for i in range(0, len(a) - 1) if a[i].startswith("--")}
+
+    assert opts("controlnet")["--alpha"] == "0.0" and opts("controlnet")["--beta"] == "0.0"
+    assert "--probe_model_name_or_path" not in opts("controlnet") and "--reward_model_name_or_path" not in opts("controlnet")
+    assert opts("alignment")["--alpha"] == "0.0" and "--beta" not in opts("alignment")
+    assert opts("alignment")["--probe_model_name_or_path"] == "P"
+    assert opts("reward200")["--reward_window"] == "0,199" and opts("reward200")["--beta"] == "0.0"
+    assert opts("reward_all")["--reward_window"] == "0,999"
+    both = opts("reward200_alignment")
+    assert both["--reward_window"] == "0,199" and both["--probe_model_name_or_path"] == "P"
+    assert both["--reward_model_name_or_path"] == "R" and both["--controlnet_model_name_or_path"] == "C"
+    assert both["--seed"] == "1" and both["--output_dir"].endswith(os.path.join("depth", "reward200_alignment", "seed1"))
+
+
+def test_bad_arguments_fail_before_work(exp, tmp_path):
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", "d"]
+    with pytest.raises(ValueError, match="--depth_reward_model"):
+        exp.parse_args(base + ["--tasks", "depth", "--modes", "reward200", "--depth_eval_model", "E"])
+    with pytest.raises(ValueError, match="--hed_probe"):
+        exp.parse_args(base + ["--tasks", "hed", "--modes", "alignment"])
+    with pytest.raises(ValueError, match="choose from"):
+        exp.parse_args(base + ["--modes", "bogus"])
+    with pytest.raises(ValueError, match="--depth_eval_model"):
+        exp.parse_args(base + ["--tasks", "depth", "--modes", "controlnet"])
+
+
+def test_cli_bad_input_is_one_line(exp, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        exp.cli_main(["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--train_data_dir", "d",
+                      "--tasks", "hed", "--modes", "controlnet"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --pretrained_model_name_or_path") and "\n" not in err
+
+
+def test_toy_evaluator_configs_are_stronger(toy):
+    weak, strong = toy.depth_config(32, 1), toy.depth_config(32, 2, 6)
+    assert strong.hidden_size == 2 * weak.hidden_size and strong.num_hidden_layers > weak.num_hidden_layers
+    assert strong.image_size == 32
+    seg = toy.segmentation_config(2)
+    assert seg.backbone_config.hidden_sizes == [16, 32, 48, 64] and seg.auxiliary_in_channels == 48
+    assert seg.num_labels == 150
+
+
+# --- end to end ----------------------------------------------------------------------------------
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.mark.e2e
+def test_train_toy_evaluators_smoke(tmp_path):
+    from diffusers_innercontrol.evaluation import DepthEvaluator
+    from diffusers_innercontrol.rewards import load_reward_model
+
+    out = tmp_path / "depth-eval"
+    cmd = [sys.executable, os.path.join(SW, "train_toy_evaluators.py"), "--task", "depth", "--model_kind", "eval",
+           "--steps", "2", "--resolution", "32", "--num_train_samples", "4", "--num_eval_samples", "2",
+           "--train_batch_size", "2", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["seed"] == 1 and summary["width_multiplier"] == 2
+    assert summary["held_out_indices"] == [4, 6]
+    model = load_reward_model("depth", str(out))  # the reward loader reads it ...
+    assert model(torch.rand(1, 3, 32, 32)).shape[1] == 1
+    assert DepthEvaluator.from_pretrained(str(out))(torch.rand(1, 3, 32, 32)).ndim == 3  # ... and the evaluator
+
+
+@pytest.mark.e2e
+def test_run_experiment_quick(tmp_path, tiny_pipeline_path):
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_innercontrol.models.readout_probe import ReadoutProbe
+    from diffusers_innercontrol.rewards import save_tiny_reward_model
+    from diffusers_innercontrol.shapesworld import ShapesWorld
+    from diffusers_innercontrol.tasks import get_task
+
+    data = ShapesWorld(size=32).save_imagefolder(str(tmp_path / "data"), 8)
+    depth_model = save_tiny_reward_model("depth", str(tmp_path / "depth"))
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet")
+    probe_dir = str(tmp_path / "probe")
+    ReadoutProbe.from_unet(unet, **get_task("depth").probe_kwargs(), projection_dim=32, norm_num_groups=8).save_pretrained(probe_dir)
+    out = tmp_path / "exp"
+    cmd = [sys.executable, os.path.join(SW, "run_experiment.py"), "--quick", "--tasks", "depth",
+           "--modes", "controlnet,reward200_alignment", "--seeds", "0", "--resolution", "32",
+           "--pretrained_model_name_or_path", tiny_pipeline_path, "--train_data_dir", data,
+           "--depth_probe", probe_dir, "--depth_reward_model", depth_model, "--depth_eval_model", depth_model,
+           "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    result = json.loads((out / "results.json").read_text())
+    assert [(r["task"], r["mode"], r["seed"], r["train"]) for r in result["runs"]] == [
+        ("depth", "controlnet", 0, "trained"), ("depth", "reward200_alignment", 0, "trained")]
+    for run in result["runs"]:
+        assert os.path.isfile(os.path.join(run["dir"], "diffusion_pytorch_model.safetensors"))
+        m = run["metrics"]
+        assert m["num_conditions"] == 2 and m["num_images"] == 2
+        assert 0.0 <= m["rmse"] <= 255.0 and m["fid"] is not None and math.isfinite(m["fid"])
+    for mode in ("controlnet", "reward200_alignment"):
+        stats = result["table"]["depth"][mode]["control"]
+        run = next(r for r in result["runs"] if r["mode"] == mode)
+        assert stats["n"] == 1 and stats["mean"] == pytest.approx(run["metrics"]["rmse"])
+    b = result["buckets"]["depth"]
+    assert b["buckets"] == [[0, 499], [500, 999]]
+    for side in ("x0_evaluator", "probe"):
+        assert len(b[side]["means"]) == 2 and all(v is not None and v >= 0 for v in b[side]["means"])
+        assert [x["count"] for x in b[side]["buckets"]] == [2, 2]  # 2 held-out scenes, once per bucket
+    md = (out / "shapesworld.md").read_text()
+    assert "## depth" in md and "| ControlNet (diffusion loss only) |" in md and "| Reward t < 200 + alignment |" in md
+    assert "| 0-499 |" in md and "| 500-999 |" in md
+    assert result["plots"] or "matplotlib is not installed" in md
+    from PIL import Image
+
+    grid = Image.open(out / result["grids"]["depth"])
+    assert grid.size == (4 * 32, 2 * 32)  # control | real | 2 modes, 2 held-out conditions
+    assert f"]({result['grids']['depth']})" in md
+    for plot in result["plots"]:
+        assert (out / plot).is_file()
+
+
+def test_toy_evaluator_arguments_and_loss(toy):
+    args = toy.parse_args(["--task", "depth", "--model_kind", "eval", "--output_dir", "x"])
+    assert (args.steps, args.seed, args.width_multiplier) == (1500, 1, 2)
+    args = toy.parse_args(["--task", "segmentation", "--output_dir", "x"])
+    assert (args.steps, args.seed, args.width_multiplier) == (500, 0, 1)
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--task", "hed", "--model_kind", "eval", "--output_dir", "x"])  # edges: a fixed operator
+    # depth: per-sample MSE at the output size: (0.5-0)^2 and (1-0)^2 over 2 of 4 pixels -> (0.25 + 1) / 4
+    out = torch.tensor([[[[0.5, 1.0], [0.0, 0.0]]]])
+    assert toy.task_loss("depth", out, torch.zeros(1, 1, 2, 2)).item() == pytest.approx(1.25 / 4)
+    # segmentation: two classes, logits (0, ln 3) -> p(class 1) = 3/4 everywhere; target class 1 -> -ln(3/4)
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[:, 1] = math.log(3.0)
+    assert toy.task_loss("segmentation", logits, torch.ones(1, 2, 2, dtype=torch.long)).item() == pytest.approx(-math.log(0.75))
