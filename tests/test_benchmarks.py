@@ -14,15 +14,6 @@ sys.path.insert(0, BENCH_DIR)
 import bench_train_step  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def one_thread():
     return ["--num_threads", "1"]

@@ -23,15 +23,6 @@ STEPS = 3
 PROBE_CFG = dict(projection_dim=32, norm_num_groups=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny models are far faster on one thread than on two busy shared cores; restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base(tiny_pipeline_path):
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
