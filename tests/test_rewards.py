@@ -234,3 +234,28 @@ def test_hub_id_offline_fails_before_any_download(monkeypatch, task_name):
     message = str(error.value)
     assert task.reward_model_id in message and REWARD_MODEL_OPTION in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("task_name", ("hed", "lineart"))
+def test_edge_map_reward_from_a_dpt_folder(tmp_path, tiny_paths, task_name):
+    """ShapesWorld's toy edge rewards: a transformers DPT folder loads as `EdgeMapReward` for hed / lineart."""
+    from diffusers_innercontrol.rewards import EdgeMapReward
+
+    model = load_reward_model(task_name, tiny_paths["depth"])  # a DPT folder
+    assert isinstance(model, EdgeMapReward) and model.task_name == task_name
+    assert not any(p.requires_grad for p in model.parameters())
+    images = _images().requires_grad_(True)
+    out = model(images)
+    # the same network and preprocessing as the depth reward: identical maps
+    depth = load_reward_model("depth", tiny_paths["depth"])
+    assert out.shape[:2] == (2, 1) and torch.allclose(out, depth(images))
+    loss = reward_loss_per_sample(get_task(task_name), out, torch.rand(2, 3, 32, 32)).sum()
+    loss.backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    # a transformers folder of another kind is refused, naming what is expected
+    with pytest.raises(ValueError, match=r"'upernet' model.*DPTForDepthEstimation edge model"):
+        load_reward_model(task_name, tiny_paths["segmentation"])
+    with pytest.raises(ValueError, match="transformers model directory; filename"):
+        load_reward_model(task_name, tiny_paths["depth"], filename="x.pth")
+    with pytest.raises(ValueError, match="EdgeMapReward draws edges"):
+        EdgeMapReward(depth.model, "depth")

@@ -228,6 +228,12 @@ def test_toy_evaluator_arguments_and_loss(toy):
     assert (args.steps, args.seed, args.width_multiplier) == (500, 0, 1)
     with pytest.raises(SystemExit):
         toy.parse_args(["--task", "hed", "--model_kind", "eval", "--output_dir", "x"])  # edges: a fixed operator
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--task", "lineart", "--model_kind", "eval", "--output_dir", "x"])
+    from diffusers_innercontrol.rewards import EdgeMapReward
+
+    assert toy.parse_args(["--task", "lineart", "--output_dir", "x"]).task == "lineart"
+    assert isinstance(toy.build_model("lineart", "reward", 32, 1), EdgeMapReward)  # a small DPT drawing the lines
     # depth: per-sample MSE at the output size: (0.5-0)^2 and (1-0)^2 over 2 of 4 pixels -> (0.25 + 1) / 4
     out = torch.tensor([[[[0.5, 1.0], [0.0, 0.0]]]])
     assert toy.task_loss("depth", out, torch.zeros(1, 1, 2, 2)).item() == pytest.approx(1.25 / 4)

@@ -71,7 +71,12 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--num_validation_readouts", type=int, default=3,
                    help="Denoising steps at which the probe's readouts are shown during validation.")
     args = parser.parse_args(input_args)
+    # no model and no data: the bundled ShapesWorld (toy SD, ControlNet, probe, reward); else SD1.5
+    from diffusers_innercontrol.quickstart import use_default_world
+
+    use_default_world(args, parser, "controlnet", resolve_task)
     return args
+
 
 
 def resolve_task(args):

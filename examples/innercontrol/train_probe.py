@@ -133,6 +133,10 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(input_args)
     if args.upsample_head is not None:
         args.upsample_head = args.upsample_head == "true"
+    # no model and no data: the bundled ShapesWorld toy SD and data; else SD1.5
+    from diffusers_innercontrol.quickstart import use_default_world
+
+    use_default_world(args, parser, "probe", task_from_args)
     return args
 
 

@@ -15,7 +15,7 @@ validate_common_args(args)
 ```
 
 API (stable; `train_probe.py` imports it):
-    add_model_args(parser, default_model="stable-diffusion-v1-5/stable-diffusion-v1-5") -> group
+    add_model_args(parser, default_model=None) -> group  (None: resolved by quickstart.use_default_world)
     add_data_args(parser) -> group
     add_training_args(parser, learning_rate=1e-5, train_batch_size=4, max_train_steps=None) -> group
     add_precision_args(parser) -> group
@@ -53,11 +53,13 @@ def parse_window(text: str) -> Tuple[int, int]:
         raise argparse.ArgumentTypeError(f"A timestep window is two integers 'lo,hi' (e.g. '0,400'), got {text!r}.")
 
 
-def add_model_args(parser: argparse.ArgumentParser, default_model: str = DEFAULT_BASE_MODEL):
+def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str] = None):
     g = parser.add_argument_group("models")
     g.add_argument(
         "--pretrained_model_name_or_path", type=str, default=default_model,
-        help="Stable Diffusion 1.5 checkpoint (Hub id or local directory) with unet, vae, text_encoder, tokenizer, scheduler.",
+        help="Stable Diffusion 1.5 checkpoint (Hub id or local directory) with unet, vae, text_encoder, tokenizer, "
+             f"scheduler. Default: {DEFAULT_BASE_MODEL} when data is given; with no model and no data, the bundled "
+             "ShapesWorld toy SD (diffusers_innercontrol.quickstart).",
     )
     g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model (branch, tag or commit).")
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
@@ -169,7 +171,7 @@ def add_hub_args(parser: argparse.ArgumentParser):
 
 
 def add_common_args(parser: argparse.ArgumentParser, learning_rate: float = 1e-5, train_batch_size: int = 4,
-                    validation_steps: int = 100, default_model: str = DEFAULT_BASE_MODEL):
+                    validation_steps: int = 100, default_model: Optional[str] = None):
     add_model_args(parser, default_model=default_model)
     add_data_args(parser)
     add_training_args(parser, learning_rate=learning_rate, train_batch_size=train_batch_size)

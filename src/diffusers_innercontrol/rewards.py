@@ -197,6 +197,29 @@ class DepthReward(RewardModel):
         return self.model(pixel_values=x).predicted_depth.unsqueeze(1)
 
 
+class EdgeMapReward(DepthReward):
+    """
+    An edge map (HED soft edges or LineArt lines) drawn by a transformers `DPTForDepthEstimation` trained on
+    that task's controls: ShapesWorld's toy edge rewards (`examples/innercontrol/shapesworld/train_toy_evaluators.py`).
+
+    controlnet_aux's HED and LineArt networks have fixed widths (59 MB and 17 MB of weights); a small DPT
+    with the regression head `DepthReward` already wraps draws the same one-channel map in a few hundred KB,
+    so the toy world can ship its edge rewards. Same preprocessing as `DepthReward`; the output
+    `(B, 1, h, w)` is the map in the control's polarity (white edges on black), at the model's resolution.
+
+    Args:
+        model: a transformers `DPTForDepthEstimation` trained on the task's controls.
+        task_name: `hed` or `lineart`.
+        image_size: as `DepthReward`.
+    """
+
+    def __init__(self, model: nn.Module, task_name: str = "hed", image_size: Optional[Union[int, Sequence[int]]] = None):
+        if task_name not in _EDGE_TASKS:
+            raise ValueError(f"EdgeMapReward draws edges for {_EDGE_TASKS}, not {task_name!r}.")
+        super().__init__(model, image_size=image_size)
+        self.task_name = task_name
+
+
 class SegmentationReward(RewardModel):
     """
     UperNet semantic segmentation, differentiable: ImageNet mean/std normalisation, then the model's logits.
@@ -351,7 +374,13 @@ def load_edge_network(
     return network
 
 
+def _is_transformers_dir(name_or_path) -> bool:
+    local = os.path.expanduser(str(name_or_path))
+    return os.path.isdir(local) and os.path.isfile(os.path.join(local, "config.json"))
+
+
 def _load_transformers_model(task, name_or_path: str, revision, variant, option: str) -> nn.Module:
+    """depth / segmentation: the task's transformers model; hed / lineart: a DPT edge model (`EdgeMapReward`)."""
     import transformers
 
     local = os.path.expanduser(str(name_or_path))
@@ -368,21 +397,22 @@ def _load_transformers_model(task, name_or_path: str, revision, variant, option:
             f"({_WHAT[task.name]})."
         )
     check_model_available(name_or_path, option, revision=revision)
-    expected_type = _TRANSFORMERS_TASKS[task.name]
+    expected_type = _TRANSFORMERS_TASKS.get(task.name, "dpt")
+    what = _WHAT[task.name] if task.name in _TRANSFORMERS_TASKS else "a DPTForDepthEstimation edge model (EdgeMapReward)"
     config_dict, _ = transformers.PretrainedConfig.get_config_dict(str(name_or_path), revision=revision)
     model_type = config_dict.get("model_type")
     if model_type != expected_type:
         raise ValueError(
             f"{name_or_path} ({option}) is a {model_type!r} model; the {task.name} reward model must be "
-            f"{_WHAT[task.name]} (model_type {expected_type!r})."
+            f"{what} (model_type {expected_type!r})."
         )
-    cls = transformers.DPTForDepthEstimation if task.name == "depth" else transformers.UperNetForSemanticSegmentation
+    cls = transformers.UperNetForSemanticSegmentation if task.name == "segmentation" else transformers.DPTForDepthEstimation
     model, info = cls.from_pretrained(str(name_or_path), revision=revision, variant=variant, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in (info.get("mismatched_keys") or [])]
     if missing or mismatched:
         raise ValueError(
-            f"{name_or_path} ({option}) does not hold complete weights of {_WHAT[task.name]}: "
+            f"{name_or_path} ({option}) does not hold complete weights of {what}: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(mismatched)} with wrong shapes "
             f"(e.g. {mismatched[:3]}); they would be random."
         )
@@ -409,7 +439,8 @@ def load_reward_model(
 
     Args:
         task: a `Task` or a task name (`hed`, `lineart`, `depth`, `segmentation`).
-        name_or_path: a Hub id, a local directory, or (hed/lineart) the path of a `.pth` file. Default:
+        name_or_path: a Hub id, a local directory, or (hed/lineart) the path of a `.pth` file, or a local
+            transformers DPT directory trained on the edge maps (`EdgeMapReward`, ShapesWorld's toy rewards). Default:
             `task.reward_model_id` (`lllyasviel/Annotators`, `Intel/dpt-hybrid-midas`, ...).
         filename: hed/lineart: the weights file inside the repo or directory (default
             `task.reward_model_file`: `ControlNetHED.pth`, `sk_model.pth`).
@@ -432,7 +463,15 @@ def load_reward_model(
     name_or_path = name_or_path or task.reward_model_id
     if not name_or_path:
         raise ValueError(f"The {task.name} task has no default reward model: pass {option}.")
-    if task.name in _EDGE_TASKS:
+    if task.name in _EDGE_TASKS and _is_transformers_dir(name_or_path):
+        # a transformers DPT trained on the task's edge maps (ShapesWorld's toy HED / LineArt rewards)
+        if filename is not None:
+            raise ValueError(
+                f"{name_or_path} ({option}) is a transformers model directory; filename={filename!r} applies to "
+                "controlnet_aux .pth weights only."
+            )
+        model = EdgeMapReward(_load_transformers_model(task, name_or_path, revision, variant, option), task.name)
+    elif task.name in _EDGE_TASKS:
         if variant is not None:
             raise ValueError(
                 f"The {task.name} reward model is a single .pth file without variants (variant={variant!r}); "
@@ -539,6 +578,7 @@ __all__ = [
     "HEDReward",
     "LineartReward",
     "DepthReward",
+    "EdgeMapReward",
     "SegmentationReward",
     "build_hed_network",
     "build_lineart_network",

@@ -7,7 +7,8 @@
 Stage 1 trains the `AutoencoderKL` (reconstruction + a small KL term, as SD's autoencoder without the
 perceptual and adversarial terms) and measures its latent scaling factor; stage 2 freezes it and trains
 the `UNet2DConditionModel` and the `CLIPTextModel` (word-level tokenizer, `write_word_tokenizer`) jointly
-with the diffusion loss (epsilon target, `DDPMScheduler` with SD1.5's schedule). The result is a
+with the diffusion loss (epsilon target, `DDPMScheduler`; by default DDPM's linear beta schedule, see
+`--beta_schedule`). The result is a
 `StableDiffusionPipeline` folder (save_pretrained, safetensors) that every script of the project takes
 as `--pretrained_model_name_or_path`, plus `samples.png` (held-out captions: data above, samples below)
 and a model card. The weights must stay within `--max_size_mb` (20 MB): the size is checked from the
@@ -84,6 +85,12 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--kl_weight", type=float, default=1e-6,
                    help="KL weight against the per-image summed reconstruction loss (SD's autoencoder convention).")
     g.add_argument("--unet_steps", type=int, default=20000)
+    g.add_argument("--beta_schedule", type=str, default="linear", choices=("linear", "scaled_linear"),
+                   help="Noise schedule saved with the pipeline. 'linear' is DDPM's (1e-4 to 0.02): at 16x16 latents "
+                        "SD1.5's 'scaled_linear' leaves the image mean readable at t=999 (alpha_bar_T = 0.0047), so a "
+                        "model trained with it copies the background colour from the noise instead of the caption.")
+    g.add_argument("--snr_gamma", type=float, default=5.0,
+                   help="Min-SNR loss weighting (Hang et al. 2023; diffusers.training_utils.compute_snr); 0 turns it off.")
     g.add_argument("--learning_rate", type=float, default=5e-4, help="UNet and text encoder learning rate.")
     g.add_argument("--lr_scheduler", type=str, default="cosine", help="diffusers.optimization scheduler name.")
     g.add_argument("--lr_warmup_steps", type=int, default=200)
@@ -327,7 +334,8 @@ runnable and testable on a CPU; it knows nothing but coloured shapes.
 - UNet: block widths {list(args.unet_channels)}, {args.layers_per_block} layers per block, cross-attention dim {args.text_hidden_size}.
 - Text encoder: CLIP, {args.text_layers} layers, width {args.text_hidden_size}; word-level tokenizer (one token per caption word).
 - Training: VAE {args.vae_steps} steps, then UNet + text encoder {args.unet_steps} steps, batch {args.train_batch_size},
-  lr {args.learning_rate} ({args.lr_scheduler}), caption dropout {args.caption_dropout}, EMA {args.use_ema}, seed {args.seed}.
+  lr {args.learning_rate} ({args.lr_scheduler}), caption dropout {args.caption_dropout}, EMA {args.use_ema}, seed {args.seed};
+  {args.beta_schedule} beta schedule, min-SNR gamma {args.snr_gamma}.
 - Weights: {sizes_mb:.2f} MB (safetensors, float32). Training time: {timings}.
 
 ![samples](samples.png)
@@ -347,6 +355,7 @@ def main(args):
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from diffusers_innercontrol.shapesworld import ShapesWorld, write_word_tokenizer
@@ -376,7 +385,10 @@ def main(args):
         f"toy SD: VAE {weights_megabytes(vae):.2f} MB, UNet {weights_megabytes(unet):.2f} MB, text encoder "
         f"{weights_megabytes(text_encoder):.2f} MB, total {size_mb:.2f} MB (limit {args.max_size_mb} MB)"
     )
-    noise_scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+    if args.beta_schedule == "linear":
+        noise_scheduler = DDPMScheduler(**{**SD15_SCHEDULER_CONFIG, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"})
+    else:
+        noise_scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     world = ShapesWorld(size=args.resolution, seed=args.world_seed)
     timings = {}
     if args.allow_tf32:
@@ -471,7 +483,13 @@ def main(args):
                     ids = torch.where(drop[:, None], empty_ids[None], ids)
                 hidden = text_encoder(ids, return_dict=False)[0]
                 pred = unet(noisy, t, hidden, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), noise.float())
+                if args.snr_gamma > 0:
+                    snr = compute_snr(noise_scheduler, t)
+                    weight = torch.clamp(snr, max=args.snr_gamma) / snr  # epsilon target
+                    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = (per_sample * weight).mean()
+                else:
+                    loss = F.mse_loss(pred.float(), noise.float())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

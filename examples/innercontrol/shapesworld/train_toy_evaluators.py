@@ -10,14 +10,14 @@ come from the scene), so both are trained here, in the transformers formats the 
   control's depth (brighter = nearer, in [0, 1]) at the model's output size;
 - segmentation: `UperNetForSemanticSegmentation` with 150 ADE20K labels (`rewards.tiny_segmentation_config`
   scaled), cross-entropy against ShapesWorld's class map;
-- hed (reward only): controlnet_aux's `ControlNetHED_Apache2`, MSE of the differentiable `HEDReward` map against
-  the exact soft edges; saved as `ControlNetHED.safetensors` (pass the file, or the folder with
-  `--reward_model_filename ControlNetHED.safetensors`). HED is *evaluated* with a fixed edge operator instead
-  (run_experiment.py: Sobel magnitude, SSIM against the control), so it has no evaluation model.
+- hed, lineart (reward only): a small `DPTForDepthEstimation` trained (MSE) to draw the exact soft edges / lines,
+  loaded as `rewards.EdgeMapReward` (controlnet_aux's HED and LineArt networks have fixed widths: 59 MB and 17 MB
+  of weights, too large to ship with the toy world). Edges are *evaluated* with a fixed edge operator instead
+  (run_experiment.py: Sobel magnitude, SSIM against the control), so they have no evaluation model.
 
 `--model_kind reward` is the weaker model (the tiny widths, seed 0, fewer steps); `--model_kind eval` the
 stronger one (twice the widths, more layers, seed 1, more steps by default). Both go through the same
-wrappers that use them later (`rewards.DepthReward` / `SegmentationReward` / `HEDReward`), so they are
+wrappers that use them later (`rewards.DepthReward` / `SegmentationReward` / `EdgeMapReward`), so they are
 trained on exactly the preprocessing they see at reward and evaluation time.
 
     python train_toy_evaluators.py --task depth --model_kind reward --output_dir toy-depth-reward
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("train_toy_evaluators")
 
-TASKS = ("depth", "segmentation", "hed")
+TASKS = ("depth", "segmentation", "hed", "lineart")
+EDGE_TASKS = ("hed", "lineart")
 KINDS = ("reward", "eval")
 DEFAULT_STEPS = {"reward": 500, "eval": 1500}
 DEFAULT_SEEDS = {"reward": 0, "eval": 1}
-HED_WEIGHTS_FILE = "ControlNetHED.safetensors"
 
 
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
@@ -66,8 +66,8 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                         help="Held-out scenes (after the training ones) scored at the end (written to metrics.json).")
     parser.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
     args = parser.parse_args(input_args)
-    if args.task == "hed" and args.model_kind == "eval":
-        parser.error("HED has no evaluation model: it is evaluated with a fixed edge operator (run_experiment.py).")
+    if args.task in EDGE_TASKS and args.model_kind == "eval":
+        parser.error(f"{args.task} has no evaluation model: edges are evaluated with a fixed edge operator (run_experiment.py).")
     for name in ("resolution", "num_train_samples", "train_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1.")
@@ -128,13 +128,9 @@ def build_model(task: str, kind: str, resolution: int, width_multiplier: int):
         from transformers import UperNetForSemanticSegmentation
 
         return rewards.SegmentationReward(UperNetForSemanticSegmentation(segmentation_config(width_multiplier)))
-    network = rewards.build_hed_network()
-    with torch.no_grad():
-        # Random VGG weights on inputs in [0, 255] saturate the sigmoid (mean logit ~ -16, no gradient to learn
-        # from): centre and scale the input as rewards.save_tiny_reward_model does for its tiny HED.
-        network.norm.fill_(127.5)
-        network.block1.convs[0].weight.div_(127.5)
-    return rewards.HEDReward(network)
+    from transformers import DPTForDepthEstimation
+
+    return rewards.EdgeMapReward(DPTForDepthEstimation(depth_config(resolution, width_multiplier)), task)
 
 
 def network_of(wrapper):
@@ -144,7 +140,7 @@ def network_of(wrapper):
 
 # --------------------------------------------------------------------------------------------- data
 def render_set(task: str, resolution: int, world_seed: int, start: int, n: int):
-    """`(images (N, 3, H, W) in [0, 1], targets)`: depth/hed `(N, 1, H, W)` in [0, 1], segmentation `(N, H, W)` long."""
+    """`(images (N, 3, H, W) in [0, 1], targets)`: depth/hed/lineart `(N, 1, H, W)` in [0, 1], segmentation `(N, H, W)` long."""
     import numpy as np
 
     from diffusers_innercontrol.shapesworld import ShapesWorld
@@ -157,13 +153,13 @@ def render_set(task: str, resolution: int, world_seed: int, start: int, n: int):
         if task == "segmentation":
             targets.append(torch.from_numpy(np.asarray(s["classes"]).astype(np.int64)))
         else:
-            control = s["control_depth"] if task == "depth" else s["hed"]
+            control = s["control_depth"] if task == "depth" else s[task]
             targets.append(torch.from_numpy(np.asarray(control, dtype=np.float32) / 255.0).mean(-1)[None])
     return torch.stack(images), torch.stack(targets)
 
 
 def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample training loss: MSE at the output's size (depth, hed), cross-entropy (segmentation)."""
+    """Per-sample training loss: MSE at the output's size (depth, edges), cross-entropy (segmentation)."""
     if task == "segmentation":
         logits = F.interpolate(output.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits, target, reduction="none").mean((1, 2))
@@ -192,12 +188,6 @@ def score(task: str, wrapper, images: torch.Tensor, targets: torch.Tensor, batch
 def save(task: str, wrapper, output_dir: str) -> str:
     os.makedirs(output_dir, exist_ok=True)
     network = network_of(wrapper)
-    if task == "hed":
-        from safetensors.torch import save_file
-
-        path = os.path.join(output_dir, HED_WEIGHTS_FILE)
-        save_file({k: v.detach().contiguous() for k, v in network.state_dict().items()}, path)
-        return path
     network.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
 
