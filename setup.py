@@ -19,6 +19,8 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    # the bundled ShapesWorld models (quickstart.py): toy SD, per-task ControlNets, probes and reward models
+    package_data={"diffusers_innercontrol": ["assets/shapesworld/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

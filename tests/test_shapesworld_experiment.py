@@ -187,7 +187,7 @@ def test_run_experiment_quick(tmp_path, tiny_pipeline_path):
            "--modes", "controlnet,reward200_alignment", "--seeds", "0", "--resolution", "32",
            "--pretrained_model_name_or_path", tiny_pipeline_path, "--train_data_dir", data,
            "--depth_probe", probe_dir, "--depth_reward_model", depth_model, "--depth_eval_model", depth_model,
-           "--output_dir", str(out)]
+           "--output_dir", str(out), "--jobs", "2"]  # the two runs train in parallel processes
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 

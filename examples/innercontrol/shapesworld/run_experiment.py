@@ -36,7 +36,7 @@ is not installed) and the per-run folders `runs/{task}/{mode}/seed{seed}` (Contr
     python run_experiment.py --pretrained_model_name_or_path toy-sd --train_data_dir shapes64 \
       --depth_controlnet toy-cn-depth --hed_controlnet toy-cn-hed --depth_probe probe-depth --hed_probe probe-hed \
       --depth_reward_model toy-depth-reward --depth_eval_model toy-depth-eval \
-      --hed_reward_model toy-hed-reward/ControlNetHED.safetensors --output_dir shapesworld-experiment
+      --hed_reward_model toy-hed-reward --output_dir shapesworld-experiment --jobs 2
 
 `--quick` shrinks every count (2 steps, 2 conditions, 2 inference steps, 2 buckets) for the tests.
 """
@@ -90,6 +90,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--quick", action="store_true", help="Tiny counts everywhere (tests): 2 steps, 2 conditions, 2 buckets.")
     g.add_argument("--output_dir", type=str, default="shapesworld-experiment")
     g.add_argument("--skip_training", action="store_true", help="Only evaluate the runs already in --output_dir.")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="Training runs at once (separate processes; each gets cpu_count / jobs threads unless "
+                        "OMP_NUM_THREADS is set). On a 2-core CPU, 2 single-threaded runs beat one with 2 threads.")
     g = parser.add_argument_group("models and data")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="The toy SD pipeline folder.")
     g.add_argument("--train_data_dir", type=str, required=True,
@@ -101,7 +104,8 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
         g.add_argument(f"--{task}_controlnet", type=str, default=None, help=f"The toy {task} ControlNet to continue (default: from the UNet).")
         g.add_argument(f"--{task}_probe", type=str, default=None, help=f"The {task} readout probe (train_probe.py).")
         g.add_argument(f"--{task}_reward_model", type=str, default=None, help=f"The {task} reward model (train_toy_evaluators.py).")
-    g.add_argument("--hed_reward_model_filename", type=str, default=None, help="Weights file inside --hed_reward_model when it is a folder.")
+    g.add_argument("--hed_reward_model_filename", type=str, default=None,
+                   help="Weights file inside --hed_reward_model when it holds controlnet_aux HED weights (the toy HED reward is a DPT folder: none).")
     g.add_argument("--depth_eval_model", type=str, default=None, help="The depth evaluation model (train_toy_evaluators.py --model_kind eval).")
     g.add_argument("--segmentation_eval_model", type=str, default=None, help="The segmentation evaluation model.")
     g.add_argument("--fid_feature_model", type=str, default=None,
@@ -157,7 +161,7 @@ def validate_args(args):
             raise ValueError(f"Modes {beta_modes} use the alignment: pass --{task}_probe (train_probe.py).")
         if task != "hed" and not getattr(args, f"{task}_eval_model"):
             raise ValueError(f"--{task}_eval_model is needed to evaluate {task} (train_toy_evaluators.py --model_kind eval).")
-    for name in ("max_train_steps", "train_batch_size", "num_eval_conditions", "num_inference_steps", "num_buckets",
+    for name in ("jobs", "max_train_steps", "train_batch_size", "num_eval_conditions", "num_inference_steps", "num_buckets",
                  "num_bucket_conditions", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1.")
@@ -322,7 +326,10 @@ def train_run(args, task: str, mode: str, seed: int) -> Dict:
     logger.info(f"training {task}/{mode}/seed{seed}: {shlex.join(cmd)}")
     t0 = time.perf_counter()
     with open(os.path.join(out, "train.log"), "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     record["train_seconds"] = round(time.perf_counter() - t0, 1)
     if proc.returncode != 0:
         with open(os.path.join(out, "train.log")) as f:
@@ -640,11 +647,14 @@ def main(args) -> Dict:
     ensure_train_data(args)
     t0 = time.perf_counter()
 
-    runs = []
-    for task in args.tasks:
-        for mode in args.modes:
-            for seed in args.seeds:
-                runs.append(train_run(args, task, mode, seed))
+    jobs = [(task, mode, seed) for task in args.tasks for mode in args.modes for seed in args.seeds]
+    if args.jobs > 1:  # independent processes; the results keep the order of `jobs`
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(lambda job: train_run(args, *job), jobs))
+    else:
+        runs = [train_run(args, *job) for job in jobs]
 
     fid_path = fid_feature_path(args)
     features = EvaluatorFeatures.from_pretrained(fid_path).to(device) if fid_path else None
