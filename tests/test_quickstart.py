@@ -152,3 +152,22 @@ def test_quickstart_runs_on_the_bundled_world(task, tmp_path):
     assert os.path.isfile(out / "images_0.png")
     card = (out / "README.md").read_text()
     assert quickstart.bundled_path("toy-sd") in card or "toy-sd" in card
+
+
+@pytest.mark.e2e
+@needs_bundle
+def test_readme_readout_snippet_runs(tmp_path, monkeypatch):
+    """The README's Python quickstart (readouts of the bundled depth probe while sampling) runs as written."""
+    import re
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    quick = text[text.index("## Quickstart"):text.index("## On Stable Diffusion 1.5")]
+    blocks = re.findall(r"```python\n(.*?)```", quick, flags=re.S)
+    assert len(blocks) == 1 and "bundled_path" in blocks[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(quickstart.CACHE_ENV, str(tmp_path / "cache"))
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "readouts.png")
+    assert grid.size[1] == 64 and grid.size[0] >= 64 * 6  # control | 4 readouts | image
