@@ -90,7 +90,8 @@ def test_probe_trainer_defaults(scripts, fake_assets):
     args = probe.parse_args(["--task", "depth"])
     assert args.pretrained_model_name_or_path == str(fake_assets / "toy-sd")
     assert args.controlnet_model_name_or_path is None  # the probe reads the plain UNet
-    assert (args.resolution, args.max_train_steps) == (64, 300)
+    assert (args.resolution, args.max_train_steps, args.projection_dim, args.norm_num_groups) == (64, 300, 64, 16)
+    assert args.validation_split == 32  # held-out scenes for the error per timestep bucket and the grid
     assert args.validation_image is None and os.path.isdir(args.train_data_dir)
     probe.check_args(args)
 

@@ -31,7 +31,9 @@ CACHE_ENV = "DIFFUSERS_INNERCONTROL_CACHE"
 # unset options -> ShapesWorld values, per script: small enough for a few minutes on 2 CPU cores
 _SCRIPT_DEFAULTS = {
     "controlnet": dict(resolution=RESOLUTION, max_train_steps=200, learning_rate=1e-4, validation_steps=100),
-    "probe": dict(resolution=RESOLUTION, max_train_steps=300, validation_steps=300),
+    # the toy UNet is about a tenth of SD1.5's width: a 64-wide probe (the paper's 384 on SD1.5), as the shipped ones
+    "probe": dict(resolution=RESOLUTION, max_train_steps=300, validation_steps=300, projection_dim=64, norm_num_groups=16,
+                  validation_split=32),
 }
 
 
