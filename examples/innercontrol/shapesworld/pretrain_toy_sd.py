@@ -89,6 +89,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="Noise schedule saved with the pipeline. 'linear' is DDPM's (1e-4 to 0.02): at 16x16 latents "
                         "SD1.5's 'scaled_linear' leaves the image mean readable at t=999 (alpha_bar_T = 0.0047), so a "
                         "model trained with it copies the background colour from the noise instead of the caption.")
+    g.add_argument("--offset_noise", type=float, default=0.0,
+                   help="Add this times a per-sample, per-channel constant to the training noise (offset noise). The "
+                        "noise's own mean then no longer tells the background colour, so the model takes it from the caption.")
     g.add_argument("--snr_gamma", type=float, default=5.0,
                    help="Min-SNR loss weighting (Hang et al. 2023; diffusers.training_utils.compute_snr); 0 turns it off.")
     g.add_argument("--learning_rate", type=float, default=5e-4, help="UNet and text encoder learning rate.")
@@ -335,7 +338,7 @@ runnable and testable on a CPU; it knows nothing but coloured shapes.
 - Text encoder: CLIP, {args.text_layers} layers, width {args.text_hidden_size}; word-level tokenizer (one token per caption word).
 - Training: VAE {args.vae_steps} steps, then UNet + text encoder {args.unet_steps} steps, batch {args.train_batch_size},
   lr {args.learning_rate} ({args.lr_scheduler}), caption dropout {args.caption_dropout}, EMA {args.use_ema}, seed {args.seed};
-  {args.beta_schedule} beta schedule, min-SNR gamma {args.snr_gamma}.
+  {args.beta_schedule} beta schedule, min-SNR gamma {args.snr_gamma}, offset noise {args.offset_noise}.
 - Weights: {sizes_mb:.2f} MB (safetensors, float32). Training time: {timings}.
 
 ![samples](samples.png)
@@ -475,6 +478,8 @@ def main(args):
                 with torch.no_grad():
                     latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
+                if args.offset_noise > 0:
+                    noise = noise + args.offset_noise * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
                 t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
                 noisy = noise_scheduler.add_noise(latents, noise, t)
                 ids = batch["input_ids"]
