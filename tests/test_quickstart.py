@@ -172,3 +172,25 @@ def test_readme_readout_snippet_runs(tmp_path, monkeypatch):
 
     grid = Image.open(tmp_path / "readouts.png")
     assert grid.size[1] == 64 and grid.size[0] >= 64 * 6  # control | 4 readouts | image
+
+
+@pytest.mark.e2e
+@needs_bundle
+def test_probe_trainer_runs_on_the_bundled_world(tmp_path):
+    """`accelerate launch train_probe.py --task depth`, no model or data: a probe, its grid and card."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env[quickstart.CACHE_ENV] = str(tmp_path / "cache")
+    out = tmp_path / "probe"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(EXAMPLES, "train_probe.py"),
+           "--task", "depth", "--output_dir", str(out), "--max_train_steps", "2", "--report_to", "none",
+           "--max_validation_samples", "4", "--num_grid_samples", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    assert "training on ShapesWorld" in output
+    from diffusers_innercontrol import ReadoutProbe
+
+    probe = ReadoutProbe.from_pretrained(str(out))
+    assert probe.config.projection_dim == 64 and probe.config.task == "depth"
+    assert os.path.isfile(out / "validation_grid.png") and os.path.isfile(out / "README.md")

@@ -8,7 +8,7 @@
 #
 #   bash examples/innercontrol/shapesworld/make_bundle.sh TOY_SD_DIR WORK_DIR [JOBS]
 #
-# CN_INIT=DIR continues the ControlNets from DIR/controlnet-<task> instead of initialising them from the UNet.
+# CN_INIT=DIR continues the ControlNets from DIR/controlnet-<task> where it exists (else from the UNet).
 # ASSETS_DIR overrides where the models are copied. JOBS (default 2) trainings run at once, each single-threaded: on a 2-core CPU that is faster than one
 # job with 2 threads. Steps can be changed with CN_STEPS, PROBE_STEPS and NUM_SCENES in the environment.
 set -euo pipefail
@@ -30,7 +30,7 @@ LAUNCH="python -m accelerate.commands.launch --cpu --num_processes 1 --num_machi
 jobs_list=()
 for task in hed lineart depth segmentation; do
   init=""
-  [ -z "${CN_INIT:-}" ] || init="--controlnet_model_name_or_path $CN_INIT/controlnet-$task"
+  [ -z "${CN_INIT:-}" ] || [ ! -d "$CN_INIT/controlnet-$task" ] || init="--controlnet_model_name_or_path $CN_INIT/controlnet-$task"
   jobs_list+=("$LAUNCH $EX/train_innercontrol.py --task $task $init --pretrained_model_name_or_path $TOY_SD --train_data_dir $DATA \
     --resolution 64 --alpha 0 --beta 0 --train_batch_size 16 --max_train_steps $CN_STEPS --learning_rate 1e-4 \
     --lr_warmup_steps 100 --seed 0 --checkpointing_steps 100000 --validation_steps 500 --report_to none \
