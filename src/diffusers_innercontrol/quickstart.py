@@ -77,20 +77,17 @@ def shapesworld_folder(num_samples: int = NUM_SCENES, resolution: int = RESOLUTI
 
 def validation_pairs(task_name: str, n: int = 2, resolution: int = RESOLUTION, seed: int = 0) -> Tuple[List[str], List[str]]:
     """`(prompts, control image paths)` of `n` held-out ShapesWorld scenes for `task_name`'s validation."""
+    from .tasks import get_task
+
     folder = shapesworld_folder(n, resolution, seed, start=VALIDATION_START)
     prompts, images = [], []
     with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    key = _control_column(task_name)
+    key = get_task(task_name).conditioning_column  # ShapesWorld's columns carry the tasks' MultiGen names
     for row in rows[:n]:
         prompts.append(row["text"])
         images.append(os.path.join(folder, row[key]))
     return prompts, images
-
-
-def _control_column(task_name: str) -> str:
-    """ShapesWorld's column holding `task_name`'s control."""
-    return {"hed": "hed", "lineart": "lineart", "depth": "control_depth", "segmentation": "control_seg"}[task_name]
 
 
 def is_default_world(args) -> bool:

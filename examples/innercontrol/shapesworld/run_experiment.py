@@ -69,7 +69,6 @@ MODES = {
     "reward_all": ("Reward, all t", dict(beta=0.0, reward_window="0,999")),
     "reward200_alignment": ("Reward t < 200 + alignment", dict(reward_window="0,199")),
 }
-CONTROL_DATA_COLUMN = {"hed": "hed", "depth": "control_depth", "segmentation": "control_seg"}
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -253,6 +252,7 @@ class ShapesWorldEvalSet:
         import numpy as np
 
         from diffusers_innercontrol.evaluation import EvalSample
+        from diffusers_innercontrol.tasks import get_task
 
         index = int(index)
         if index not in self._cache:
@@ -265,7 +265,7 @@ class ShapesWorldEvalSet:
             if self.task == "segmentation":
                 classes = torch.from_numpy(np.asarray(s["classes"]).astype(np.int64))
             self._cache[index] = EvalSample(index=index, caption=s["text"], image=tensor(s["image"]),
-                                            control=tensor(s[CONTROL_DATA_COLUMN[self.task]]), control_classes=classes)
+                                            control=tensor(s[get_task(self.task).conditioning_column]), control_classes=classes)
         return self._cache[index]
 
 
