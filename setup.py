@@ -7,7 +7,7 @@ extras = {
     "train": ["tensorboard", "peft>=0.17", "datasets>=3.0"],
     "eval": ["torchmetrics[image]>=1.4", "scipy"],
 }
-extras["test"] = ["pytest>=8", "pytest-timeout"] + extras["train"] + extras["eval"] + extras["annotators"]
+extras["test"] = ["pytest>=8", "pytest-timeout", "ruff>=0.17,<0.18"] + extras["train"] + extras["eval"] + extras["annotators"]
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
 setup(

@@ -163,7 +163,12 @@ def test_compute_metrics_edges_and_fid_plumbing(tmp_path):
 # --- evaluator models -----------------------------------------------------------------------------
 def save_tiny_mask2former(path: str, num_labels: int = 150) -> str:
     """A ~0.4 M-parameter Mask2Former (tiny Swin backbone) with its image processor, saved with save_pretrained."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     backbone = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
                           window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -261,9 +266,8 @@ def test_table1_markdown_on_hand_values(tmp_path):
 def test_evaluate_script_end_to_end_and_resume(tiny_pipeline_path, tiny_depth_path, tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
     from _data_fixtures import write_toy_dataset
-    from test_metrics import save_tiny_clip
-
     from diffusers import UNet2DConditionModel
+    from test_metrics import save_tiny_clip
 
     from diffusers_innercontrol import ReadoutProbe
 
@@ -301,7 +305,7 @@ def test_evaluate_script_end_to_end_and_resume(tiny_pipeline_path, tiny_depth_pa
     buckets = result["probe_error"]["buckets"]
     assert len(buckets) == 2 and all(b["count"] == 2 for b in buckets)
     md = open(os.path.join(out, "results.md")).read()
-    assert f"| tiny | tiny_pipeline" in md and "Depth RMSE ↓" in md and "InnerControl (paper)" in md
+    assert "| tiny | tiny_pipeline" in md and "Depth RMSE ↓" in md and "InnerControl (paper)" in md
 
     # resume: a second run generates nothing new and leaves the images untouched
     mtimes = {n: os.path.getmtime(os.path.join(out, "images", n)) for n in names}

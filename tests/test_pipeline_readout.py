@@ -57,7 +57,7 @@ def _gen(seed=0):
 
 
 def _hook_counts(p):
-    mods = [p.unet, p.controlnet] + [m for m in p.unet.modules()]
+    mods = [p.unet, p.controlnet] + list(p.unet.modules())
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mods)
 
 

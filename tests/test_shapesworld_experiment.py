@@ -32,39 +32,6 @@ def toy():
     return _load("train_toy_evaluators")
 
 
-# --- the edge operator ---------------------------------------------------------------------------
-def test_sobel_vertical_step_by_hand(exp):
-    # columns 0,1 black, 2,3 white (all channels). Replicate padding: gx at column c is
-    # sum_rows (1,2,1) * (x[c+1] - x[c-1]) = 4 * (x[c+1] - x[c-1]): columns 0..3 -> 0, 4, 4, 0; gy = 0.
-    # Divided by the maximum (4): 0, 1, 1, 0 in every row.
-    img = torch.zeros(1, 3, 4, 4)
-    img[..., 2:] = 1.0
-    edges = exp.sobel_edges(img)
-    assert edges.shape == (1, 1, 4, 4)
-    expected = torch.tensor([0.0, 1.0, 1.0, 0.0]).expand(4, 4)
-    torch.testing.assert_close(edges[0, 0], expected, atol=1e-5, rtol=0)
-
-
-def test_sobel_colour_edge_and_flat_image(exp):
-    # red | green of equal brightness: the grey image is flat, but per channel each has a step (max over channels).
-    img = torch.zeros(1, 3, 4, 4)
-    img[0, 0, :, :2] = 1.0
-    img[0, 1, :, 2:] = 1.0
-    torch.testing.assert_close(exp.sobel_edges(img)[0, 0, 0], torch.tensor([0.0, 1.0, 1.0, 0.0]), atol=1e-5, rtol=0)
-    # a flat image has no edges (0, not 0/0)
-    assert exp.sobel_edges(torch.full((2, 3, 4, 4), 0.3)).abs().max().item() == 0.0
-
-
-def test_sobel_horizontal_step_half_contrast(exp):
-    # rows 0,1 at 0.2, rows 2,3 at 0.7 in one channel: gy = 4 * 0.5 = 2 at rows 1,2; normalised -> 1 there, 0 elsewhere
-    img = torch.zeros(1, 3, 4, 4)
-    img[0, 2, :2] = 0.2
-    img[0, 2, 2:] = 0.7
-    torch.testing.assert_close(exp.sobel_edges(img)[0, 0, :, 0], torch.tensor([0.0, 1.0, 1.0, 0.0]), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="B, 3, H, W"):
-        exp.sobel_edges(torch.zeros(1, 1, 4, 4))
-
-
 # --- mean +- std ---------------------------------------------------------------------------------
 def test_mean_std_by_hand(exp):
     # 1, 2, 3, 6: mean 3; deviations -2, -1, 0, 3 -> squares 4 + 1 + 0 + 9 = 14; / (n - 1 = 3) -> sqrt(14/3)
@@ -121,8 +88,11 @@ def test_bad_arguments_fail_before_work(exp, tmp_path):
         exp.parse_args(base + ["--tasks", "hed", "--modes", "alignment"])
     with pytest.raises(ValueError, match="choose from"):
         exp.parse_args(base + ["--modes", "bogus"])
+    # every task is evaluated by a model: the bundled eval-<task> by default, refused when it is missing
+    args = exp.parse_args(base + ["--tasks", "lineart", "--modes", "controlnet"])
+    assert args.lineart_eval_model.endswith("eval-lineart") and args.hed_eval_model.endswith("eval-hed")
     with pytest.raises(ValueError, match="--depth_eval_model"):
-        exp.parse_args(base + ["--tasks", "depth", "--modes", "controlnet"])
+        exp.parse_args(base + ["--tasks", "depth", "--modes", "controlnet", "--depth_eval_model", ""])
 
 
 def test_cli_bad_input_is_one_line(exp, tmp_path, capsys):
@@ -226,14 +196,15 @@ def test_toy_evaluator_arguments_and_loss(toy):
     assert (args.steps, args.seed, args.width_multiplier) == (1500, 1, 2)
     args = toy.parse_args(["--task", "segmentation", "--output_dir", "x"])
     assert (args.steps, args.seed, args.width_multiplier) == (500, 0, 1)
-    with pytest.raises(SystemExit):
-        toy.parse_args(["--task", "hed", "--model_kind", "eval", "--output_dir", "x"])  # edges: a fixed operator
-    with pytest.raises(SystemExit):
-        toy.parse_args(["--task", "lineart", "--model_kind", "eval", "--output_dir", "x"])
     from diffusers_innercontrol.rewards import EdgeMapReward
 
-    assert toy.parse_args(["--task", "lineart", "--output_dir", "x"]).task == "lineart"
-    assert isinstance(toy.build_model("lineart", "reward", 32, 1), EdgeMapReward)  # a small DPT drawing the lines
+    # edges have an evaluation model too: wider, deeper, another seed than the reward model
+    args = toy.parse_args(["--task", "hed", "--model_kind", "eval", "--output_dir", "x"])
+    assert (args.seed, args.width_multiplier) == (1, 2)
+    reward, evaluator = toy.build_model("lineart", "reward", 32, 1), toy.build_model("lineart", "eval", 32, 2)
+    assert isinstance(reward, EdgeMapReward) and isinstance(evaluator, EdgeMapReward)  # small DPTs drawing the lines
+    assert evaluator.model.config.hidden_size == 2 * reward.model.config.hidden_size
+    assert evaluator.model.config.num_hidden_layers == 6 > reward.model.config.num_hidden_layers
     # depth: per-sample MSE at the output size: (0.5-0)^2 and (1-0)^2 over 2 of 4 pixels -> (0.25 + 1) / 4
     out = torch.tensor([[[[0.5, 1.0], [0.0, 0.0]]]])
     assert toy.task_loss("depth", out, torch.zeros(1, 1, 2, 2)).item() == pytest.approx(1.25 / 4)

@@ -154,10 +154,14 @@ def test_hed_with_validation_readouts_tensorboard_and_pruned_checkpoints(assets,
     assert_saved_controlnet(out)
     card = assert_card(out, "hed", 1.0, 0.1, probe=assets["hed"]["probe"])
     assert "![a toy picture](./images_0.png)" in card.text
+    import numpy as np
     from PIL import Image
 
     grid = Image.open(out / "images_0.png")
-    assert grid.size == (32 * (1 + 1 + 2), 32)  # control | 1 image | 2 probe readouts
+    # control | 1 image | 2 probe readouts, 128 px tiles 3 px apart, under a band of labels ("readout\nt = 999")
+    assert grid.width == 4 * (128 + 3) + 3 and grid.height > 128 + 2 * 3 + 10
+    band = np.asarray(grid)[: grid.height - 128 - 6]
+    assert (band.min(-1) < 128).sum() > 50  # dark text in the label band
     assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(out / "logs") for f in fs)
     assert "align=" in log and "rew=" in log and "diff=" in log  # the three terms on the progress bar
     assert "[process 0/1] trained 3 steps" in log

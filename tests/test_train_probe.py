@@ -10,12 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _data_fixtures import write_toy_dataset
 from PIL import Image
 
 from diffusers_innercontrol import ReadoutProbe, get_task
 from diffusers_innercontrol.training import probe_step
-
-from _data_fixtures import write_toy_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "innercontrol", "train_probe.py")

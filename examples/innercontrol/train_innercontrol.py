@@ -135,7 +135,6 @@ def validate_args(args):
 def check_probe(probe, unet, task):
     """The probe must read the features this UNet gives: same feature kind present, same channels, right outputs."""
     from diffusers_innercontrol.features import decoder_feature_channels
-
     from diffusers_innercontrol.tasks import check_probe_task
 
     check_probe_task(probe.config, task)
@@ -246,19 +245,22 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, 
     return logs
 
 
-def validation_grid(logs):
-    """One image per validation pair: control | generated images | readouts (for the model card)."""
+def validation_grid(logs, tile: int = 128):
+    """
+    One labelled image per validation pair (for the model card): control | generated images | the probe's readouts
+    of the first image, each labelled with its denoising timestep (`render.labeled_grid`).
+    """
     from PIL import Image
+
+    from diffusers_innercontrol.render import labeled_grid
 
     grids = []
     for log in logs:
         control = Image.fromarray((log["control"][0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-        tiles = [control] + list(log["images"]) + [im.convert("RGB").resize(control.size) for _, im in log["readouts"]]
-        w, h = control.size
-        grid = Image.new("RGB", (w * len(tiles), h))
-        for i, tile in enumerate(tiles):
-            grid.paste(tile.resize((w, h)), (i * w, 0))
-        grids.append(grid)
+        tiles = [control] + list(log["images"]) + [im.convert("RGB") for _, im in log["readouts"]]
+        labels = ["control"] + [f"image {i + 1}" for i in range(len(log["images"]))]
+        labels += [f"readout\nt = {int(t)}" for t, _ in log["readouts"]]
+        grids.append(labeled_grid([tiles], labels, tile_size=(tile, tile)))
     return grids
 
 
@@ -542,7 +544,7 @@ def main(args):
     # ---- save
     accelerator.wait_for_everyone()
     print(f"[process {accelerator.process_index}/{accelerator.num_processes}] trained {global_step} steps; "
-          f"last losses {dict((k, round(v, 6)) for k, v in last_logs.items() if k.startswith('loss'))}", flush=True)
+          f"last losses { {k: round(v, 6) for k, v in last_logs.items() if k.startswith('loss')} }", flush=True)
     if step_times:
         timed = step_times[1:] or step_times  # the first step includes warm-up
         accelerator.print(f"step time: median {statistics.median(timed):.4f} s over {len(timed)} steps ({mode}, {task.name})")

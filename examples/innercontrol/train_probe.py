@@ -39,14 +39,13 @@ import math
 import os
 from typing import Dict, List, Optional
 
+import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
-
-import diffusers
 from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
 
 from diffusers_innercontrol import ReadoutProbe, cli, decoder_feature_channels, get_task
 from diffusers_innercontrol.checkpointing import resume_dataloader, resume_from_checkpoint, save_checkpoint

@@ -8,16 +8,16 @@ __version__ = "0.1.0"
 # (model_index.json records ["diffusers_innercontrol", "ReadoutProbe"]): keep it exported here.
 from diffusers.models.modeling_utils import ModelMixin
 
+from .annotators import load_annotator
+from .convert import load_readout_guidance_checkpoint
 from .features import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch
 from .models.readout_probe import ReadoutProbe, ReadoutProbeOutput
-from .tasks import Task, get_task, list_tasks
-from .convert import load_readout_guidance_checkpoint
-from .annotators import load_annotator
 from .palette import ade20k_palette, classes_to_control, control_to_classes
-from .rewards import load_reward_model, save_tiny_reward_model
 from .pipeline_readout import ReadoutPipelineOutput, StableDiffusionControlNetReadoutPipeline
 from .probe_eval import BucketErrors, evaluate_probe
+from .rewards import load_reward_model, save_tiny_reward_model
 from .shapesworld import ShapesWorld, write_word_tokenizer
+from .tasks import Task, get_task, list_tasks
 
 __all__ = [
     "ModelMixin",

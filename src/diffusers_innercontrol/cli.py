@@ -103,7 +103,9 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 1e
                       max_train_steps: Optional[int] = None):
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default="innercontrol-model", help="Where the model and checkpoints go.")
-    g.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
+    g.add_argument("--seed", type=int, default=0,
+                   help="Seed of the data order, noise, timesteps and validation images: a run is reproducible by "
+                        "default; change it for another draw.")
     g.add_argument("--train_batch_size", type=int, default=train_batch_size, help="Batch size per device.")
     g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=max_train_steps,

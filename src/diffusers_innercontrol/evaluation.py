@@ -237,6 +237,7 @@ def generate_images(
     resolution: Optional[int] = None,
     progress: bool = True,
     desc: str = "generating",
+    with_control: bool = True,
 ) -> GenerationStats:
     """
     Generate one image per seed for every condition in `indices` and save it (`image_path`).
@@ -251,6 +252,8 @@ def generate_images(
         indices: the conditions of this process.
         seeds, num_inference_steps, guidance_scale, negative_prompt: the protocol (SPEC section 5).
         resolution: height and width (default: the control's size).
+        with_control: pass the condition's control as `image` (a ControlNet pipeline); False for a plain
+            text-to-image pipeline (`StableDiffusionPipeline`), the no-control reference of a fidelity scale.
 
     Returns:
         `GenerationStats` (images generated / already there).
@@ -267,10 +270,11 @@ def generate_images(
         sample = dataset[index]
         size = resolution or sample.control.shape[-1]
         n = len(todo)
+        control = {"image": sample.control[None].float()} if with_control else {}
         images = pipe(
             prompt=[sample.caption] * n,
             negative_prompt=[negative_prompt] * n if negative_prompt is not None else None,
-            image=sample.control[None].float(),
+            **control,
             height=size,
             width=size,
             num_inference_steps=num_inference_steps,

@@ -392,6 +392,28 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def fidelity_closure(value: float, floor: float, ceiling: float) -> float:
+    """
+    The share of the fidelity gap a model closes: `(ceiling - value) / (ceiling - floor)`.
+
+    `floor` is the evaluator's score on the real images against their controls (the best reachable), `ceiling`
+    its score on images of the text-to-image model alone (no control at all), `value` the model's. 1 means as
+    faithful as the real images, 0 no better than no control, below 0 worse. The one formula serves both
+    directions: for a metric where higher is better (SSIM, mIoU) the ceiling is the low end and numerator and
+    denominator change sign together, which is the sign flip of `(value - ceiling) / (floor - ceiling)`.
+
+    Raises:
+        ValueError: floor and ceiling are equal (no gap to close), or a value is not finite.
+    """
+    values = (float(value), float(floor), float(ceiling))
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"fidelity_closure needs finite numbers, got value={value}, floor={floor}, ceiling={ceiling}.")
+    value, floor, ceiling = values
+    if ceiling == floor:
+        raise ValueError(f"The floor and the ceiling are both {floor}: there is no fidelity gap to close.")
+    return (ceiling - value) / (ceiling - floor)
+
+
 def summarize(values: Sequence[float]) -> Dict[str, float]:
     """Mean and (population) standard deviation of a list of numbers."""
     t = torch.tensor(list(values), dtype=torch.float64)

@@ -427,9 +427,9 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
         """
         if probe is None:
             return (None, None)
-        import diffusers_innercontrol
-
         from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+
+        import diffusers_innercontrol
 
         library, class_name = _fetch_class_library_tuple(probe)
         if getattr(diffusers_innercontrol, class_name, None) is type(probe):

@@ -158,3 +158,63 @@ def make_readout_grid(
     from diffusers.utils import make_image_grid
 
     return make_image_grid(tiles, rows=1, cols=len(tiles))
+
+
+def labeled_grid(
+    rows: List[List[PIL.Image.Image]],
+    column_labels: Optional[List[str]] = None,
+    row_labels: Optional[List[str]] = None,
+    tile_size: Optional[Tuple[int, int]] = None,
+    font_size: int = 11,
+) -> PIL.Image.Image:
+    """
+    Tiles in rows and columns on white, with a label above each column and left of each row.
+
+    diffusers' `make_image_grid` has no labels, and a grid of controls, readouts and images is unreadable
+    without them ("which column is t = 999?"), so this draws them with Pillow's built-in font.
+
+    Args:
+        rows: one list of PIL images per row; rows may be shorter than the longest one (left-aligned).
+        column_labels: a label per column (text over the column; `\\n` breaks a line).
+        row_labels: a label per row (text left of the row).
+        tile_size: `(width, height)` every tile is resized to (nearest-neighbour, so small maps stay sharp);
+            default: the first tile's size.
+        font_size: label size in pixels.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if not rows or not any(rows):
+        raise ValueError("labeled_grid needs at least one tile.")
+    cols = max(len(r) for r in rows)
+    if column_labels is not None and len(column_labels) > cols:
+        raise ValueError(f"{len(column_labels)} column labels for {cols} columns.")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows.")
+    width, height = tile_size or next(t for r in rows for t in r).size
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    probe = ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+
+    def text_size(text: str) -> Tuple[int, int]:
+        box = probe.multiline_textbbox((0, 0), text, font=font)
+        return box[2] - box[0], box[3] - box[1]
+
+    pad = 3
+    top = (max(text_size(t)[1] for t in column_labels) + 2 * pad) if column_labels else 0
+    left = (max(text_size(t)[0] for t in row_labels) + 2 * pad) if row_labels else 0
+    grid = PIL.Image.new("RGB", (left + cols * (width + pad) + pad, top + len(rows) * (height + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(column_labels or []):
+        w, _ = text_size(text)
+        draw.multiline_text((left + pad + j * (width + pad) + max(0, (width - w) // 2), pad), text, fill="black",
+                            font=font, align="center")
+    for i, row in enumerate(rows):
+        y = top + pad + i * (height + pad)
+        if row_labels:
+            _, h = text_size(row_labels[i])
+            draw.multiline_text((pad, y + max(0, (height - h) // 2)), row_labels[i], fill="black", font=font)
+        for j, tile in enumerate(row):
+            grid.paste(tile.convert("RGB").resize((width, height), PIL.Image.NEAREST), (left + pad + j * (width + pad), y))
+    return grid

@@ -593,6 +593,55 @@ class ShapesWorld:
         return path
 
 
+# ------------------------------------------------------------------------------------------------ evaluation
+class ShapesWorldEvalSet:
+    """
+    Held-out ShapesWorld scenes as `evaluation.EvalSample`s with exact controls: `eval_set[i]` is scene `start + i`.
+
+    What `evaluation.generate_images` and `evaluation.compute_metrics` read (caption, image and control as
+    `(3, H, W)` tensors in `[0, 1]`, and the class map for segmentation). Scenes are rendered on first use.
+
+    Args:
+        task: `hed`, `lineart`, `depth` or `segmentation` (which control column is the `control`).
+        resolution, world_seed: the world (`ShapesWorld(resolution, world_seed)`).
+        start, n: the scenes `start .. start + n - 1`.
+    """
+
+    def __init__(self, task: str, resolution: int = 64, world_seed: int = 0, start: int = 0, n: int = 256):
+        from .tasks import get_task
+
+        if n <= 0 or start < 0:
+            raise ValueError(f"Need n > 0 scenes from start >= 0, got n={n}, start={start}.")
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.start, self.n = int(start), int(n)
+        self.world = ShapesWorld(size=resolution, seed=world_seed)
+        self._cache = {}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from .evaluation import EvalSample
+
+        index = int(index)
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} scenes.")
+        if index not in self._cache:
+            s = self.world.sample(self.start + index)
+
+            def tensor(im):
+                return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+            classes = None
+            if self.task.is_segmentation:
+                classes = torch.from_numpy(np.asarray(s["classes"]).astype(np.int64))
+            self._cache[index] = EvalSample(index=index, caption=s["text"], image=tensor(s["image"]),
+                                            control=tensor(s[self.task.conditioning_column]), control_classes=classes)
+        return self._cache[index]
+
+
 # ------------------------------------------------------------------------------------------------ tokenizer
 def _learn_merges(words: Sequence[str]) -> List[Tuple[str, str]]:
     """

@@ -1,61 +1,95 @@
 #!/usr/bin/env bash
-# Build the ShapesWorld models the package ships (src/diffusers_innercontrol/assets/shapesworld), from a toy SD
-# trained by pretrain_toy_sd.py. Every model is trained by the project's own scripts:
-#   reward-<task>      train_toy_evaluators.py --model_kind reward   (depth, segmentation; hed/lineart: a small DPT)
-#   controlnet-<task>  train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone, from the UNet)
-#   probe-<task>       train_probe.py                                (stage 1 on the toy UNet's decoder features)
-# The evaluation models of run_experiment.py (depth-eval) are trained too but not shipped.
+# Rebuild every ShapesWorld model the package ships (src/diffusers_innercontrol/assets/shapesworld) and the fidelity
+# table, with the project's own scripts, in one command:
 #
-#   bash examples/innercontrol/shapesworld/make_bundle.sh TOY_SD_DIR WORK_DIR [JOBS]
+#   bash examples/innercontrol/shapesworld/make_bundle.sh WORK_DIR [JOBS]
 #
-# CN_INIT=DIR continues the ControlNets from DIR/controlnet-<task> where it exists (else from the UNet).
-# ASSETS_DIR overrides where the models are copied. JOBS (default 2) trainings run at once, each single-threaded: on a 2-core CPU that is faster than one
-# job with 2 threads. Steps can be changed with CN_STEPS, PROBE_STEPS and NUM_SCENES in the environment.
+#   0. toy-sd            pretrain_toy_sd.py, three runs (skipped when WORK_DIR/toy-sd or TOY_SD=DIR exists)
+#   1. reward-<task>     train_toy_evaluators.py --model_kind reward   (the models the reward loss uses)
+#      eval-<task>       train_toy_evaluators.py --model_kind eval     (wider, another seed: the evaluators)
+#      controlnet-<task> train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone)
+#      probe-<task>      train_probe.py                                (stage 1 on the toy UNet's decoder features)
+#   2. fidelity/         fidelity_scale.py: floor, VAE round trip, no-ControlNet ceiling, ControlNet, closure
+#   3. the models are copied to the package's assets (ASSETS_DIR overrides where)
+#
+# Every stage keeps what is already in WORK_DIR (weights present), so the script resumes after an interruption.
+# JOBS (default 2) trainings run at once, each single-threaded: on a 2-core CPU that is faster than one job with
+# 2 threads. The wall time of every job is appended to WORK_DIR/timings.tsv.
+# Environment: CN_STEPS, CN_LR, PROBE_STEPS, EVAL_STEPS, NUM_SCENES, FIDELITY_SCENES; CN_INIT=DIR continues the
+# ControlNets from DIR/controlnet-<task> (else they start from the UNet); TOY_SD=DIR uses that toy SD.
 set -euo pipefail
-TOY_SD=${1:?usage: make_bundle.sh TOY_SD_DIR WORK_DIR [JOBS]}
-WORK=${2:?usage: make_bundle.sh TOY_SD_DIR WORK_DIR [JOBS]}
-JOBS=${3:-2}
-CN_STEPS=${CN_STEPS:-1000}
+WORK=${1:?usage: make_bundle.sh WORK_DIR [JOBS]}
+JOBS=${2:-2}
+CN_STEPS=${CN_STEPS:-2000}
+CN_LR=${CN_LR:-5e-4}
 PROBE_STEPS=${PROBE_STEPS:-600}
-NUM_SCENES=${NUM_SCENES:-4000}
+EVAL_STEPS=${EVAL_STEPS:-1000}
+NUM_SCENES=${NUM_SCENES:-8000}
+FIDELITY_SCENES=${FIDELITY_SCENES:-256}
 HERE=$(cd "$(dirname "$0")" && pwd)
 EX=$(cd "$HERE/.." && pwd)
 ASSETS=${ASSETS_DIR:-$(python -c "from diffusers_innercontrol.quickstart import ASSETS_DIR; print(ASSETS_DIR)")}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK/logs"
+WORK=$(cd "$WORK" && pwd)
+LAUNCH="python -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+
+timed() {  # timed NAME COMMAND...: run, log to WORK/logs/NAME.log, append "NAME<TAB>seconds" to WORK/timings.tsv
+  local name=$1; shift
+  local start; start=$(date +%s)
+  "$@" > "$WORK/logs/$name.log" 2>&1 || { echo "FAILED: $name (log: $WORK/logs/$name.log)"; return 255; }
+  printf '%s\t%s\n' "$name" "$(( $(date +%s) - start ))" >> "$WORK/timings.tsv"
+}
+export -f timed
+export WORK
+
+# ---------------------------------------------------------------- 0. the toy SD
+TOY_SD=${TOY_SD:-$WORK/toy-sd}
+if [ ! -f "$TOY_SD/model_index.json" ]; then
+  P="$LAUNCH $HERE/pretrain_toy_sd.py"
+  [ -f "$WORK/toy-sd-a/model_index.json" ] || timed toy-sd-a $P --output_dir "$WORK/toy-sd-a" --num_train_samples 4000 \
+    --train_batch_size 12 --vae_steps 600 --unet_steps 3000 --use_ema --beta_schedule scaled_linear --snr_gamma 0
+  [ -f "$WORK/toy-sd-b/model_index.json" ] || timed toy-sd-b $P --output_dir "$WORK/toy-sd-b" --init_from "$WORK/toy-sd-a" \
+    --num_train_samples 6000 --train_batch_size 16 --vae_steps 0 --unet_steps 4500 --use_ema --beta_schedule scaled_linear --snr_gamma 0
+  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$WORK/toy-sd-b" --num_train_samples 8000 --render_workers 1 \
+    --train_batch_size 16 --vae_steps 400 --unet_steps 4000 --use_ema --validation_steps 1000 --offset_noise 0.15
+fi
+
+# ---------------------------------------------------------------- 1. rewards, evaluators, ControlNets, probes
 DATA="$WORK/shapes64"
 [ -f "$DATA/metadata.jsonl" ] || python -c "from diffusers_innercontrol.shapesworld import ShapesWorld; ShapesWorld(64, seed=0).save_imagefolder('$DATA', $NUM_SCENES)"
-
-LAUNCH="python -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
 jobs_list=()
 for task in hed lineart depth segmentation; do
   init=""
   [ -z "${CN_INIT:-}" ] || [ ! -d "$CN_INIT/controlnet-$task" ] || init="--controlnet_model_name_or_path $CN_INIT/controlnet-$task"
-  jobs_list+=("$LAUNCH $EX/train_innercontrol.py --task $task $init --pretrained_model_name_or_path $TOY_SD --train_data_dir $DATA \
-    --resolution 64 --alpha 0 --beta 0 --train_batch_size 16 --max_train_steps $CN_STEPS --learning_rate 1e-4 \
-    --lr_warmup_steps 100 --seed 0 --checkpointing_steps 100000 --validation_steps 500 --report_to none \
-    --output_dir $WORK/controlnet-$task > $WORK/logs/controlnet-$task.log 2>&1")
-  jobs_list+=("$LAUNCH $EX/train_probe.py --task $task --pretrained_model_name_or_path $TOY_SD --train_data_dir $DATA \
+  jobs_list+=("controlnet-$task $LAUNCH $EX/train_innercontrol.py --task $task $init --pretrained_model_name_or_path $TOY_SD \
+    --train_data_dir $DATA --resolution 64 --alpha 0 --beta 0 --train_batch_size 16 --max_train_steps $CN_STEPS \
+    --learning_rate $CN_LR --lr_scheduler cosine --lr_warmup_steps 100 --seed 0 --checkpointing_steps 500 \
+    --validation_steps 1000 --report_to none --output_dir $WORK/controlnet-$task")
+  jobs_list+=("probe-$task $LAUNCH $EX/train_probe.py --task $task --pretrained_model_name_or_path $TOY_SD --train_data_dir $DATA \
     --resolution 64 --projection_dim 64 --norm_num_groups 16 --train_batch_size 16 --max_train_steps $PROBE_STEPS \
     --learning_rate 1e-3 --seed 0 --checkpointing_steps 100000 --validation_steps $PROBE_STEPS --validation_split 64 \
-    --report_to none --output_dir $WORK/probe-$task > $WORK/logs/probe-$task.log 2>&1")
-  jobs_list+=("python $HERE/train_toy_evaluators.py --task $task --model_kind reward --output_dir $WORK/reward-$task \
-    > $WORK/logs/reward-$task.log 2>&1")
+    --report_to none --output_dir $WORK/probe-$task")
+  jobs_list+=("reward-$task python $HERE/train_toy_evaluators.py --task $task --model_kind reward --output_dir $WORK/reward-$task")
+  jobs_list+=("eval-$task python $HERE/train_toy_evaluators.py --task $task --model_kind eval --steps $EVAL_STEPS \
+    --output_dir $WORK/eval-$task")
 done
-jobs_list+=("python $HERE/train_toy_evaluators.py --task depth --model_kind eval --output_dir $WORK/eval-depth > $WORK/logs/eval-depth.log 2>&1")
-
-# a model already in WORK (weights present) is kept: the script can be rerun after an interruption
 todo=()
 for job in "${jobs_list[@]}"; do
-  out=$(echo "$job" | grep -o -- "--output_dir [^ ]*" | cut -d' ' -f2)
-  if ls "$out"/*.safetensors >/dev/null 2>&1; then echo "kept: $out"; else todo+=("$job"); fi
+  name=${job%% *}
+  if ls "$WORK/$name"/*.safetensors >/dev/null 2>&1; then echo "kept: $WORK/$name"; else todo+=("$job"); fi
 done
-[ ${#todo[@]} -eq 0 ] || printf '%s\n' "${todo[@]}" | xargs -P "$JOBS" -I{} bash -c '{} || { echo "FAILED: {}"; exit 255; }'
+[ ${#todo[@]} -eq 0 ] || printf '%s\n' "${todo[@]}" | xargs -P "$JOBS" -I{} bash -c 'timed {}'
 
+# ---------------------------------------------------------------- 2. the fidelity table
+timed fidelity python "$HERE/fidelity_scale.py" --output_dir "$WORK/fidelity" --pretrained_model_name_or_path "$TOY_SD" \
+  --controlnet "shipped=$WORK" --eval_dir "$WORK" --num_scenes "$FIDELITY_SCENES"
+
+# ---------------------------------------------------------------- 3. into the package
 mkdir -p "$ASSETS"
 rm -rf "$ASSETS/toy-sd" && cp -r "$TOY_SD" "$ASSETS/toy-sd"
 for task in hed lineart depth segmentation; do
-  for kind in controlnet probe reward; do
+  for kind in controlnet probe reward eval; do
     rm -rf "$ASSETS/$kind-$task" && mkdir -p "$ASSETS/$kind-$task"
     # the weights, configs and model cards; no checkpoints, logs or training state
     find "$WORK/$kind-$task" -maxdepth 1 -type f \( -name '*.safetensors' -o -name '*.json' -o -name 'README.md' -o -name '*.png' \) \
@@ -63,3 +97,4 @@ for task in hed lineart depth segmentation; do
   done
 done
 du -sh "$ASSETS"/*
+cat "$WORK/timings.tsv"

@@ -82,6 +82,11 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--train_batch_size", type=int, default=32)
     g.add_argument("--vae_steps", type=int, default=3000)
     g.add_argument("--vae_learning_rate", type=float, default=1e-3)
+    g.add_argument("--vae_train", type=str, default="all", choices=("all", "decoder"),
+                   help="'all': encoder and decoder; 'decoder': the decoder alone, the encoder frozen (with --init_from: the "
+                        "latent space, its scaling factor and so the UNet stay valid, as SD's fine-tuned ft-MSE VAE decoder).")
+    g.add_argument("--vae_lr_scheduler", type=str, default="constant",
+                   help="diffusers.optimization scheduler of the VAE stage (no warmup), e.g. 'cosine'.")
     g.add_argument("--kl_weight", type=float, default=1e-6,
                    help="KL weight against the per-image summed reconstruction loss (SD's autoencoder convention).")
     g.add_argument("--unet_steps", type=int, default=20000)
@@ -136,6 +141,8 @@ def validate_args(args):
         raise ConfigError("--unet_channels needs at least two blocks (one with cross-attention, one without).")
     if args.vae_steps < 0 or args.unet_steps < 0:
         raise ConfigError("--vae_steps and --unet_steps must be >= 0.")
+    if args.vae_train == "decoder" and not args.init_from:
+        raise ConfigError("--vae_train decoder fine-tunes a trained VAE's decoder: pass --init_from a toy pipeline folder.")
     if args.vae_steps == 0 and not args.init_from:
         raise ConfigError("--vae_steps 0 needs a trained VAE: pass --init_from a toy pipeline folder.")
     if args.num_train_samples < 0:
@@ -407,8 +414,15 @@ def main(args):
     if args.vae_steps > 0:
         t0 = time.time()
         vae.train()
+        if args.vae_train == "decoder":  # the encoder (and so the latent space the UNet learned) stays as it is
+            vae.encoder.requires_grad_(False)
+            if vae.quant_conv is not None:
+                vae.quant_conv.requires_grad_(False)
         model = VAETrainingWrapper(vae)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
+        vae_params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(vae_params, lr=args.vae_learning_rate, weight_decay=0.0)
+        vae_sched = get_scheduler(args.vae_lr_scheduler, optimizer=opt, num_warmup_steps=0,
+                                  num_training_steps=args.vae_steps * accelerator.num_processes)
         loader = _loader(args, ShapesWorldTrainData(
             world, tokenizer, args.vae_steps * args.train_batch_size * args.gradient_accumulation_steps,
             images=images, captions=captions_fixed, seed=args.seed,
@@ -425,8 +439,9 @@ def main(args):
                 loss = rec_loss + args.kl_weight * kl
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(vae_params, args.max_grad_norm)
                 opt.step()
+                vae_sched.step()
                 opt.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 step += 1
@@ -435,14 +450,16 @@ def main(args):
         vae = accelerator.unwrap_model(model).vae
         timings["vae_s"] = round(time.time() - t0, 1)
         accelerator.free_memory()
-        # latent scaling factor: 1 / std of the latents, measured on data (SD1.5's 0.18215 was measured the same way)
+        # latent scaling factor: 1 / std of the latents, measured on data (SD1.5's 0.18215 was measured the same way);
+        # a decoder fine-tune keeps the encoder, so its factor too
         vae.eval()
-        with torch.no_grad():
-            xs = torch.stack([ShapesWorldTrainData(world, tokenizer, 1, offset=10_000_000 + i)[0]["pixel_values"] for i in range(64)])
-            latents = vae.encode(xs.to(accelerator.device)).latent_dist.sample()
-        scaling = float(1.0 / latents.flatten().std().clamp_min(1e-6))
-        vae.register_to_config(scaling_factor=scaling)
-        logger.info(f"VAE scaling factor measured on 64 images: {scaling:.4f}")
+        if args.vae_train == "all":
+            with torch.no_grad():
+                xs = torch.stack([ShapesWorldTrainData(world, tokenizer, 1, offset=10_000_000 + i)[0]["pixel_values"] for i in range(64)])
+                latents = vae.encode(xs.to(accelerator.device)).latent_dist.sample()
+            scaling = float(1.0 / latents.flatten().std().clamp_min(1e-6))
+            vae.register_to_config(scaling_factor=scaling)
+            logger.info(f"VAE scaling factor measured on 64 images: {scaling:.4f}")
     vae.requires_grad_(False)
     vae.eval()
     vae.to(accelerator.device)

@@ -17,10 +17,10 @@ Each run is a separate `accelerate launch` process (isolation: no state leaks be
 finished is skipped when the driver is started again). Then every ControlNet is evaluated on held-out
 ShapesWorld scenes (indices after the training ones):
 
-- control fidelity with the *evaluation* models (stronger and trained separately from the reward models,
-  `train_toy_evaluators.py`): depth RMSE (`metrics.depth_rmse`, DPT evaluator), segmentation mIoU; HED with a
-  fixed edge operator (`sobel_edges`: the Sobel gradient magnitude of each RGB channel, the channel maximum,
-  divided by its per-image maximum) compared with SSIM (`metrics.edge_ssim`) against the exact soft edges;
+- control fidelity with the *evaluation* models (wider and trained separately from the reward models,
+  `train_toy_evaluators.py --model_kind eval`; default: the bundled `eval-<task>`): HED and LineArt SSIM
+  (`metrics.edge_ssim`) of the evaluator's edge map against the exact control, depth RMSE (`metrics.depth_rmse`),
+  segmentation mIoU;
 - FID with the toy evaluator's features (`EvaluatorFeatures`: the depth evaluation model's mean-pooled ViT
   tokens by default; `metrics.build_fid` with an `nn.Module`);
 - per timestep bucket, on one reference ControlNet per task (the first evaluated run), the error against the
@@ -35,8 +35,7 @@ is not installed) and the per-run folders `runs/{task}/{mode}/seed{seed}` (Contr
 
     python run_experiment.py --pretrained_model_name_or_path toy-sd --train_data_dir shapes64 \
       --depth_controlnet toy-cn-depth --hed_controlnet toy-cn-hed --depth_probe probe-depth --hed_probe probe-hed \
-      --depth_reward_model toy-depth-reward --depth_eval_model toy-depth-eval \
-      --hed_reward_model toy-hed-reward --output_dir shapesworld-experiment --jobs 2
+      --depth_reward_model toy-depth-reward --hed_reward_model toy-hed-reward --output_dir shapesworld-experiment --jobs 2
 
 `--quick` shrinks every count (2 steps, 2 conditions, 2 inference steps, 2 buckets) for the tests.
 """
@@ -60,7 +59,7 @@ logger = logging.getLogger("run_experiment")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_SCRIPT = os.path.normpath(os.path.join(HERE, "..", "train_innercontrol.py"))
-TASKS = ("hed", "depth", "segmentation")
+TASKS = ("hed", "lineart", "depth", "segmentation")
 # mode -> (label, overrides of the task's alpha / beta / reward window; None keeps the task's value)
 MODES = {
     "controlnet": ("ControlNet (diffusion loss only)", dict(alpha=0.0, beta=0.0)),
@@ -105,11 +104,11 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
         g.add_argument(f"--{task}_reward_model", type=str, default=None, help=f"The {task} reward model (train_toy_evaluators.py).")
     g.add_argument("--hed_reward_model_filename", type=str, default=None,
                    help="Weights file inside --hed_reward_model when it holds controlnet_aux HED weights (the toy HED reward is a DPT folder: none).")
-    g.add_argument("--depth_eval_model", type=str, default=None, help="The depth evaluation model (train_toy_evaluators.py --model_kind eval).")
-    g.add_argument("--segmentation_eval_model", type=str, default=None, help="The segmentation evaluation model.")
+    for task in TASKS:
+        g.add_argument(f"--{task}_eval_model", type=str, default=None,
+                       help=f"The {task} evaluation model (train_toy_evaluators.py --model_kind eval; default: the bundled eval-{task}).")
     g.add_argument("--fid_feature_model", type=str, default=None,
-                   help="Toy evaluator whose features FID uses (a DPT or UperNet folder); default: --depth_eval_model, "
-                        "else --segmentation_eval_model.")
+                   help="Toy evaluator whose features FID uses (a DPT or UperNet folder); default: the depth evaluation model.")
     g = parser.add_argument_group("training (each run)")
     g.add_argument("--max_train_steps", type=int, default=300)
     g.add_argument("--train_batch_size", type=int, default=8)
@@ -137,6 +136,11 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
             args.num_train_samples = 8
     if args.eval_start_index is None:
         args.eval_start_index = args.num_train_samples
+    from diffusers_innercontrol.quickstart import bundled_path
+
+    for task in TASKS:
+        if getattr(args, f"{task}_eval_model") is None:
+            setattr(args, f"{task}_eval_model", bundled_path(f"eval-{task}"))
     validate_args(args)
     return args
 
@@ -158,7 +162,7 @@ def validate_args(args):
             raise ValueError(f"Modes {alpha_modes} use the reward: pass --{task}_reward_model (train_toy_evaluators.py).")
         if beta_modes and not getattr(args, f"{task}_probe"):
             raise ValueError(f"Modes {beta_modes} use the alignment: pass --{task}_probe (train_probe.py).")
-        if task != "hed" and not getattr(args, f"{task}_eval_model"):
+        if not getattr(args, f"{task}_eval_model"):
             raise ValueError(f"--{task}_eval_model is needed to evaluate {task} (train_toy_evaluators.py --model_kind eval).")
     for name in ("jobs", "max_train_steps", "train_batch_size", "num_eval_conditions", "num_inference_steps", "num_buckets",
                  "num_bucket_conditions", "eval_batch_size"):
@@ -174,37 +178,6 @@ def validate_args(args):
 
 
 # --------------------------------------------------------------------------------------------- math
-def sobel_edges(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """
-    The fixed edge operator of the HED evaluation: `(B, 3, H, W)` in `[0, 1]` -> `(B, 1, H, W)` in `[0, 1]`.
-
-    Sobel gradients (3x3 kernels `[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]` and its transpose, replicate padding) of
-    each RGB channel, the magnitude `sqrt(gx^2 + gy^2)`, the maximum over the channels (so that two colours of
-    equal brightness still have an edge), divided by its per-image maximum (contrast-independent; a flat image
-    gives 0). A two-line convolution: no library operator was worth a dependency (kornia is not installed;
-    scikit-image's `sobel` works on numpy, without batches).
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"sobel_edges takes images (B, 3, H, W); got {tuple(images.shape)}.")
-    x = images.float()
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
-    kernels = torch.stack([kx, kx.t()])[:, None].repeat(3, 1, 1, 1)  # (6, 1, 3, 3): gx, gy per channel
-    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    grads = F.conv2d(padded, kernels, groups=3).view(x.shape[0], 3, 2, *x.shape[-2:])
-    magnitude = grads.pow(2).sum(2).sqrt().amax(1, keepdim=True)
-    peak = magnitude.flatten(1).amax(1).view(-1, 1, 1, 1)
-    return magnitude / (peak + eps) * (peak > eps)
-
-
-class SobelEdges(nn.Module):
-    """`sobel_edges` as a module (the HED evaluator)."""
-
-    num_classes = None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return sobel_edges(images)
-
-
 def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
     """Mean and sample standard deviation (n - 1; 0 for one value) of the numbers that are not None/NaN."""
     xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -233,40 +206,6 @@ def ensure_train_data(args):
 
     logger.info(f"Writing {args.num_train_samples} ShapesWorld scenes to {args.train_data_dir}")
     ShapesWorld(size=args.resolution, seed=args.world_seed).save_imagefolder(args.train_data_dir, args.num_train_samples)
-
-
-class ShapesWorldEvalSet:
-    """Held-out ShapesWorld scenes as `evaluation.EvalSample`s (exact controls), `set[i]` for scene `start + i`."""
-
-    def __init__(self, task: str, resolution: int, world_seed: int, start: int, n: int):
-        from diffusers_innercontrol.shapesworld import ShapesWorld
-
-        self.task, self.start, self.n = task, start, n
-        self.world = ShapesWorld(size=resolution, seed=world_seed)
-        self._cache = {}
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, index: int):
-        import numpy as np
-
-        from diffusers_innercontrol.evaluation import EvalSample
-        from diffusers_innercontrol.tasks import get_task
-
-        index = int(index)
-        if index not in self._cache:
-            s = self.world.sample(self.start + index)
-
-            def tensor(im):
-                return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-            classes = None
-            if self.task == "segmentation":
-                classes = torch.from_numpy(np.asarray(s["classes"]).astype(np.int64))
-            self._cache[index] = EvalSample(index=index, caption=s["text"], image=tensor(s["image"]),
-                                            control=tensor(s[get_task(self.task).conditioning_column]), control_classes=classes)
-        return self._cache[index]
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -383,31 +322,28 @@ class EvaluatorFeatures(nn.Module):
 
 
 def fidelity_evaluator(args, task: str):
-    """The evaluator of `compute_metrics`: Sobel for hed, the evaluation models otherwise."""
-    from diffusers_innercontrol.evaluation import DepthEvaluator, SegmentationEvaluator
+    """The evaluator of `compute_metrics`: the task's evaluation model (`evaluation.load_control_evaluator`)."""
+    from diffusers_innercontrol.evaluation import load_control_evaluator
+    from diffusers_innercontrol.tasks import get_task
 
-    if task == "hed":
-        return SobelEdges()
-    if task == "depth":
-        return DepthEvaluator.from_pretrained(args.depth_eval_model, option="--depth_eval_model")
-    return SegmentationEvaluator.from_pretrained(args.segmentation_eval_model, option="--segmentation_eval_model")
+    return load_control_evaluator(get_task(task), getattr(args, f"{task}_eval_model"), option=f"--{task}_eval_model")
 
 
 def bucket_evaluator(args, task: str) -> nn.Module:
     """The evaluator of the bucket errors, in what `losses.reward_loss_per_sample` takes (maps, or logits)."""
     from transformers import DPTForDepthEstimation, UperNetForSemanticSegmentation
 
-    from diffusers_innercontrol.rewards import DepthReward, SegmentationReward
+    from diffusers_innercontrol.rewards import DepthReward, EdgeMapReward, SegmentationReward
 
-    if task == "hed":
-        return SobelEdges()
+    if task in ("hed", "lineart"):
+        return EdgeMapReward(DPTForDepthEstimation.from_pretrained(getattr(args, f"{task}_eval_model")), task).freeze()
     if task == "depth":
         return DepthReward(DPTForDepthEstimation.from_pretrained(args.depth_eval_model)).freeze()
     return SegmentationReward(UperNetForSemanticSegmentation.from_pretrained(args.segmentation_eval_model)).freeze()
 
 
 def fid_feature_path(args) -> Optional[str]:
-    return args.fid_feature_model or args.depth_eval_model or args.segmentation_eval_model
+    return args.fid_feature_model or args.depth_eval_model
 
 
 @torch.no_grad()
@@ -552,8 +488,8 @@ def results_markdown(result: Dict) -> str:
              f"(batch {a['train_batch_size']}, lr {a['learning_rate']}), seeds {a['seeds']}; evaluated on "
              f"{a['num_eval_conditions']} held-out scenes x {len(a['generation_seeds'])} image(s), {a['num_inference_steps']} "
              f"UniPC steps, guidance {a['guidance_scale']}. Mean ± standard deviation over the seeds.", "",
-             "HED fidelity: SSIM between the Sobel edges of the image (fixed operator) and the exact soft edges; depth: "
-             "RMSE (0..255) of the toy evaluation DPT; segmentation: mIoU of the toy evaluation UperNet. FID: Fréchet "
+             "HED and LineArt fidelity: SSIM between the toy evaluation model's edge map of the image and the exact "
+             "control; depth: RMSE (0..255) of the toy evaluation DPT; segmentation: mIoU of the toy evaluation UperNet. FID: Fréchet "
              f"distance of the features of `{result.get('fid_feature_model')}`.", ""]
     for task, modes in result["table"].items():
         key, name, higher = CONTROL_METRICS[task]
@@ -639,6 +575,7 @@ def write_plots(result: Dict, output_dir: str) -> List[str]:
 def main(args) -> Dict:
     from diffusers_innercontrol.models.readout_probe import ReadoutProbe
     from diffusers_innercontrol.probe_eval import timestep_buckets
+    from diffusers_innercontrol.shapesworld import ShapesWorldEvalSet
     from diffusers_innercontrol.tasks import get_task
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
@@ -697,7 +634,7 @@ def main(args) -> Dict:
             grid.save(os.path.join(args.output_dir, grids[task_name]))
 
     result = {
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
         "runs": runs,
         "table": aggregate(runs, args.tasks, args.modes),
         "buckets": buckets,

@@ -11,12 +11,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from torch import nn
 
 FEATURE_KINDS = ("resnet", "attention")
 OUTPUT_ACTIVATIONS = ("tanh", "none")

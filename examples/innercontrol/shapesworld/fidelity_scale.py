@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""The fidelity scale of ShapesWorld: how far a ControlNet gets from "no control" towards "the real images".
+
+A control metric alone (SSIM 0.6, RMSE 30) says little in a toy world: nobody knows what the evaluator scores
+on perfect images, or on images that ignore the control. This script measures, for every task, on held-out
+scenes that no shipped model was trained on, with the task's separately trained evaluation model:
+
+| row | images scored against the scenes' exact controls |
+|---|---|
+| floor | the real images (the evaluator's own error: the best reachable) |
+| VAE round trip | `decode(encode(real image))`: the best any ControlNet can do through this autoencoder |
+| no ControlNet (ceiling) | the toy SD alone, same captions and seeds: what "not following the control" scores |
+| ControlNet | the toy SD + the ControlNet, same captions and seeds |
+
+and the closure of every ControlNet, `(ceiling - ControlNet) / (ceiling - floor)` (`metrics.fidelity_closure`;
+the same formula for metrics where higher is better), so 1 is as faithful as the real images and 0 no better
+than no control. HED and LineArt: SSIM of the evaluator's edge map against the control; depth: RMSE of 0-255
+maps; segmentation: mIoU (the paper's metrics, `metrics.ControlFidelity`).
+
+    python examples/innercontrol/shapesworld/fidelity_scale.py --output_dir fidelity
+    python examples/innercontrol/shapesworld/fidelity_scale.py --output_dir fidelity \\
+        --controlnet shipped=src/diffusers_innercontrol/assets/shapesworld --controlnet new=bundle-work
+
+With no model argument it scores the bundled models (toy SD, `controlnet-<task>`, `eval-<task>`). A
+`--controlnet LABEL=DIR` folder holds `controlnet-<task>` sub-folders. Generated images are kept under
+`--output_dir` and reused, so a stopped run resumes. Output: `fidelity.json` (every number), `fidelity.md` (a
+table per task) and `grids/<task>.png` (labelled: control | real | VAE | no ControlNet | each ControlNet).
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+logger = logging.getLogger("fidelity_scale")
+
+TASKS = ("hed", "lineart", "depth", "segmentation")
+FLOOR, VAE, CEILING = "floor", "vae", "no_controlnet"
+ROW_TITLES = {FLOOR: "floor: real images", VAE: "VAE round trip", CEILING: "ceiling: no ControlNet"}
+
+
+def _labelled_dir(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected LABEL=DIR, got {text!r}")
+    label, path = text.split("=", 1)
+    if not label or label in ROW_TITLES:
+        raise argparse.ArgumentTypeError(f"the label of {text!r} must be non-empty and not one of {sorted(ROW_TITLES)}")
+    return label, path
+
+
+def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
+    from diffusers_innercontrol.quickstart import ASSETS_DIR
+
+    p = argparse.ArgumentParser(description="ShapesWorld's fidelity scale: floor, VAE round trip, no-ControlNet ceiling, "
+                                            "ControlNets and their closure of the gap, per task.")
+    p.add_argument("--output_dir", type=str, required=True, help="Where images, fidelity.json/.md and grids go.")
+    p.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=list(TASKS),
+                   help="Comma-separated tasks (default: all four).")
+    p.add_argument("--pretrained_model_name_or_path", type=str, default=os.path.join(ASSETS_DIR, "toy-sd"),
+                   help="The toy SD pipeline folder (default: the bundled one).")
+    p.add_argument("--controlnet", type=_labelled_dir, action="append", default=None, metavar="LABEL=DIR",
+                   help="A folder with controlnet-<task> sub-folders, scored as row LABEL; repeat to compare "
+                        "(default: shipped=the bundled models).")
+    p.add_argument("--eval_dir", type=str, default=ASSETS_DIR,
+                   help="A folder with the evaluation models eval-<task> (train_toy_evaluators.py --model_kind eval; "
+                        "default: the bundled ones).")
+    p.add_argument("--num_scenes", type=int, default=256, help="Held-out scenes per task.")
+    p.add_argument("--start_index", type=int, default=100_000,
+                   help="First held-out scene (the shipped models train on scenes below 10 000).")
+    p.add_argument("--world_seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                   help="Generation seeds; every scene gets one image per seed (the same noise with and without ControlNet).")
+    p.add_argument("--num_inference_steps", type=int, default=20, help="UniPC steps (the paper's protocol).")
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--grid_scenes", type=int, default=6, help="Scenes shown in each task's grid.")
+    p.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
+    args = p.parse_args(input_args)
+    args.controlnet = args.controlnet or [("shipped", ASSETS_DIR)]
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad or not args.tasks:
+        p.error(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}.")
+    if args.num_scenes < 1 or args.start_index < 0 or args.resolution % 8:
+        p.error("--num_scenes must be >= 1, --start_index >= 0 and --resolution a multiple of 8.")
+    labels = [label for label, _ in args.controlnet]
+    if len(set(labels)) != len(labels):
+        p.error(f"--controlnet labels must differ, got {labels}.")
+    # every model must be there before anything is generated
+    missing = [path for path in [args.pretrained_model_name_or_path] if not os.path.isfile(os.path.join(path, "model_index.json"))]
+    for task in args.tasks:
+        missing += [os.path.join(d, f"controlnet-{task}") for _, d in args.controlnet
+                    if not os.path.isfile(os.path.join(d, f"controlnet-{task}", "config.json"))]
+        if not os.path.isfile(os.path.join(args.eval_dir, f"eval-{task}", "config.json")):
+            missing.append(os.path.join(args.eval_dir, f"eval-{task}"))
+    if missing:
+        p.error(f"missing model folders: {', '.join(missing)} (train them with make_bundle.sh, or pass "
+                "--pretrained_model_name_or_path / --controlnet / --eval_dir).")
+    return args
+
+
+# --------------------------------------------------------------------------------------------- images
+@torch.no_grad()
+def save_reference_images(dataset, out_dir: str, vae=None, batch_size: int = 32) -> None:
+    """The real images (`vae=None`) or their VAE round trip `decode(encode(x))` (posterior mean), as seed-0 PNGs."""
+    from diffusers_innercontrol.evaluation import image_path, save_image_atomic, tensor_to_pil
+
+    todo = [i for i in range(len(dataset)) if not os.path.isfile(image_path(out_dir, i, 0))]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        images = torch.stack([dataset[i].image for i in chunk])
+        if vae is not None:
+            x = images.to(vae.device, vae.dtype) * 2.0 - 1.0
+            images = ((vae.decode(vae.encode(x).latent_dist.mode()).sample.float() + 1.0) / 2.0).clamp(0, 1).cpu()
+        for i, image in zip(chunk, images):
+            save_image_atomic(tensor_to_pil(image), image_path(out_dir, i, 0))
+
+
+def load_evaluator(task_name: str, eval_dir: str, device):
+    from diffusers_innercontrol.evaluation import load_control_evaluator
+    from diffusers_innercontrol.tasks import get_task
+
+    path = os.path.join(eval_dir, f"eval-{task_name}")
+    return load_control_evaluator(get_task(task_name), path, device=device, option="--eval_dir")
+
+
+def grid_for(dataset, rows: Dict[str, Dict], n: int, size: int = 96):
+    """A labelled grid: a row per scene, columns control | every row's image (seed of the first image)."""
+    from PIL import Image
+
+    from diffusers_innercontrol.evaluation import image_path
+    from diffusers_innercontrol.render import labeled_grid, to_pil
+
+    labels = ["control"] + [row["title"].replace(": ", ":\n", 1) for row in rows.values()]
+    tiles = []
+    for i in range(min(n, len(dataset))):
+        sample = dataset[i]
+        line = [to_pil(sample.control)]
+        for row in rows.values():
+            line.append(Image.open(image_path(row["images"], i, row["seeds"][0])).convert("RGB"))
+        tiles.append(line)
+    return labeled_grid(tiles, labels, [f"scene {dataset.start + i}" for i in range(len(tiles))], tile_size=(size, size))
+
+
+# --------------------------------------------------------------------------------------------- report
+def fidelity_markdown(result: Dict) -> str:
+    from diffusers_innercontrol.metrics import CONTROL_METRICS
+
+    a = result["args"]
+    lines = [
+        "# ShapesWorld fidelity scale", "",
+        f"{a['num_scenes']} held-out scenes (indices {a['start_index']}-{a['start_index'] + a['num_scenes'] - 1}, world seed "
+        f"{a['world_seed']}), {len(a['seeds'])} image(s) each, {a['num_inference_steps']} UniPC steps, guidance "
+        f"{a['guidance_scale']}. Closure = (ceiling - value) / (ceiling - floor): 1 = as faithful as the real images, "
+        "0 = no better than no ControlNet.", "",
+    ]
+    for task, block in result["tasks"].items():
+        key, name, higher = CONTROL_METRICS[task]
+        lines += [f"## {task}: {name} ({'higher' if higher else 'lower'} is better)", "",
+                  "| row | " + name + " | std over images | closure |", "|---|---|---|---|"]
+        for row in block["rows"].values():
+            closure = "-" if row.get("closure") is None else f"{100 * row['closure']:.0f} %"
+            std = row.get("std")
+            lines.append(f"| {row['title']} | {row['value']:.4f} | {'-' if std is None else f'{std:.4f}'} | {closure} |")
+        lines += ["", f"Evaluator: `{block['evaluator']}`.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(args) -> Dict:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UniPCMultistepScheduler
+
+    from diffusers_innercontrol.evaluation import compute_metrics, generate_images, load_generation_pipeline
+    from diffusers_innercontrol.metrics import CONTROL_METRICS, fidelity_closure
+    from diffusers_innercontrol.shapesworld import ShapesWorldEvalSet
+    from diffusers_innercontrol.tasks import get_task
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(args.output_dir, exist_ok=True)
+    t_start = time.time()
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae").to(device).eval()
+    plain = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
+                                                    requires_safety_checker=False).to(device)
+    plain.scheduler = UniPCMultistepScheduler.from_config(plain.scheduler.config)
+    plain.set_progress_bar_config(disable=True)
+    gen = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+               negative_prompt=None, resolution=args.resolution, progress=False)
+    result = {"args": dict(vars(args)), "tasks": {}}
+    for task_name in args.tasks:
+        task = get_task(task_name)
+        key = CONTROL_METRICS[task_name][0]
+        dataset = ShapesWorldEvalSet(task, args.resolution, args.world_seed, args.start_index, args.num_scenes)
+        indices = range(len(dataset))
+        base = os.path.join(args.output_dir, task_name)
+        rows = {
+            FLOOR: {"title": ROW_TITLES[FLOOR], "images": os.path.join(base, FLOOR), "seeds": [0]},
+            VAE: {"title": ROW_TITLES[VAE], "images": os.path.join(base, VAE), "seeds": [0]},
+            CEILING: {"title": ROW_TITLES[CEILING], "images": os.path.join(base, CEILING), "seeds": list(args.seeds)},
+        }
+        t0 = time.time()
+        save_reference_images(dataset, rows[FLOOR]["images"])
+        save_reference_images(dataset, rows[VAE]["images"], vae=vae)
+        generate_images(plain, dataset, indices, rows[CEILING]["images"], seeds=args.seeds, with_control=False, **gen)
+        for label, folder in args.controlnet:
+            path = os.path.join(folder, f"controlnet-{task_name}")
+            row = {"title": f"ControlNet: {label}", "images": os.path.join(base, f"controlnet-{label}"),
+                   "seeds": list(args.seeds), "controlnet": os.path.abspath(path)}
+            pipe = load_generation_pipeline(args.pretrained_model_name_or_path, path).to(device)
+            generate_images(pipe, dataset, indices, row["images"], seeds=args.seeds, **gen)
+            rows[f"controlnet-{label}"] = row
+            del pipe
+        logger.info(f"{task_name}: images ready in {time.time() - t0:.0f} s")
+
+        evaluator = load_evaluator(task_name, args.eval_dir, device)
+        for row in rows.values():
+            metrics = compute_metrics(task, dataset, indices, row["images"], seeds=row["seeds"],
+                                      control_evaluator=evaluator, device=device, progress=False)
+            row["value"], row["std"], row["metrics"] = metrics[key], metrics.get(f"{key}_std"), metrics
+        floor, ceiling = rows[FLOOR]["value"], rows[CEILING]["value"]
+        for name, row in rows.items():
+            row["closure"] = fidelity_closure(row["value"], floor, ceiling) if name not in (FLOOR, CEILING) else None
+        os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
+        grid_for(dataset, rows, args.grid_scenes).save(os.path.join(args.output_dir, "grids", f"{task_name}.png"))
+        result["tasks"][task_name] = {"metric": key, "evaluator": os.path.abspath(os.path.join(args.eval_dir, f"eval-{task_name}")),
+                                      "rows": rows}
+        logger.info(f"{task_name}: " + ", ".join(f"{n} {r['value']:.4f}" for n, r in rows.items()))
+    result["seconds"] = round(time.time() - t_start, 1)
+    with open(os.path.join(args.output_dir, "fidelity.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(args.output_dir, "fidelity.md"), "w") as f:
+        f.write(fidelity_markdown(result))
+    print(fidelity_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())
