@@ -226,6 +226,12 @@ def test_train_probe_every_task(task_name, tmp_path, tiny_pipeline_path, data_ro
     assert probe.config.upsample_head == task.upsample_head and probe.config.feature_scale == task.feature_scale
     assert probe.config.projection_dim == 32
     assert os.path.isfile(out / "diffusion_pytorch_model.safetensors") and os.path.isdir(out / "checkpoint-2")
+    # the script froze the time embedding it copied from the UNet: after training it is still the UNet's, bit for bit
+    from diffusers import UNet2DConditionModel
+
+    unet_time = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet").time_embedding.state_dict()
+    for key, value in probe.time_embedding.state_dict().items():
+        assert torch.equal(value, unet_time[key]), key
 
     errors = json.loads((out / "probe_error.json").read_text())
     assert errors["loss"] == task.alignment_loss and errors["task"] == task_name and errors["step"] == 2
