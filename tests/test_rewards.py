@@ -93,6 +93,29 @@ def test_lineart_polarity(tiny_models):
     assert torch.equal(out, 1.0 - raw)
 
 
+@pytest.mark.parametrize("bias, lines", [(12.0, 0.0), (-12.0, 1.0)])
+def test_lineart_polarity_with_known_weights(bias, lines):
+    """
+    A LineDrawing generator with every weight 0 and the last bias `b` draws sigmoid(b) everywhere, whatever the
+    image (instance norm turns the constant features into 0): b = +12 is blank white paper (no line anywhere),
+    b = -12 is ink everywhere. ControlNet's lineart controls are white lines on black, so blank paper must read
+    as 0 and full ink as 1.
+    """
+    from diffusers_innercontrol.rewards import build_lineart_network
+
+    network = build_lineart_network()
+    with torch.no_grad():
+        for p in network.parameters():
+            p.zero_()
+        network.model4[1].bias.fill_(bias)
+    model = LineartReward(network).freeze()
+    with torch.no_grad():
+        drawn = network(_images(batch=2, size=32))
+        out = model(_images(batch=2, size=32))
+    assert (drawn - (1.0 - lines)).abs().max().item() < 1e-5  # what the generator draws, known from its weights
+    assert (out - lines).abs().max().item() < 1e-5
+
+
 def _capture_pixel_values(module):
     seen = {}
 
