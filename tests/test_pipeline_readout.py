@@ -329,9 +329,11 @@ def test_model_cpu_offload_on_cpu(tiny_pipeline_path, probe, control):
     p.enable_model_cpu_offload(device="cpu")
     assert hasattr(p.readout_probe, "_hf_hook")  # the probe is offloaded like the other components
     out = p("a", generator=_gen(), **kwargs)
-    assert np.array_equal(out.images, ref.images)
+    # the same weights and inputs; offloading may move tensors to other addresses, and oneDNN's kernel choice
+    # depends on alignment (seen on AVX-512 CPUs), so the results agree to float32 rounding, not bit for bit
+    np.testing.assert_allclose(out.images, ref.images, rtol=1e-5, atol=1e-5)
     for a, b in zip(out.readouts, ref.readouts):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator")
