@@ -71,6 +71,22 @@ def test_generate_images_saves_by_group_and_resumes(tmp_path):
     assert (stats.generated, stats.skipped) == (0, 6) and pipe.calls == []
 
 
+def test_generate_images_groups_conditions_per_call(tmp_path):
+    out = str(tmp_path)
+    os.makedirs(os.path.dirname(image_path(out, 1, 0)))
+    Image.new("RGB", (8, 8)).save(image_path(out, 1, 0))  # condition 1 has seed 0 already
+    pipe = FakePipe()
+    stats = generate_images(pipe, FakeData(), [0, 1, 2, 3, 4], out, seeds=[0, 1], resolution=8, progress=False,
+                            conditions_per_call=2)
+    assert (stats.generated, stats.skipped) == (9, 1)
+    # conditions 0+1 (3 images), 2+3 (4 images), 4 (2 images); each image with its condition's caption and seed
+    assert [c["seeds"] for c in pipe.calls] == [[0, 1, 1], [0, 1, 0, 1], [0, 1]]
+    assert pipe.calls[0]["prompt"] == ["caption 0", "caption 0", "caption 1"]
+    assert Image.open(image_path(out, 3, 1)).getpixel((0, 0)) == (10, 0, 0)
+    with pytest.raises(ValueError, match="conditions_per_call"):
+        generate_images(pipe, FakeData(), [0], out, conditions_per_call=0)
+
+
 def test_generation_protocol_and_seed_batching_is_resume_safe(tiny_pipeline_path, tmp_path):
     from diffusers import UniPCMultistepScheduler
 

@@ -79,14 +79,16 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_inference_steps", type=int, default=20, help="UniPC steps (the paper's protocol).")
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--grid_scenes", type=int, default=6, help="Scenes shown in each task's grid.")
+    p.add_argument("--scenes_per_batch", type=int, default=16,
+                   help="Scenes generated in one pipeline call (each image keeps its own seeded generator).")
     p.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
     args = p.parse_args(input_args)
     args.controlnet = args.controlnet or [("shipped", ASSETS_DIR)]
     bad = [t for t in args.tasks if t not in TASKS]
     if bad or not args.tasks:
         p.error(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}.")
-    if args.num_scenes < 1 or args.start_index < 0 or args.resolution % 8:
-        p.error("--num_scenes must be >= 1, --start_index >= 0 and --resolution a multiple of 8.")
+    if args.num_scenes < 1 or args.scenes_per_batch < 1 or args.start_index < 0 or args.resolution % 8:
+        p.error("--num_scenes and --scenes_per_batch must be >= 1, --start_index >= 0 and --resolution a multiple of 8.")
     labels = [label for label, _ in args.controlnet]
     if len(set(labels)) != len(labels):
         p.error(f"--controlnet labels must differ, got {labels}.")
@@ -189,7 +191,7 @@ def main(args) -> Dict:
     plain.scheduler = UniPCMultistepScheduler.from_config(plain.scheduler.config)
     plain.set_progress_bar_config(disable=True)
     gen = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-               negative_prompt=None, resolution=args.resolution, progress=False)
+               negative_prompt=None, resolution=args.resolution, progress=False, conditions_per_call=args.scenes_per_batch)
     result = {"args": dict(vars(args)), "tasks": {}}
     for task_name in args.tasks:
         task = get_task(task_name)
