@@ -46,6 +46,43 @@ def test_closure_refuses_no_gap_and_nan():
         fidelity_closure(float("nan"), 0.8, 0.4)
 
 
+def test_miou_from_confusion_matches_torchmetrics():
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    from diffusers_innercontrol.metrics import IGNORE_INDEX, build_miou, miou_from_confusion
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 5, (3, 6, 6), generator=g)
+    target = torch.randint(0, 4, (3, 6, 6), generator=g)  # class 4 only predicted, classes 5..9 nowhere
+    target[0, 0, :3] = IGNORE_INDEX
+    metric = build_miou(10)
+    metric.update(pred, target)
+    confusion = sum(multiclass_confusion_matrix(pred[i : i + 1], target[i : i + 1], 10, ignore_index=IGNORE_INDEX)
+                    for i in range(3))
+    assert miou_from_confusion(confusion) == pytest.approx(metric.compute().item(), abs=1e-6)
+    # by hand: 2 classes, target [0, 0, 1], prediction [0, 1, 1] -> IoU 1/2 and 1/2
+    assert miou_from_confusion(torch.tensor([[1, 1], [0, 1]])) == pytest.approx(0.5)
+
+
+def test_bootstrap_closure_ends_and_interval():
+    from diffusers_innercontrol.metrics import bootstrap_closure
+
+    g = torch.Generator().manual_seed(1)
+    floor, ceiling = 0.8 + 0.05 * torch.rand(40, generator=g), 0.4 + 0.05 * torch.rand(40, generator=g)
+    # a model equal to the floor (ceiling) on every scene closes 100 % (0 %) in every resample
+    assert bootstrap_closure(floor, ceiling, floor, num_resamples=50) | {"level": 0.95} == {
+        "low": 1.0, "high": 1.0, "level": 0.95, "num_resamples": 50}
+    zero = bootstrap_closure(floor, ceiling, ceiling, num_resamples=50)
+    assert zero["low"] == zero["high"] == 0.0
+    # a noisy model half-way: an interval around 1/2 that narrows with more scenes
+    value = (floor + ceiling) / 2 + 0.1 * (torch.rand(40, generator=g) - 0.5)
+    ci = bootstrap_closure(floor, ceiling, value, num_resamples=300)
+    point = (ceiling.mean() - value.mean()) / (ceiling.mean() - floor.mean())
+    assert ci["low"] < point.item() < ci["high"] and ci["high"] - ci["low"] < 0.3
+    with pytest.raises(ValueError, match="same >= 2 scenes"):
+        bootstrap_closure(floor, ceiling, value[:5])
+
+
 # --- the labelled grid ----------------------------------------------------------------------------
 def test_labeled_grid_places_tiles_and_draws_labels():
     red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))
@@ -142,6 +179,8 @@ def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
         expected = (rows["no_controlnet"]["value"] - rows[name]["value"]) / (rows["no_controlnet"]["value"] - floor)
         assert rows[name]["closure"] == pytest.approx(expected, rel=1e-6)
     assert rows["floor"]["closure"] is None and rows["no_controlnet"]["closure"] is None
+    ci = rows["controlnet-tiny"]["closure_ci"]
+    assert ci["low"] <= ci["high"] and ci["level"] == 0.95
 
     saved_json = json.loads((out / "fidelity.json").read_text())
     assert saved_json["tasks"]["depth"]["rows"]["floor"]["value"] == pytest.approx(floor, rel=1e-5)

@@ -449,6 +449,7 @@ def compute_metrics(
     clip_score=None,
     device=None,
     progress: bool = True,
+    fidelity: Optional[ControlFidelity] = None,
 ) -> Dict:
     """
     Control fidelity, FID and CLIP score of the saved images of `indices` x `seeds`.
@@ -458,6 +459,8 @@ def compute_metrics(
         fid: a torchmetrics FID (`metrics.build_fid`); real images are the conditions' images at the
             generation resolution, fake ones all generated images.
         clip_score: a torchmetrics CLIPScore (`metrics.build_clip_score`), images against their captions.
+        fidelity: the `metrics.ControlFidelity` to accumulate into (default: a new one); pass your own to read its
+            per-image values afterwards (e.g. for a bootstrap over conditions).
 
     Returns:
         a dict with the control metrics (`ssim`, `ms_ssim`, `rmse` or `miou`, with `*_std`), `fid`, `clip_score`,
@@ -465,7 +468,8 @@ def compute_metrics(
     """
     from tqdm.auto import tqdm
 
-    fidelity = ControlFidelity(task.name, num_classes=getattr(control_evaluator, "num_classes", None) or task.num_classes)
+    if fidelity is None:
+        fidelity = ControlFidelity(task.name, num_classes=getattr(control_evaluator, "num_classes", None) or task.num_classes)
     if device is not None:  # metric states (and CLIP, FID's network) live where the images are sent
         fid = fid.to(device) if fid is not None else None
         clip_score = clip_score.to(device) if clip_score is not None else None

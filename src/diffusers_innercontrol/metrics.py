@@ -197,7 +197,8 @@ class ControlFidelity:
     `num_images`.
     """
 
-    def __init__(self, task_name: str, num_classes: Optional[int] = None, quantize_depth: bool = True):
+    def __init__(self, task_name: str, num_classes: Optional[int] = None, quantize_depth: bool = True,
+                 keep_confusion: bool = False):
         if task_name not in CONTROL_METRICS:
             raise ValueError(f"Unknown task {task_name!r}: choose one of {', '.join(CONTROL_METRICS)}.")
         self.task_name = task_name
@@ -205,6 +206,9 @@ class ControlFidelity:
         self.values: Dict[str, List[float]] = {}
         self.num_images = 0
         self.miou = None
+        # segmentation: one confusion matrix per `update` call (per condition in `compute_metrics`), for resampling
+        self.confusions: Optional[List[torch.Tensor]] = [] if keep_confusion else None
+        self.num_classes = num_classes
         if task_name == "segmentation":
             if not num_classes:
                 raise ValueError("The segmentation metric needs num_classes (150 for ADE20K).")
@@ -237,6 +241,11 @@ class ControlFidelity:
             if control_classes is None:
                 raise ValueError("The segmentation metric needs control_classes (B, H, W).")
             self.miou.update(prediction.long(), control_classes.detach().cpu().long())
+            if self.confusions is not None:
+                from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+                self.confusions.append(multiclass_confusion_matrix(
+                    prediction.long(), control_classes.detach().cpu().long(), self.num_classes, ignore_index=IGNORE_INDEX))
         self.num_images += prediction.shape[0]
         return self
 
@@ -390,6 +399,51 @@ def build_clip_score(model_name_or_path: str = DEFAULT_CLIP_MODEL, option: str =
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """`(B, 3, H, W)` in `[0, 1]` -> `uint8` 0..255 (what CLIPScore's processor expects)."""
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def miou_from_confusion(confusion: torch.Tensor) -> float:
+    """
+    mIoU of a confusion matrix `(K, K)` (rows: target, columns: prediction), as `MulticlassJaccardIndex(average=
+    "macro")` computes it: IoU = tp / (tp + fp + fn) per class, averaged over the classes present in the target
+    or the prediction. For resampling scenes (`bootstrap_closure`) from per-scene matrices.
+    """
+    c = confusion.double()
+    tp = c.diag()
+    union = c.sum(0) + c.sum(1) - tp
+    present = union > 0
+    return (tp[present] / union[present]).mean().item() if present.any() else float("nan")
+
+
+def bootstrap_closure(floor, ceiling, value, num_resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                      reduce=None) -> Dict[str, float]:
+    """
+    A paired bootstrap of `fidelity_closure` over scenes: `(low, high)` of its `level` interval.
+
+    Args:
+        floor, ceiling, value: per-scene results of the three rows on the same scenes, `(N,)` metric values
+            (averaged with `reduce=None`), or `(N, K, K)` per-scene confusion matrices with
+            `reduce=miou_from_confusion` applied to their sum.
+        num_resamples: bootstrap resamples (scenes drawn with replacement, the same draw for the three rows).
+    """
+    rows = [torch.as_tensor(x) for x in (floor, ceiling, value)]
+    n = rows[0].shape[0]
+    if n < 2 or any(r.shape[0] != n for r in rows):
+        raise ValueError(f"bootstrap_closure needs the same >= 2 scenes for every row, got {[r.shape[0] for r in rows]}.")
+
+    def stat(r, idx):
+        return reduce(r[idx].sum(0)) if reduce is not None else r[idx].double().mean().item()
+
+    generator = torch.Generator().manual_seed(seed)
+    closures = []
+    for _ in range(num_resamples):
+        idx = torch.randint(0, n, (n,), generator=generator)
+        f, c, v = (stat(r, idx) for r in rows)
+        if c != f:
+            closures.append((c - v) / (c - f))
+    q = torch.tensor(closures, dtype=torch.float64)
+    tail = (1.0 - level) / 2
+    return {"low": torch.quantile(q, tail).item(), "high": torch.quantile(q, 1 - tail).item(), "level": level,
+            "num_resamples": len(closures)}
 
 
 def fidelity_closure(value: float, floor: float, ceiling: float) -> float:

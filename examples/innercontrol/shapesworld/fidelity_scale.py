@@ -81,6 +81,8 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--grid_scenes", type=int, default=6, help="Scenes shown in each task's grid.")
     p.add_argument("--scenes_per_batch", type=int, default=16,
                    help="Scenes generated in one pipeline call (each image keeps its own seeded generator).")
+    p.add_argument("--bootstrap_resamples", type=int, default=1000,
+                   help="Resamples of the scenes for the 95 %% interval of every closure (paired over the rows).")
     p.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
     args = p.parse_args(input_args)
     args.controlnet = args.controlnet or [("shipped", ASSETS_DIR)]
@@ -163,11 +165,14 @@ def fidelity_markdown(result: Dict) -> str:
     for task, block in result["tasks"].items():
         key, name, higher = CONTROL_METRICS[task]
         lines += [f"## {task}: {name} ({'higher' if higher else 'lower'} is better)", "",
-                  "| row | " + name + " | std over images | closure |", "|---|---|---|---|"]
+                  "| row | " + name + " | std over images | closure | 95 % interval (bootstrap over scenes) |",
+                  "|---|---|---|---|---|"]
         for row in block["rows"].values():
             closure = "-" if row.get("closure") is None else f"{100 * row['closure']:.0f} %"
+            ci = row.get("closure_ci")
+            interval = "-" if not ci else f"{100 * ci['low']:.0f} - {100 * ci['high']:.0f} %"
             std = row.get("std")
-            lines.append(f"| {row['title']} | {row['value']:.4f} | {'-' if std is None else f'{std:.4f}'} | {closure} |")
+            lines.append(f"| {row['title']} | {row['value']:.4f} | {'-' if std is None else f'{std:.4f}'} | {closure} | {interval} |")
         lines += ["", f"Evaluator: `{block['evaluator']}`.", ""]
     return "\n".join(lines)
 
@@ -177,7 +182,13 @@ def main(args) -> Dict:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UniPCMultistepScheduler
 
     from diffusers_innercontrol.evaluation import compute_metrics, generate_images, load_generation_pipeline
-    from diffusers_innercontrol.metrics import CONTROL_METRICS, fidelity_closure
+    from diffusers_innercontrol.metrics import (
+        CONTROL_METRICS,
+        ControlFidelity,
+        bootstrap_closure,
+        fidelity_closure,
+        miou_from_confusion,
+    )
     from diffusers_innercontrol.shapesworld import ShapesWorldEvalSet
     from diffusers_innercontrol.tasks import get_task
 
@@ -219,13 +230,26 @@ def main(args) -> Dict:
         logger.info(f"{task_name}: images ready in {time.time() - t0:.0f} s")
 
         evaluator = load_evaluator(task_name, args.eval_dir, device)
-        for row in rows.values():
-            metrics = compute_metrics(task, dataset, indices, row["images"], seeds=row["seeds"],
-                                      control_evaluator=evaluator, device=device, progress=False)
-            row["value"], row["std"], row["metrics"] = metrics[key], metrics.get(f"{key}_std"), metrics
-        floor, ceiling = rows[FLOOR]["value"], rows[CEILING]["value"]
+        per_scene = {}
         for name, row in rows.items():
-            row["closure"] = fidelity_closure(row["value"], floor, ceiling) if name not in (FLOOR, CEILING) else None
+            fidelity = ControlFidelity(task_name, num_classes=getattr(evaluator, "num_classes", None) or task.num_classes,
+                                       keep_confusion=True)
+            metrics = compute_metrics(task, dataset, indices, row["images"], seeds=row["seeds"], control_evaluator=evaluator,
+                                      device=device, progress=False, fidelity=fidelity)
+            row["value"], row["std"], row["metrics"] = metrics[key], metrics.get(f"{key}_std"), metrics
+            if task.is_segmentation:  # one confusion matrix per scene
+                per_scene[name] = torch.stack(fidelity.confusions)
+            else:  # the images of a scene (one per seed) averaged
+                per_scene[name] = torch.tensor(fidelity.values[key], dtype=torch.float64).view(len(dataset), -1).mean(1)
+        floor, ceiling = rows[FLOOR]["value"], rows[CEILING]["value"]
+        reduce = miou_from_confusion if task.is_segmentation else None
+        for name, row in rows.items():
+            row["closure"] = row["closure_ci"] = None
+            if name not in (FLOOR, CEILING):
+                row["closure"] = fidelity_closure(row["value"], floor, ceiling)
+                if len(dataset) >= 2:
+                    row["closure_ci"] = bootstrap_closure(per_scene[FLOOR], per_scene[CEILING], per_scene[name],
+                                                          num_resamples=args.bootstrap_resamples, reduce=reduce)
         os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
         grid_for(dataset, rows, args.grid_scenes).save(os.path.join(args.output_dir, "grids", f"{task_name}.png"))
         result["tasks"][task_name] = {"metric": key, "evaluator": os.path.abspath(os.path.join(args.eval_dir, f"eval-{task_name}")),
