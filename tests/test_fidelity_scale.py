@@ -152,11 +152,14 @@ def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
     args = fs.parse_args([
         "--output_dir", str(out), "--tasks", "depth", "--pretrained_model_name_or_path", tiny_pipeline_path,
         "--controlnet", f"tiny={cn_dir}", "--eval_dir", str(eval_dir), "--num_scenes", "3", "--start_index", "7",
+        "--vae", f"same={tiny_pipeline_path}",
         "--resolution", "32", "--num_inference_steps", "2", "--grid_scenes", "2", "--device", "cpu",
     ])
     result = fs.main(args)
     rows = result["tasks"]["depth"]["rows"]
-    assert list(rows) == ["floor", "vae", "no_controlnet", "controlnet-tiny"]
+    assert list(rows) == ["floor", "vae", "vae-same", "no_controlnet", "controlnet-tiny"]
+    # another autoencoder's row: here the same one, so the same score
+    assert rows["vae-same"]["value"] == pytest.approx(rows["vae"]["value"], rel=1e-6)
 
     # the floor, recomputed: the evaluator on the real images against their controls
     dataset = ShapesWorldEvalSet("depth", 32, 0, 7, 3)

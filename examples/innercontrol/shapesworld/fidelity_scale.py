@@ -66,6 +66,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--controlnet", type=_labelled_dir, action="append", default=None, metavar="LABEL=DIR",
                    help="A folder with controlnet-<task> sub-folders, scored as row LABEL; repeat to compare "
                         "(default: shipped=the bundled models).")
+    p.add_argument("--vae", type=_labelled_dir, action="append", default=[], metavar="LABEL=DIR",
+                   help="Another autoencoder (a pipeline folder with vae/, or an AutoencoderKL folder) whose round trip is "
+                        "scored as an extra row: to compare autoencoders on the same scale before training a UNet on one.")
     p.add_argument("--eval_dir", type=str, default=ASSETS_DIR,
                    help="A folder with the evaluation models eval-<task> (train_toy_evaluators.py --model_kind eval; "
                         "default: the bundled ones).")
@@ -91,11 +94,13 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}.")
     if args.num_scenes < 1 or args.scenes_per_batch < 1 or args.start_index < 0 or args.resolution % 8:
         p.error("--num_scenes and --scenes_per_batch must be >= 1, --start_index >= 0 and --resolution a multiple of 8.")
-    labels = [label for label, _ in args.controlnet]
+    labels = [label for label, _ in args.controlnet] + [label for label, _ in args.vae]
     if len(set(labels)) != len(labels):
-        p.error(f"--controlnet labels must differ, got {labels}.")
+        p.error(f"--controlnet and --vae labels must differ, got {labels}.")
     # every model must be there before anything is generated
     missing = [path for path in [args.pretrained_model_name_or_path] if not os.path.isfile(os.path.join(path, "model_index.json"))]
+    missing += [path for _, path in args.vae if not os.path.isfile(os.path.join(path, "vae", "config.json"))
+                and not os.path.isfile(os.path.join(path, "config.json"))]
     for task in args.tasks:
         missing += [os.path.join(d, f"controlnet-{task}") for _, d in args.controlnet
                     if not os.path.isfile(os.path.join(d, f"controlnet-{task}", "config.json"))]
@@ -197,6 +202,11 @@ def main(args) -> Dict:
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae").to(device).eval()
+    extra_vaes = {
+        label: AutoencoderKL.from_pretrained(path, **({"subfolder": "vae"} if os.path.isdir(os.path.join(path, "vae")) else {}))
+        .to(device).eval()
+        for label, path in args.vae
+    }
     plain = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
                                                     requires_safety_checker=False).to(device)
     plain.scheduler = UniPCMultistepScheduler.from_config(plain.scheduler.config)
@@ -213,11 +223,16 @@ def main(args) -> Dict:
         rows = {
             FLOOR: {"title": ROW_TITLES[FLOOR], "images": os.path.join(base, FLOOR), "seeds": [0]},
             VAE: {"title": ROW_TITLES[VAE], "images": os.path.join(base, VAE), "seeds": [0]},
-            CEILING: {"title": ROW_TITLES[CEILING], "images": os.path.join(base, CEILING), "seeds": list(args.seeds)},
         }
         t0 = time.time()
         save_reference_images(dataset, rows[FLOOR]["images"])
         save_reference_images(dataset, rows[VAE]["images"], vae=vae)
+        for label, path in args.vae:
+            row = {"title": f"VAE round trip: {label}", "images": os.path.join(base, f"vae-{label}"), "seeds": [0],
+                   "vae": os.path.abspath(path)}
+            save_reference_images(dataset, row["images"], vae=extra_vaes[label])
+            rows[f"vae-{label}"] = row
+        rows[CEILING] = {"title": ROW_TITLES[CEILING], "images": os.path.join(base, CEILING), "seeds": list(args.seeds)}
         generate_images(plain, dataset, indices, rows[CEILING]["images"], seeds=args.seeds, with_control=False, **gen)
         for label, folder in args.controlnet:
             path = os.path.join(folder, f"controlnet-{task_name}")

@@ -69,6 +69,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--vae_channels", type=_channels, default=(32, 64, 64),
                    help="VAE block widths; len - 1 downsamplings (3 blocks: scale factor 4, 64 px -> 16 px latents).")
     g.add_argument("--vae_layers_per_block", type=int, default=1)
+    g.add_argument("--latent_channels", type=int, default=4,
+                   help="Latent channels of the VAE and so the UNet's input/output (SD1.5: 4; SD3 and FLUX: 16, which "
+                        "keeps small shapes through the autoencoder at the same latent size).")
     g.add_argument("--unet_channels", type=_channels, default=(32, 64, 96),
                    help="UNet block widths; every block but the last has cross-attention (SD1.5's layout).")
     g.add_argument("--layers_per_block", type=int, default=2, help="UNet layers per block (SD1.5: 2).")
@@ -145,6 +148,8 @@ def validate_args(args):
         raise ConfigError("--vae_train decoder fine-tunes a trained VAE's decoder: pass --init_from a toy pipeline folder.")
     if args.vae_steps == 0 and not args.init_from:
         raise ConfigError("--vae_steps 0 needs a trained VAE: pass --init_from a toy pipeline folder.")
+    if args.latent_channels < 1:
+        raise ConfigError(f"--latent_channels must be >= 1, got {args.latent_channels}.")
     if args.num_train_samples < 0:
         raise ConfigError(f"--num_train_samples must be >= 0, got {args.num_train_samples}.")
     if not 0.0 <= args.caption_dropout < 1.0:
@@ -163,14 +168,14 @@ def build_models(args, tokenizer):
     n_vae, n_unet = len(args.vae_channels), len(args.unet_channels)
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
+        in_channels=3, out_channels=3, latent_channels=args.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
         block_out_channels=args.vae_channels, layers_per_block=args.vae_layers_per_block,
         norm_num_groups=args.norm_num_groups, sample_size=args.resolution,
     )
     latent_size = args.resolution // 2 ** (n_vae - 1)
     unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4,
+        sample_size=latent_size, in_channels=args.latent_channels, out_channels=args.latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
         block_out_channels=args.unet_channels, layers_per_block=args.layers_per_block,
