@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -487,3 +488,64 @@ def test_check_finite_names_the_first_bad_term(script, tmp_path):
     os.makedirs(tmp_path / "checkpoint-5")
     assert f"The last checkpoint, {tmp_path / 'checkpoint-5'}, is kept" in script.nan_message(out, "alignment", 7, 1, str(tmp_path))
     assert script.nan_message(out, None, 7, 1, str(tmp_path)).startswith("A loss on another process is not finite")
+
+
+@pytest.mark.e2e
+def test_logged_losses_match_a_recomputation_of_the_first_step(assets, tmp_path):
+    """One InnerControl step through `accelerate launch`: the losses it logs are those of the first batch, recomputed
+    here from the same files and the script's seeded generator (the diffusion loss written out by hand)."""
+    import re
+
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusers_innercontrol import ReadoutProbe, get_task
+    from diffusers_innercontrol.data import prepare_control
+    from diffusers_innercontrol.rewards import load_reward_model
+    from diffusers_innercontrol.tiny import conditioning_channels_for
+    from diffusers_innercontrol.training import controlnet_step, encode_images
+
+    data = write_toy_dataset(str(tmp_path / "one"), "depth", num_samples=1, size=32)  # one sample: the first batch is known
+    args = base_args(assets, "depth", tmp_path / "out", steps=1, train_batch_size=1)
+    args[args.index("--train_data_dir") + 1] = data
+    _, log = launch(args)
+    logged = {k: float(v) for k, v in re.findall(r"'(loss\w*)': ([-0-9.e]+)", log.split("last losses", 1)[1].split("\n")[0])}
+    assert {"loss", "loss_diffusion", "loss_reward", "loss_alignment"} <= set(logged)
+
+    pipe = assets["pipe"]
+    unet = UNet2DConditionModel.from_pretrained(pipe, subfolder="unet").requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(pipe, subfolder="vae").requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(pipe, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(pipe, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(pipe, subfolder="scheduler")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(
+        2 ** (len(vae.config.block_out_channels) - 1)))
+    task = get_task("depth")
+    task = task.replace(reward_window=(0, 999), alignment_window=(0, 999))  # as base_args sets them
+    probe = ReadoutProbe.from_pretrained(assets["depth"]["probe"]).requires_grad_(False)
+    reward = load_reward_model("depth", assets["depth"]["reward"])
+
+    image = Image.open(os.path.join(data, "000.png")).convert("RGB")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    control = prepare_control(Image.open(os.path.join(data, "controls", "000.png")), task, 32, 0)[None]
+    ids = tokenizer("a toy picture number 0", max_length=tokenizer.model_max_length, padding="max_length",
+                    truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = text_encoder(ids)[0]
+        gen = load_script().step_generator(0, "cpu", 0, 0, 0)  # the script's generator of epoch 0, batch 0
+        latents = encode_images(vae, pixels, generator=gen)
+        # the diffusion loss by hand: noise, then t, drawn from the same generator (the step's order)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, t)
+        down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=control, return_dict=False)
+        pred = unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+        assert logged["loss_diffusion"] == pytest.approx(((pred - noise) ** 2).mean().item(), rel=1e-4, abs=2e-6)
+        out = controlnet_step(task=task, unet=unet, controlnet=controlnet, noise_scheduler=scheduler, latents=latents,
+                              encoder_hidden_states=hidden, control=control, vae=vae, reward_model=reward, probe=probe,
+                              noise=noise, timesteps=t)
+    for key, value in out.logs().items():
+        if key in logged:
+            assert logged[key] == pytest.approx(value, rel=1e-4, abs=2e-6), key
