@@ -153,6 +153,8 @@ def test_import_matches_original(tiny_components, tmp_path, sequential):
     if not sequential:  # without the flip the probe embeds t itself
         unflipped = load_readout_guidance_checkpoint(path, unet, flip_timesteps=False, task="depth")
         assert unflipped.config.task == "depth" and not unflipped.config.flip_timesteps
+        assert unflipped.config.task_preset == "released"  # imported probes get the released readout mapping
+        assert probe.config.task is None and probe.config.task_preset is None
         with torch.no_grad():
             expected_t = _reference_forward(checkpoint, feats, unet.time_embedding(unet.time_proj(t)))
             assert torch.allclose(unflipped(feats, t).sample, expected_t, atol=1e-5)
@@ -254,3 +256,14 @@ def test_command_line_writes_save_pretrained_folder(tiny_pipeline_path, tmp_path
     assert os.path.isfile(os.path.join(out, "diffusion_pytorch_model.safetensors"))
     probe = ReadoutProbe.from_pretrained(out)
     assert torch.equal(probe.mixing_weights.data, _rg_checkpoint(seed=4)["aggregation_network"]["mixing_weights"])
+    # an imported LineArt probe records the released preset, and so passes its check under it and not under paper
+    from diffusers_innercontrol.tasks import check_probe_task, get_task
+
+    lineart = os.path.join(tmp_path, "lineart")
+    convert_main(["--checkpoint", path, "--pretrained_model_name_or_path", tiny_pipeline_path, "--output_dir", lineart,
+                  "--task", "lineart"])
+    config = ReadoutProbe.from_pretrained(lineart).config
+    assert (config.task, config.task_preset) == ("lineart", "released")
+    check_probe_task(config, get_task("lineart", "released"))
+    with pytest.raises(ValueError, match="--preset released"):
+        check_probe_task(config, get_task("lineart", "paper"))

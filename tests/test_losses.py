@@ -245,14 +245,33 @@ def test_alignment_lineart_paper_and_released():
     control = gray([[1.0, 0.0], [0.0, 1.0]])
     paper = (1.0 + 0.25**2 + 0.5**2 + 0.25**2) / 4
     assert alignment_loss_per_sample(get_task("lineart"), probe_out, control).item() == pytest.approx(paper)
-    # released: min-max -> [[0, 1/3], [2/3, 1]], inverted -> [[1, 2/3], [1/3, 0]]
-    released = (0.0 + (2 / 3) ** 2 + (1 / 3) ** 2 + 1.0) / 4
+    # released: min-max -> [[0, 1/3], [2/3, 1]] against the control [[1, 0], [0, 1]]
+    released = (1.0 + (1 / 3) ** 2 + (2 / 3) ** 2 + 0.0) / 4
     task = get_task("lineart", preset="released")
     assert alignment_loss_per_sample(task, probe_out, control).item() == pytest.approx(released)
-    minmax_only = task.replace(alignment_invert=False)
-    assert alignment_loss_per_sample(minmax_only, probe_out, control).item() == pytest.approx(
-        (1.0 + (1 / 3) ** 2 + (2 / 3) ** 2 + 0.0) / 4
+    # a readout of the control's own polarity costs 0 under the released mapping
+    assert alignment_loss_per_sample(task, tanh_map([[1.0, -1.0], [-1.0, 1.0]]), control).item() == pytest.approx(0.0)
+    inverted = task.replace(alignment_invert=True)  # the option is kept: 1 - min-max -> [[1, 2/3], [1/3, 0]]
+    assert alignment_loss_per_sample(inverted, probe_out, control).item() == pytest.approx(
+        (0.0 + (2 / 3) ** 2 + (1 / 3) ** 2 + 1.0) / 4
     )
+
+
+def test_released_lineart_alignment_is_the_released_formula():
+    """A transcription of the released stage-2 LineArt alignment: `labels` is the LineDrawing model's raw output
+    (dark lines on white), the ControlNet gets `1 - labels`; the readout `(tanh + 1) / 2` is min-max normalised per
+    sample, inverted, and compared with `labels` by MSE. Ours takes the ControlNet's control."""
+    g = torch.Generator().manual_seed(3)
+    tanh_out = torch.tanh(torch.randn(3, 1, 8, 8, generator=g))
+    labels = torch.rand(3, 1, 8, 8, generator=g)  # raw LineDrawing output
+
+    unit = (tanh_out + 1) / 2
+    lo, hi = unit.amin((1, 2, 3), keepdim=True), unit.amax((1, 2, 3), keepdim=True)
+    released = ((1 - (unit - lo) / (hi - lo) - labels) ** 2).mean((1, 2, 3))
+
+    control = (1 - labels).expand(-1, 3, -1, -1)  # what the ControlNet is given, as an RGB control
+    ours = alignment_loss_per_sample(get_task("lineart", preset="released"), tanh_out, control)
+    torch.testing.assert_close(ours, released, rtol=1e-4, atol=1e-6)
 
 
 def test_alignment_segmentation_cross_entropy():

@@ -44,12 +44,12 @@ def test_hed_lines_are_white_on_black_and_channels_averaged():
     np.testing.assert_array_equal(_grey(img), [[0, 255, 128]])
 
 
-def test_released_lineart_preset_is_min_max_normalised_and_inverted():
+def test_released_lineart_preset_is_min_max_normalised():
     task = get_task("lineart", preset="released")
-    # unit values 0.25, 0.5, 0.75 -> min-max 0, 0.5, 1 -> inverted 1, 0.5, 0
+    # unit values 0.25, 0.5, 0.75 -> min-max 0, 0.5, 1 (white lines on black, as the control)
     readout = torch.tensor([-0.5, 0.0, 0.5]).view(1, 1, 1, 3).expand(1, 3, 1, 3)
     (img,) = render_readout(readout, task)
-    np.testing.assert_array_equal(_grey(img), [[255, 128, 0]])
+    np.testing.assert_array_equal(_grey(img), [[0, 128, 255]])
 
 
 def test_segmentation_logits_render_through_the_ade20k_palette():

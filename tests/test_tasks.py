@@ -80,9 +80,9 @@ def test_released_preset(name):
     assert task.alpha == alpha and tuple(task.reward_window) == reward_window
     assert task.beta == 1.0 and tuple(task.alignment_window) == (0, 920)
     assert (task.feature_kind, task.feature_scale, task.upsample_head) == ("attention", 1.0, False)
-    # the released alignment loss: a plain MSE on (tanh + 1) / 2; LineArt min-max normalised and inverted
+    # the released alignment loss: a plain MSE on (tanh + 1) / 2; LineArt min-max normalised (fitted to the control)
     assert task.alignment_loss == "mse"
-    assert (task.alignment_minmax, task.alignment_invert) == ((True, True) if name == "lineart" else (False, False))
+    assert (task.alignment_minmax, task.alignment_invert) == ((True, False) if name == "lineart" else (False, False))
     # what the launchers do not change stays the paper's
     assert (task.reward_loss, task.probe_out_channels, task.output_activation) == (
         paper.reward_loss, paper.probe_out_channels, paper.output_activation
@@ -172,6 +172,11 @@ def test_probe_task_and_preset_are_checked():
     lineart_paper = SimpleNamespace(task="lineart", task_preset="paper")
     check_probe_task(lineart_paper, get_task("lineart"))  # same task and preset
     check_probe_task(SimpleNamespace(task=None, task_preset=None), get_task("hed"))  # imported: unknown
+    # LineArt's mapping depends on the preset: a probe that records none does not pass silently under either
+    for preset in ("paper", "released"):
+        for config in (SimpleNamespace(task=None, task_preset=None), SimpleNamespace(task="lineart", task_preset=None)):
+            with pytest.raises(ValueError, match="records no task preset"):
+                check_probe_task(config, get_task("lineart", preset))
     with pytest.raises(ValueError, match="trained for the 'lineart' task, not 'hed'"):
         check_probe_task(lineart_paper, get_task("hed"))
     with pytest.raises(ValueError, match="--preset paper"):  # LineArt's readout mapping differs between presets

@@ -182,6 +182,7 @@ def load_readout_guidance_checkpoint(
     probe_class=None,
     flip_timesteps: bool = True,
     task: Optional[str] = None,
+    task_preset: Optional[str] = "released",
 ):
     r"""
     Import a probe in Readout Guidance's checkpoint format into a [`ReadoutProbe`].
@@ -207,6 +208,10 @@ def load_readout_guidance_checkpoint(
             `bottleneck_sequential` checkpoints (their blocks ignore the timestep).
         task (`str`, *optional*): The task the probe reads (`hed`, `lineart`, `depth`, `segmentation`), recorded
             in its config so that the training script and the readout pipeline check and render it.
+        task_preset (`str`, *optional*, defaults to `"released"`): The preset whose readout mapping the probe was
+            trained with, recorded next to `task`. Released InnerControl probes were trained with the released
+            code's mapping (LineArt: min-max normalised), hence the default; `None` records none (such a LineArt
+            probe is then refused until its preset is known).
 
     Notes:
         - `bottleneck_sequential=True` checkpoints (keys `bottleneck_layers.{l}.0.*`): the original forward
@@ -300,6 +305,7 @@ def load_readout_guidance_checkpoint(
         flip_timesteps=bool(flip_timesteps) and not sequential,
         num_train_timesteps=int(config.get("num_timesteps", 1000) or 1000),
         task=task,
+        task_preset=task_preset if task is not None else None,
     )
     probe.load_state_dict(readout_guidance_state_dict_to_probe(state, probe, sequential), strict=True)
     return probe.eval()
@@ -319,6 +325,9 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="Where `save_pretrained` writes the probe.")
     parser.add_argument("--task", default=None, choices=["hed", "lineart", "depth", "segmentation"],
                         help="The task the probe reads (recorded in its config).")
+    parser.add_argument("--preset", default="released", choices=["paper", "released"],
+                        help="The preset whose readout mapping the probe was trained with (recorded with --task). "
+                             "Default: released, as InnerControl's released probes (LineArt: min-max normalised).")
     parser.add_argument("--no_flip_timesteps", action="store_true",
                         help="Embed t itself (Readout Guidance's trainer embedded 999 - t; see the function's docstring).")
     return parser.parse_args(argv)
@@ -335,6 +344,7 @@ def main(argv=None):
     probe = load_readout_guidance_checkpoint(
         args.checkpoint, unet, trust_pickle=args.trust_pickle, feature_kind=args.feature_kind,
         norm_num_groups=args.norm_num_groups, flip_timesteps=not args.no_flip_timesteps, task=args.task,
+        task_preset=args.preset,
     )
     probe.save_pretrained(args.output_dir)
     print(f"Saved a ReadoutProbe ({probe.num_probe_parameters / 1e6:.2f} M parameters) to {args.output_dir}")

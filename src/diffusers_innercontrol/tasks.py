@@ -150,7 +150,10 @@ _PAPER: Dict[str, Task] = {
 _RELEASED_CHANGES = {
     "depth": dict(alpha=0.5, reward_window=(0, 400)),
     "hed": dict(alpha=1.0, reward_window=(0, 200), alignment_loss="mse"),
-    "lineart": dict(alpha=1.0, reward_window=(0, 200), alignment_minmax=True, alignment_invert=True),
+    # The released LineArt alignment compares 1 - minmax(readout) with the LineDrawing model's raw output (dark lines
+    # on white) while the ControlNet gets 1 - that output: in effect minmax(readout) is fitted to the ControlNet's
+    # control (white lines on black), so no inversion here.
+    "lineart": dict(alpha=1.0, reward_window=(0, 200), alignment_minmax=True),
 }
 
 
@@ -177,13 +180,31 @@ def get_task(name: str, preset: str = "paper") -> Task:
     return task.validate()
 
 
+def _mapping(task: "Task"):
+    return (task.alignment_minmax, task.alignment_invert)
+
+
+# tasks whose readout -> control mapping depends on the preset (LineArt: min-max under `released`)
+_PRESET_DEPENDENT_MAPPING = tuple(
+    name for name in _RELEASED_CHANGES if _mapping(_PAPER[name]) != _mapping(dataclasses.replace(_PAPER[name], **_RELEASED_CHANGES[name]))
+)
+
+
 def check_probe_task(probe_config, task: "Task") -> None:
     """
-    Refuse a probe trained for another task, or with a preset that maps its readout differently (LineArt's
-    min-max and polarity differ between `paper` and `released`). Probes that record no task (imported ones)
-    are accepted as they are.
+    Refuse a probe trained for another task, or with a preset that maps its readout differently (LineArt is
+    min-max normalised under `released`, not under `paper`). A probe that records no preset is refused for such a
+    task (it would pass silently under the wrong mapping); for the other tasks, probes that record no task
+    (imported ones) are accepted as they are.
     """
     trained_for = getattr(probe_config, "task", None)
+    preset = getattr(probe_config, "task_preset", None)
+    if preset is None and task.name in _PRESET_DEPENDENT_MAPPING:
+        raise ValueError(
+            f"The probe records no task preset, and the '{task.name}' readout is mapped to the control differently "
+            "under --preset paper and --preset released: record it (convert.py --preset ..., or "
+            "probe.register_to_config(task=..., task_preset=...)) or train the probe with train_probe.py."
+        )
     if trained_for is None:
         return
     if trained_for != task.name:
@@ -191,10 +212,9 @@ def check_probe_task(probe_config, task: "Task") -> None:
             f"The probe was trained for the '{trained_for}' task, not '{task.name}': pass a '{task.name}' probe "
             "(train_probe.py --task ...)."
         )
-    preset = getattr(probe_config, "task_preset", None)
     if preset is not None and preset != task.preset:
         trained = get_task(trained_for, preset)
-        if (trained.alignment_minmax, trained.alignment_invert) != (task.alignment_minmax, task.alignment_invert):
+        if _mapping(trained) != _mapping(task):
             raise ValueError(
                 f"The probe was trained with --preset {preset}, whose '{task.name}' readout is mapped to the control "
                 f"differently from --preset {task.preset}: pass --preset {preset}, or a probe trained with "
