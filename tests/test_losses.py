@@ -221,7 +221,7 @@ def test_probe_to_unit():
 
 
 def test_alignment_hed_sparse_mse_with_nearest_resize():
-    task = get_task("hed")
+    task = get_task("hed").replace(alignment_resize="nearest")
     probe_out = tanh_map([[-1.0, 0.0], [1.0, 0.5]])  # (x + 1) / 2 -> [[0, .5], [1, .75]]
     # a 4 x 4 control; nearest downsampling to 2 x 2 reads rows/cols 0 and 2 -> [[0, 1], [0, .5]]
     control = torch.full((4, 4), 0.9)
@@ -230,6 +230,48 @@ def test_alignment_hed_sparse_mse_with_nearest_resize():
     bg = (0.0**2 + 1.0**2) / 2  # pixels where the control is 0
     fg = (0.5**2 + 0.25**2) / 2
     assert alignment_loss_per_sample(task, probe_out, control).item() == pytest.approx(0.5 * (bg + fg))
+
+
+def test_alignment_area_and_readout_resize_by_hand():
+    from diffusers_innercontrol.losses import alignment_target
+
+    probe_out = tanh_map([[-1.0, 0.0], [1.0, 0.5]])  # unit [[0, .5], [1, .75]]
+    control = gray([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    # area: the mean of each 2 x 2 block -> [[.5, 0], [1, .25]]
+    task = get_task("lineart")  # plain MSE, area by default
+    assert task.alignment_resize == "area"
+    _, target = alignment_target(task, probe_out, control)
+    assert target.flatten().tolist() == pytest.approx([0.5, 0.0, 1.0, 0.25])
+    expected = ((0 - 0.5) ** 2 + (0.5 - 0) ** 2 + 0 + (0.75 - 0.25) ** 2) / 4
+    assert alignment_loss_per_sample(task, probe_out, control).item() == pytest.approx(expected)
+    # readout: the tanh output upsampled bilinearly (half-pixel centres) to 4 x 4, mapped, compared at 4 x 4
+    readout = task.replace(alignment_resize="readout")
+    up = torch.nn.functional.interpolate(probe_out, size=(4, 4), mode="bilinear", align_corners=False)
+    by_hand = (((up.mean(1, keepdim=True) + 1) / 2 - control.mean(1, keepdim=True)) ** 2).mean()
+    assert alignment_loss_per_sample(readout, probe_out, control).item() == pytest.approx(by_hand.item())
+    with pytest.raises(ValueError, match="area-averaged"):
+        get_task("segmentation").replace(alignment_resize="area")
+
+
+def test_thin_lines_survive_the_alignment_target():
+    """30 one-pixel vertical lines on a 256 px control, a 64 px readout (the paper's HED probe at 4x less): nearest
+    downsampling keeps only the lines on sampled columns; area averaging keeps every one (at a quarter intensity)."""
+    from diffusers_innercontrol.losses import alignment_target
+
+    control = torch.zeros(1, 3, 256, 256)
+    columns = [5 + 8 * i + (i % 4) for i in range(30)]  # every phase of the 4x downsampling
+    control[..., columns] = 1.0
+    readout = torch.zeros(1, 3, 64, 64)
+
+    def surviving(task):
+        _, target = alignment_target(task, readout, control)
+        return sum(int(target[0, 0, :, c // 4].max() > 0) for c in columns)
+
+    assert surviving(get_task("hed").replace(alignment_resize="nearest")) < 10
+    assert surviving(get_task("hed")) == 30 and surviving(get_task("lineart")) == 30
+    # the released preset compares at the control's size: the readout is upsampled, the target untouched
+    out, target = alignment_target(get_task("hed", "released"), readout, control)
+    assert out.shape[-2:] == (256, 256) and torch.equal(target, control.mean(1, keepdim=True))
 
 
 def test_alignment_depth_max_normalised():

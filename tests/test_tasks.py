@@ -83,11 +83,20 @@ def test_released_preset(name):
     # the released alignment loss: a plain MSE on (tanh + 1) / 2; LineArt min-max normalised (fitted to the control)
     assert task.alignment_loss == "mse"
     assert (task.alignment_minmax, task.alignment_invert) == ((True, False) if name == "lineart" else (False, False))
+    assert task.alignment_resize == "readout"  # compared at the control's size, as the released stage-2 code
     # what the launchers do not change stays the paper's
     assert (task.reward_loss, task.probe_out_channels, task.output_activation) == (
         paper.reward_loss, paper.probe_out_channels, paper.output_activation
     )
     assert task.controlnet_id == paper.controlnet_id and task.dataset_name == paper.dataset_name
+
+
+def test_alignment_resize_per_task():
+    # edges keep thin lines (area); depth and segmentation as Readout Guidance (nearest)
+    assert {n: get_task(n).alignment_resize for n in ("hed", "lineart", "depth", "segmentation")} == {
+        "hed": "area", "lineart": "area", "depth": "nearest", "segmentation": "nearest"}
+    with pytest.raises(ValueError, match="alignment_resize 'bicubic'"):
+        get_task("hed").replace(alignment_resize="bicubic")
 
 
 def test_released_has_no_segmentation():

@@ -81,8 +81,8 @@ def resize_to(x: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
         return x
     if x.ndim == 3:
         return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0].to(x.dtype)
-    if mode == "nearest":
-        return F.interpolate(x, size=size, mode="nearest")
+    if mode in ("nearest", "area"):
+        return F.interpolate(x, size=size, mode=mode)
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
 
 
@@ -186,20 +186,37 @@ def probe_to_unit(task, probe_output: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def alignment_target(task, probe_output: torch.Tensor, control: torch.Tensor):
+    """
+    The probe's output and the control at one size, as `task.alignment_resize` says: `(output, target)`.
+
+    - `"nearest"`: the control (one-channel map, or class indices) downsampled to the output's size by
+      nearest-neighbour (Readout Guidance's stage 1);
+    - `"area"`: downsampled by area averaging, so a 1-px line becomes a fainter line instead of vanishing;
+    - `"readout"`: the output (tanh values or logits) upsampled bilinearly to the control's size, the target
+      left as it is (the released stage-2 code compares at 512 px).
+    The target is `control_target(task, control)` for regression tasks, the class map for segmentation.
+    """
+    target = control if task.alignment_loss == "ce" else control_target(task, control)
+    if task.alignment_resize == "readout":
+        return resize_to(probe_output.float(), control.shape[-2:], mode="bilinear"), target
+    mode = "nearest" if task.alignment_loss == "ce" else task.alignment_resize
+    return probe_output, resize_to(target, probe_output.shape[-2:], mode=mode)
+
+
 def alignment_loss_per_sample(task, probe_output: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
     """
     Per-sample alignment loss (Eq. 7) between the probe's reading of the UNet features and the control.
-    It is also the stage-1 probe loss. The control is resized (nearest) to the probe's output size.
+    It is also the stage-1 probe loss. The two are brought to one size by `alignment_target`.
 
     Args:
         task: a `Task` (`alignment_loss` is `mse`, `sparse_mse` or `ce`).
         probe_output: the probe's output, `tanh` values `(B, C, h, w)` or logits `(B, K, h, w)`.
         control: `(B, C, H, W)` in `[0, 1]`, or class indices `(B, H, W)` for segmentation.
     """
-    size = probe_output.shape[-2:]
+    probe_output, target = alignment_target(task, probe_output, control)
     if task.alignment_loss == "ce":
-        return per_sample_cross_entropy(probe_output, resize_to(control, size, mode="nearest"))
-    target = resize_to(control_target(task, control), size, mode="nearest")
+        return per_sample_cross_entropy(probe_output, target)
     prediction = probe_to_unit(task, probe_output)
     if task.alignment_loss == "sparse_mse":
         return per_sample_sparse_mse(prediction, target)

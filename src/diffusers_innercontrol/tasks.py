@@ -14,6 +14,10 @@ TASK_NAMES = ("hed", "lineart", "depth", "segmentation")
 PRESETS = ("paper", "released")
 REWARD_LOSSES = ("mse", "ce")
 ALIGNMENT_LOSSES = ("mse", "sparse_mse", "ce")
+# How the alignment loss brings the control and the probe's output to one size (losses.alignment_target):
+# "nearest" / "area": the control downsampled to the readout's size; "readout": the readout upsampled (bilinear)
+# to the control's size, as the released stage-2 code compares at 512 px.
+ALIGNMENT_RESIZE = ("nearest", "area", "readout")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Task:
     # how the alignment loss reads the probe (the released code's choices; see losses.py)
     alignment_minmax: bool = False
     alignment_invert: bool = False
+    # thin lines: nearest-neighbour downsampling drops most 1-px lines, area keeps each as a fainter one
+    alignment_resize: str = "nearest"
     probe_train_steps: int = 10_000
     preset: str = "paper"
 
@@ -80,6 +86,10 @@ class Task:
                 "The reward loss is cross-entropy for segmentation (class logits) and MSE for the other tasks "
                 f"(maps): got reward_loss={self.reward_loss!r} for '{self.name}'."
             )
+        if self.alignment_resize not in ALIGNMENT_RESIZE:
+            raise ValueError(f"alignment_resize {self.alignment_resize!r} is not one of {ALIGNMENT_RESIZE}.")
+        if self.is_segmentation and self.alignment_resize == "area":
+            raise ValueError("Class maps cannot be area-averaged: use alignment_resize 'nearest' or 'readout' for segmentation.")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}.")
         return self
@@ -108,7 +118,7 @@ _PAPER: Dict[str, Task] = {
         reward_model_id="lllyasviel/Annotators", reward_model_file="ControlNetHED.pth",
         eval_model_id="lllyasviel/Annotators",
         dataset_name=_MULTIGEN, caption_column="text", conditioning_column="hed",
-        annotator_computes_control=True, probe_train_steps=10_000,
+        annotator_computes_control=True, probe_train_steps=10_000, alignment_resize="area",
     ),
     "lineart": Task(
         name="lineart", alpha=10.0, beta=2.0, reward_window=(0, 200), alignment_window=(0, 700),
@@ -118,7 +128,7 @@ _PAPER: Dict[str, Task] = {
         reward_model_id="lllyasviel/Annotators", reward_model_file="sk_model.pth",
         eval_model_id="lllyasviel/Annotators",
         dataset_name=_MULTIGEN, caption_column="text", conditioning_column="lineart",
-        annotator_computes_control=True, probe_train_steps=10_000,
+        annotator_computes_control=True, probe_train_steps=10_000, alignment_resize="area",
     ),
     "depth": Task(
         name="depth", alpha=0.5, beta=1.0, reward_window=(0, 400), alignment_window=(0, 920),
@@ -148,12 +158,12 @@ _PAPER: Dict[str, Task] = {
 # The released InnerControl launchers: attention features and a 64 px head for every task, beta 1,
 # alignment on [0, 920], alpha 0.5/1.0/1.0 and reward t <= 400/200/200 for depth/HED/LineArt.
 _RELEASED_CHANGES = {
-    "depth": dict(alpha=0.5, reward_window=(0, 400)),
-    "hed": dict(alpha=1.0, reward_window=(0, 200), alignment_loss="mse"),
+    "depth": dict(alpha=0.5, reward_window=(0, 400), alignment_resize="readout"),
+    "hed": dict(alpha=1.0, reward_window=(0, 200), alignment_loss="mse", alignment_resize="readout"),
     # The released LineArt alignment compares 1 - minmax(readout) with the LineDrawing model's raw output (dark lines
     # on white) while the ControlNet gets 1 - that output: in effect minmax(readout) is fitted to the ControlNet's
     # control (white lines on black), so no inversion here.
-    "lineart": dict(alpha=1.0, reward_window=(0, 200), alignment_minmax=True),
+    "lineart": dict(alpha=1.0, reward_window=(0, 200), alignment_minmax=True, alignment_resize="readout"),
 }
 
 
