@@ -84,6 +84,8 @@ def test_released_preset(name):
     assert task.alignment_loss == "mse"
     assert (task.alignment_minmax, task.alignment_invert) == ((True, False) if name == "lineart" else (False, False))
     assert task.alignment_resize == "readout"  # compared at the control's size, as the released stage-2 code
+    if name == "lineart":  # the released LineArt reward weights
+        assert (task.reward_model_id, task.reward_model_file) == ("awacke1/Image-to-Line-Drawings", "model.pth")
     # what the launchers do not change stays the paper's
     assert (task.reward_loss, task.probe_out_channels, task.output_activation) == (
         paper.reward_loss, paper.probe_out_channels, paper.output_activation

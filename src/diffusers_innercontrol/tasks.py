@@ -163,7 +163,9 @@ _RELEASED_CHANGES = {
     # The released LineArt alignment compares 1 - minmax(readout) with the LineDrawing model's raw output (dark lines
     # on white) while the ControlNet gets 1 - that output: in effect minmax(readout) is fitted to the ControlNet's
     # control (white lines on black), so no inversion here.
-    "lineart": dict(alpha=1.0, reward_window=(0, 200), alignment_minmax=True, alignment_resize="readout"),
+    # its LineArt reward is the "Image-to-Line-Drawings" generator (same architecture as ControlNet's sk_model.pth)
+    "lineart": dict(alpha=1.0, reward_window=(0, 200), alignment_minmax=True, alignment_resize="readout",
+                    reward_model_id="awacke1/Image-to-Line-Drawings", reward_model_file="model.pth"),
 }
 
 
