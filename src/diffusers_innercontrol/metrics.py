@@ -425,19 +425,25 @@ def bootstrap_closure(floor, ceiling, value, num_resamples: int = 1000, seed: in
             `reduce=miou_from_confusion` applied to their sum.
         num_resamples: bootstrap resamples (scenes drawn with replacement, the same draw for the three rows).
     """
-    rows = [torch.as_tensor(x) for x in (floor, ceiling, value)]
+    rows = [torch.as_tensor(x).double() for x in (floor, ceiling, value)]
     n = rows[0].shape[0]
     if n < 2 or any(r.shape[0] != n for r in rows):
         raise ValueError(f"bootstrap_closure needs the same >= 2 scenes for every row, got {[r.shape[0] for r in rows]}.")
+    if rows[0].ndim == 3:  # confusion matrices: keep the classes that occur at all (the others have no IoU)
+        active = (sum(r.sum(0) for r in rows) > 0)
+        active = (active.any(0) | active.any(1)).nonzero(as_tuple=True)[0]
+        rows = [r[:, active][:, :, active] for r in rows]
+    flat = [r.reshape(n, -1) for r in rows]
 
-    def stat(r, idx):
-        return reduce(r[idx].sum(0)) if reduce is not None else r[idx].double().mean().item()
+    def stat(r, counts):  # a resample as the number of times each scene was drawn
+        total = counts @ r
+        return reduce(total.view(rows[0].shape[1:])) if reduce is not None else (total.sum() / n).item()
 
     generator = torch.Generator().manual_seed(seed)
     closures = []
     for _ in range(num_resamples):
-        idx = torch.randint(0, n, (n,), generator=generator)
-        f, c, v = (stat(r, idx) for r in rows)
+        counts = torch.bincount(torch.randint(0, n, (n,), generator=generator), minlength=n).double()
+        f, c, v = (stat(r, counts) for r in flat)
         if c != f:
             closures.append((c - v) / (c - f))
     q = torch.tensor(closures, dtype=torch.float64)
