@@ -213,9 +213,11 @@ def bundled_plain_pipeline():
     return pipe
 
 
-# the shipped ControlNet's mean fidelity on 8 held-out scenes must beat the toy SD alone by at least this margin
-# (in the metric's units); the measured gaps on 256 scenes are in docs/shapesworld.md, several times larger
-MIN_GAIN = {"hed": 0.05, "lineart": 0.05, "depth": 5.0, "segmentation": 0.05}
+# The shipped ControlNet's fidelity on 8 held-out scenes must beat the toy SD alone by at least this margin (in the
+# metric's units): about half the gain measured when the bundle was made (HED SSIM +0.127, LineArt +0.065, depth
+# RMSE -29.2, segmentation mIoU +0.031). A ControlNet that lost its training (zero residuals) gains 0, and the
+# previous bundle's LineArt ControlNet gained 0.014.
+MIN_GAIN = {"hed": 0.06, "lineart": 0.03, "depth": 10.0, "segmentation": 0.015}
 
 
 @pytest.mark.e2e
