@@ -76,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="Untimed iterations first.")
     parser.add_argument("--task", default="hed", help="Task whose losses, windows and probe are used.")
     parser.add_argument("--task_preset", default="paper", choices=("paper", "released"))
+    parser.add_argument("--alignment_resize", default=None, choices=("nearest", "area", "readout"),
+                        help="How the alignment loss sizes the control and the readout (default: the task's).")
     parser.add_argument("--reward_window", type=int, default=200, help="T_reward: the reward window is [0, T_reward].")
     parser.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated subset of {', '.join(MODES)}.")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="On the UNet, the ControlNet and the VAE.")
@@ -395,6 +397,8 @@ def main(argv=None):
     device = torch.device(args.device)
     weight_dtype = PRECISIONS[args.precision]
     task = get_task(args.task, args.task_preset)
+    if args.alignment_resize is not None:
+        task = task.replace(alignment_resize=args.alignment_resize)
     if args.reward_window is not None:
         task = task.replace(reward_window=(0, args.reward_window))
     need_probe = any(MODES[m]["alignment"] for m in args.modes)
