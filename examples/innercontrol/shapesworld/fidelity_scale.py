@@ -24,7 +24,8 @@ maps; segmentation: mIoU (the paper's metrics, `metrics.ControlFidelity`).
 
 With no model argument it scores the bundled models (toy SD, `controlnet-<task>`, `eval-<task>`). A
 `--controlnet LABEL=DIR` folder holds `controlnet-<task>` sub-folders. Generated images are kept under
-`--output_dir` and reused, so a stopped run resumes. Output: `fidelity.json` (every number), `fidelity.md` (a
+`--output_dir` and reused, so a stopped run resumes; they are found by label, so after retraining a model give it
+a new label (or a new `--output_dir`), or its old images are scored again. Output: `fidelity.json` (every number), `fidelity.md` (a
 table per task) and `grids/<task>.png` (labelled: control | real | VAE | no ControlNet | each ControlNet).
 """
 
