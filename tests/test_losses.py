@@ -416,3 +416,55 @@ def test_alignment_gradient_by_hand_with_extractor(tiny_components):
     assert outside.item() == 0.0
     outside.backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in controlnet.parameters())
+
+
+# --- edge cases the mutation run found untested (docs/testing.md) -------------------------------------------
+def test_sparse_mse_with_a_single_background_pixel():
+    from diffusers_innercontrol.losses import per_sample_sparse_mse
+
+    # target [0, 1, 1, 1]: one background pixel (error 0.5^2), three edge pixels (errors 0, 0.5^2, 1)
+    pred, target = torch.tensor([[0.5, 1.0, 0.5, 0.0]]), torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    expected = 0.5 * (0.25 + (0.0 + 0.25 + 1.0) / 3)
+    assert per_sample_sparse_mse(pred, target).item() == pytest.approx(expected)
+
+
+def test_cross_entropy_is_per_sample_with_one_valid_pixel():
+    from diffusers_innercontrol.losses import per_sample_cross_entropy
+
+    logits = torch.zeros(2, 2, 1, 2)  # two classes, uniform: -ln(1/2) per valid pixel
+    logits[1, 1] = math.log(3.0)  # sample 1: p(class 1) = 3/4
+    classes = torch.tensor([[[0, 255]], [[1, 1]]])  # sample 0: one valid pixel; sample 1: two
+    out = per_sample_cross_entropy(logits, classes)
+    assert out.tolist() == pytest.approx([math.log(2.0), -math.log(0.75)])
+
+
+def test_max_normalise_is_per_sample():
+    from diffusers_innercontrol.losses import per_sample_max_normalise
+
+    x = torch.tensor([[[[1.0, 2.0]]], [[[4.0, 1.0]]]])
+    assert per_sample_max_normalise(x).flatten().tolist() == pytest.approx([0.5, 1.0, 1.0, 0.25])
+
+
+def test_one_step_x0_keeps_the_latents_dtype():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler()
+    x = torch.randn(1, 4, 2, 2).to(torch.bfloat16)
+    out = one_step_x0(x, torch.zeros_like(x), torch.tensor([10]), scheduler.alphas_cumprod, "epsilon")
+    assert out.dtype == torch.bfloat16
+
+
+def test_window_means_and_total_without_optional_arguments():
+    from diffusers_innercontrol.losses import alignment_loss, reward_loss, total_loss
+
+    task = get_task("depth")
+    pred, control = torch.rand(2, 1, 4, 4), torch.rand(2, 3, 4, 4)
+    # no timesteps and no mask: the plain mean over the samples
+    assert reward_loss(task, pred, control).item() == pytest.approx(reward_loss_per_sample(task, pred, control).mean().item())
+    probe_out = torch.tanh(torch.randn(2, 1, 4, 4))
+    assert alignment_loss(task, probe_out, control).item() == pytest.approx(
+        alignment_loss_per_sample(task, probe_out, control).mean().item())
+    d, r, a = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)
+    assert total_loss(d, r, a).item() == 1.0  # alpha = beta = 0 by default: the diffusion loss alone
+    assert total_loss(d, None, None, 0.0, 1.0).item() == 1.0  # a missing term counts as 0
+    assert total_loss(d, r, a, 0.5, 2.0).item() == pytest.approx(1.0 + 1.0 + 6.0)
