@@ -251,3 +251,17 @@ def test_split_guidance_batch_keeps_conditional_half():
     assert torch.equal(kept[0], cond) and torch.equal(kept[1], cond[:, :1] * 2)
     dropped = split_guidance_batch(feats, keep=0)
     assert torch.equal(dropped[0], uncond)
+
+
+def test_attention_owner_called_with_keyword_hidden_states(tiny_components):
+    """The attention block's spatial size is read from `hidden_states=` when it is passed by keyword."""
+    from diffusers_innercontrol.features import decoder_feature_modules
+
+    unet = tiny_components["unet"]
+    module, owner = decoder_feature_modules(unet, "attention")[0]
+    hidden = torch.randn(1, owner.config.in_channels, 4, 6)
+    context = torch.randn(1, 77, 32)
+    with DecoderFeatureExtractor(unet, "attention") as extractor, torch.no_grad():
+        extractor._armed = True  # as inside a UNet forward
+        owner(hidden_states=hidden, encoder_hidden_states=context)
+        assert extractor.features[-1].shape[-2:] == (4, 6)

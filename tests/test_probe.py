@@ -253,3 +253,42 @@ def test_probe_gradient_checkpointing_gives_the_same_gradients():
     with torch.no_grad():  # no checkpointing when no gradient is needed
         probe(feats, t)
     assert len(calls) == 2
+
+
+def test_from_unet_follows_the_unets_time_embedding_config():
+    """A UNet with non-default sinusoid settings and activation: the probe embeds t exactly as that UNet does."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4,
+        flip_sin_to_cos=False, freq_shift=1, act_fn="gelu",
+    )
+    probe = ReadoutProbe.from_unet(unet, "resnet", **TINY)
+    assert (probe.config.flip_sin_to_cos, probe.config.freq_shift, probe.config.time_embedding_act_fn) == (False, 1, "gelu")
+    t = torch.tensor([0, 250, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(probe.embed_timesteps(t, 3, t.device, torch.float32),
+                                   unet.time_embedding(unet.time_proj(t)), rtol=0, atol=0)
+
+
+def test_from_unet_on_meta_builds_on_meta(sd15):
+    probe = ReadoutProbe.from_unet(sd15, "resnet", projection_dim=64, norm_num_groups=8)
+    assert all(p.is_meta for p in probe.parameters())
+
+
+def test_output_size_of_non_square_features(unet):
+    probe = ReadoutProbe.from_unet(unet, "resnet", feature_scale=2.0, upsample_head=True, **TINY)
+    assert probe.output_size([(4, 6), (8, 12), (8, 12)]) == (32, 48)
+    features = [torch.randn(1, c, 4 if c == 64 else 8, 6 if c == 64 else 12) for c in TINY_CHANNELS]
+    with torch.no_grad():
+        assert probe(features, 10).sample.shape[-2:] == (32, 48)
+
+
+def test_bottleneck_block_defaults_to_32_groups():
+    from diffusers_innercontrol.models.readout_probe import ProbeBottleneckBlock
+
+    block = ProbeBottleneckBlock(64, 32, 64, 16)
+    assert {m.num_groups for m in block.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}

@@ -194,3 +194,27 @@ def test_probe_task_and_preset_are_checked():
         check_probe_task(lineart_paper, get_task("lineart", "released"))
     # depth maps its readout the same way under both presets: accepted
     check_probe_task(SimpleNamespace(task="depth", task_preset="paper"), get_task("depth", "released"))
+
+
+def test_probe_check_messages_and_configs_without_fields():
+    from types import SimpleNamespace
+
+    from diffusers_innercontrol.tasks import check_probe_task
+
+    # a config object with no task fields at all (an imported probe) is accepted where the mapping does not depend on
+    # the preset, and a recorded task without a preset too
+    check_probe_task(SimpleNamespace(), get_task("hed"))
+    check_probe_task(SimpleNamespace(task="hed", task_preset=None), get_task("hed"))
+    check_probe_task(SimpleNamespace(task="hed"), get_task("hed", "released"))
+    with pytest.raises(ValueError) as err:
+        check_probe_task(SimpleNamespace(), get_task("lineart"))
+    assert str(err.value) == (
+        "The probe records no task preset, and the 'lineart' readout is mapped to the control differently under "
+        "--preset paper and --preset released: record it (convert.py --preset ..., or "
+        "probe.register_to_config(task=..., task_preset=...)) or train the probe with train_probe.py."
+    )
+    with pytest.raises(ValueError) as err:
+        check_probe_task(SimpleNamespace(task="depth", task_preset="paper"), get_task("hed"))
+    assert str(err.value) == (
+        "The probe was trained for the 'depth' task, not 'hed': pass a 'hed' probe (train_probe.py --task ...)."
+    )
