@@ -316,6 +316,27 @@ def test_released_lineart_alignment_is_the_released_formula():
     torch.testing.assert_close(ours, released, rtol=1e-4, atol=1e-6)
 
 
+def test_released_hed_alignment_is_per_channel_mse():
+    """A transcription of the released HED alignment: every channel of `(tanh + 1) / 2` against the 3-channel grey
+    HED control, plain MSE at the control's size. The paper preset compares the channel mean (sparse MSE)."""
+    g = torch.Generator().manual_seed(4)
+    tanh_out = torch.tanh(torch.randn(2, 3, 8, 8, generator=g) * 2)  # three different channels
+    grey = torch.rand(2, 1, 8, 8, generator=g).expand(-1, 3, -1, -1)
+    released = (((tanh_out + 1) / 2 - grey) ** 2).mean((1, 2, 3))
+    task = get_task("hed", preset="released")
+    assert task.alignment_channels == "each"
+    torch.testing.assert_close(alignment_loss_per_sample(task, tanh_out, grey), released, rtol=1e-5, atol=1e-7)
+    # the channel mean is another loss when the channels differ (it forgives channels that cancel out)
+    mean_of_channels = ((((tanh_out.mean(1) + 1) / 2) - grey[:, 0]) ** 2).mean((1, 2))
+    torch.testing.assert_close(alignment_loss_per_sample(task.replace(alignment_channels="mean"), tanh_out, grey),
+                               mean_of_channels, rtol=1e-5, atol=1e-7)
+    assert (released > mean_of_channels).all()
+    # per channel also works with the class-balanced loss: every channel against the one-channel target
+    sparse = task.replace(alignment_loss="sparse_mse", alignment_channels="each")
+    by_channel = torch.stack([per_sample_sparse_mse((tanh_out[:, c:c + 1] + 1) / 2, grey[:, :1]) for c in range(3)])
+    torch.testing.assert_close(alignment_loss_per_sample(sparse, tanh_out, grey), by_channel.mean(0), rtol=1e-5, atol=1e-7)
+
+
 def test_alignment_segmentation_cross_entropy():
     task = get_task("segmentation")
     logits = torch.zeros(1, 150, 1, 2)

@@ -101,6 +101,18 @@ def test_alignment_resize_per_task():
         get_task("hed").replace(alignment_resize="bicubic")
 
 
+def test_alignment_channels_per_task_and_preset():
+    # the paper's losses compare the probe's channel mean; the released HED alignment compares every channel
+    assert {n: get_task(n).alignment_channels for n in ("hed", "lineart", "depth", "segmentation")} == dict.fromkeys(
+        ("hed", "lineart", "depth", "segmentation"), "mean")
+    assert {n: get_task(n, "released").alignment_channels for n in ("hed", "lineart", "depth")} == {
+        "hed": "each", "lineart": "mean", "depth": "mean"}
+    with pytest.raises(ValueError, match="alignment_channels 'all' is not one of"):
+        get_task("hed").replace(alignment_channels="all")
+    with pytest.raises(ValueError, match="alignment_channels must be 'mean'"):
+        get_task("segmentation").replace(alignment_channels="each")
+
+
 def test_released_has_no_segmentation():
     with pytest.raises(ValueError, match="no 'segmentation' task.*preset='paper'"):
         get_task("segmentation", preset="released")

@@ -302,3 +302,14 @@ def test_probe_step_uses_the_controlnet_and_the_generator(c, batch):
     plain = probe_step(**fixed).item()
     conditioned = probe_step(**fixed, controlnet=c["controlnet"]).item()
     assert conditioned != pytest.approx(plain, rel=1e-6)  # the ControlNet's residuals reach the features
+
+
+def test_probe_step_in_float64(c, batch):
+    unet = copy.deepcopy(c["unet"]).double()
+    controlnet = copy.deepcopy(c["controlnet"]).double()
+    probe = _probe(c["unet"]).double()
+    loss = probe_step(task=get_task("hed"), unet=unet, probe=probe, noise_scheduler=c["scheduler"], controlnet=controlnet,
+                      latents=batch["latents"].double(), encoder_hidden_states=batch["encoder_hidden_states"].double(),
+                      control=batch["control"], noise=batch["noise"].double(), timesteps=torch.tensor([10, 20]),
+                      weight_dtype=torch.float64)
+    assert torch.isfinite(loss)

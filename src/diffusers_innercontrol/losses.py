@@ -174,9 +174,15 @@ def reward_loss(task, prediction, control, timesteps: Optional[torch.Tensor] = N
 
 
 # --- Eq. 7: alignment ---------------------------------------------------------------------------
-def probe_to_unit(task, probe_output: torch.Tensor) -> torch.Tensor:
-    """Map a regression probe's `tanh` output to a one-channel map in `[0, 1]` (the task's normalisation applied)."""
-    x = (probe_output.float().mean(1, keepdim=True) + 1.0) / 2.0
+def probe_to_unit(task, probe_output: torch.Tensor, keep_channels: bool = False) -> torch.Tensor:
+    """
+    Map a regression probe's `tanh` output to `[0, 1]` (the task's normalisation applied): a one-channel map (the
+    channel mean), or every channel with `keep_channels=True` (the per-channel loss, `task.alignment_channels`).
+    """
+    x = probe_output.float()
+    if not keep_channels:
+        x = x.mean(1, keepdim=True)
+    x = (x + 1.0) / 2.0
     if task.name == "depth":
         x = per_sample_max_normalise(x)
     if task.alignment_minmax:
@@ -217,7 +223,9 @@ def alignment_loss_per_sample(task, probe_output: torch.Tensor, control: torch.T
     probe_output, target = alignment_target(task, probe_output, control)
     if task.alignment_loss == "ce":
         return per_sample_cross_entropy(probe_output, target)
-    prediction = probe_to_unit(task, probe_output)
+    prediction = probe_to_unit(task, probe_output, keep_channels=task.alignment_channels == "each")
+    # "each": every readout channel against the one-channel control (per-channel MSE against a grey control)
+    target = target.expand_as(prediction)
     if task.alignment_loss == "sparse_mse":
         return per_sample_sparse_mse(prediction, target)
     return per_sample_mse(prediction, target)

@@ -18,6 +18,9 @@ ALIGNMENT_LOSSES = ("mse", "sparse_mse", "ce")
 # "nearest" / "area": the control downsampled to the readout's size; "readout": the readout upsampled (bilinear)
 # to the control's size, as the released stage-2 code compares at 512 px.
 ALIGNMENT_RESIZE = ("nearest", "area", "readout")
+# How a regression probe's channels meet the (grey, one-channel) control: "mean" compares their mean with it; "each"
+# compares every channel with it (the released HED alignment, a per-channel MSE against the 3-channel grey control).
+ALIGNMENT_CHANNELS = ("mean", "each")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Task:
     alignment_invert: bool = False
     # thin lines: nearest-neighbour downsampling drops most 1-px lines, area keeps each as a fainter one
     alignment_resize: str = "nearest"
+    alignment_channels: str = "mean"
     probe_train_steps: int = 10_000
     preset: str = "paper"
 
@@ -88,6 +92,10 @@ class Task:
             )
         if self.alignment_resize not in ALIGNMENT_RESIZE:
             raise ValueError(f"alignment_resize {self.alignment_resize!r} is not one of {ALIGNMENT_RESIZE}.")
+        if self.alignment_channels not in ALIGNMENT_CHANNELS:
+            raise ValueError(f"alignment_channels {self.alignment_channels!r} is not one of {ALIGNMENT_CHANNELS}.")
+        if self.is_segmentation and self.alignment_channels != "mean":
+            raise ValueError("Segmentation compares class logits with class indices: alignment_channels must be 'mean'.")
         if self.is_segmentation and self.alignment_resize == "area":
             raise ValueError("Class maps cannot be area-averaged: use alignment_resize 'nearest' or 'readout' for segmentation.")
         if self.alpha < 0 or self.beta < 0:
@@ -159,7 +167,7 @@ _PAPER: Dict[str, Task] = {
 # alignment on [0, 920], alpha 0.5/1.0/1.0 and reward t <= 400/200/200 for depth/HED/LineArt.
 _RELEASED_CHANGES = {
     "depth": dict(alpha=0.5, reward_window=(0, 400), alignment_resize="readout"),
-    "hed": dict(alpha=1.0, reward_window=(0, 200), alignment_loss="mse", alignment_resize="readout"),
+    "hed": dict(alpha=1.0, reward_window=(0, 200), alignment_loss="mse", alignment_resize="readout", alignment_channels="each"),
     # The released LineArt alignment compares 1 - minmax(readout) with the LineDrawing model's raw output (dark lines
     # on white) while the ControlNet gets 1 - that output: in effect minmax(readout) is fitted to the ControlNet's
     # control (white lines on black), so no inversion here.
