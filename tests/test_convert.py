@@ -267,3 +267,26 @@ def test_command_line_writes_save_pretrained_folder(tiny_pipeline_path, tmp_path
     check_probe_task(config, get_task("lineart", "released"))
     with pytest.raises(ValueError, match="--preset released"):
         check_probe_task(config, get_task("lineart", "paper"))
+
+
+def test_from_readout_guidance_passes_every_argument_through(tiny_components, tmp_path):
+    """`ReadoutProbe.from_readout_guidance` is the classmethod face of the loader: the class it is called on, the
+    pickle opt-in, the feature kind and the other keyword arguments all reach it."""
+    from diffusers_innercontrol.features import decoder_feature_channels
+
+    unet = tiny_components["unet"]
+
+    class MyProbe(ReadoutProbe):
+        pass
+
+    pickled = _rg_checkpoint()
+    pickled["config"]["args"] = argparse.Namespace(lr=1e-3)  # needs a full unpickling
+    path = _save(tmp_path, pickled, "pickled.pt")
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        ReadoutProbe.from_readout_guidance(path, unet)
+    probe = MyProbe.from_readout_guidance(path, unet, trust_pickle=True, flip_timesteps=False, task="depth")
+    assert type(probe) is MyProbe
+    assert probe.config.flip_timesteps is False and probe.config.task == "depth"
+    attention = _rg_checkpoint(dims=decoder_feature_channels(unet, "attention"), seed=1)
+    probe = ReadoutProbe.from_readout_guidance(_save(tmp_path, attention, "attention.pt"), unet, feature_kind="attention")
+    assert probe.config.feature_kind == "attention"

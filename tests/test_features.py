@@ -265,3 +265,60 @@ def test_attention_owner_called_with_keyword_hidden_states(tiny_components):
         extractor._armed = True  # as inside a UNet forward
         owner(hidden_states=hidden, encoder_hidden_states=context)
         assert extractor.features[-1].shape[-2:] == (4, 6)
+
+
+def test_unwrap_compiled_and_ddp_wrappers_but_not_a_unet(tiny_components):
+    from torch import nn
+
+    from diffusers_innercontrol.features import _unwrap, decoder_feature_modules
+
+    unet = tiny_components["unet"]
+
+    class Compiled(nn.Module):  # what torch.compile returns: the model in `_orig_mod`
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+    class DDP(nn.Module):  # DistributedDataParallel: the model in `.module`
+        def __init__(self, model):
+            super().__init__()
+            self.module = model
+
+    assert _unwrap(Compiled(unet)) is unet
+    assert _unwrap(DDP(Compiled(unet))) is unet
+    assert DecoderFeatureExtractor(Compiled(unet)).unet is unet
+
+    class UNetWithModule(nn.Module):  # a UNet that happens to own a submodule called `module`: not a wrapper
+        def __init__(self):
+            super().__init__()
+            self.up_blocks = nn.ModuleList()
+            self.module = nn.Identity()
+
+    model = UNetWithModule()
+    assert _unwrap(model) is model
+    with pytest.raises(TypeError, match=r"^Linear has no `up_blocks`: decoder features need a UNet2DConditionModel\.$"):
+        decoder_feature_modules(nn.Linear(2, 2), "resnet")
+
+
+def test_default_kind_and_registering_again_after_remove(tiny_components):
+    unet = tiny_components["unet"]
+    latents, t, text = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 77, 32)
+    extractor = DecoderFeatureExtractor(unet)
+    assert extractor.kind == "resnet"
+    with torch.no_grad():
+        with extractor:
+            unet(latents, t, encoder_hidden_states=text)
+        first = extractor.pop()
+        extractor.register()  # a removed extractor can be registered again
+        assert extractor.active
+        unet(latents, t, encoder_hidden_states=text)
+        assert len(extractor.pop()) == len(first)
+        # a hooked layer called on its own, outside a UNet forward, is not captured
+        resnet = unet.up_blocks[0].resnets[0]
+        resnet(torch.randn(1, resnet.in_channels, 4, 4), torch.randn(1, resnet.time_emb_proj.in_features))
+        assert extractor.features == []
+        extractor.remove()
+        extractor.register()
+        resnet(torch.randn(1, resnet.in_channels, 4, 4), torch.randn(1, resnet.time_emb_proj.in_features))
+        assert extractor.features == []
+        extractor.remove()

@@ -292,3 +292,17 @@ def test_bottleneck_block_defaults_to_32_groups():
 
     block = ProbeBottleneckBlock(64, 32, 64, 16)
     assert {m.num_groups for m in block.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+
+
+def test_defaults_and_features_of_another_dtype(unet):
+    probe = ReadoutProbe.from_unet(unet, **TINY)
+    assert probe.config.feature_kind == "resnet"
+    features = tiny_features()
+    with torch.no_grad():
+        want = probe(features, 10).sample
+        # float64 features (a UNet kept in another precision) are cast to the probe's dtype
+        torch.testing.assert_close(probe(features=[f.double() for f in features], timestep=10).sample, want)
+    probe.enable_gradient_checkpointing()
+    probe.train()
+    out = probe([f.double().requires_grad_() for f in features], 10).sample
+    assert out.dtype == torch.float32
