@@ -320,3 +320,34 @@ def test_pretrain_toy_sd_smoke(tmp_path):
     assert len(ids) == 7 + 2
     img = pipe("a red circle on a green background", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
+
+
+def test_standardize_latent_channels_is_an_exact_reparameterisation(tiny_components):
+    """Folding the per-channel standardisation into the 1x1 quant convolutions: the latents of the data get mean 0
+    and std 1 per channel, and decoding the standardised latents gives the same images as before."""
+    import copy
+    import importlib.util
+
+    import torch
+
+    script = os.path.join(REPO, "examples", "innercontrol", "shapesworld", "pretrain_toy_sd.py")
+    spec = importlib.util.spec_from_file_location("_pretrain_toy_sd", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    vae = copy.deepcopy(tiny_components["vae"]).eval()
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        before = vae.decode(posterior.mean).sample
+        latents = posterior.mean
+        m, s = latents.mean((0, 2, 3)), latents.std((0, 2, 3))
+        module.standardize_latent_channels(vae, latents)
+        after_posterior = vae.encode(images).latent_dist
+        z = after_posterior.mean
+        torch.testing.assert_close(z, (latents - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(z.shape[1]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(z.shape[1]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(after_posterior.std, posterior.std / s.view(1, -1, 1, 1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(vae.decode(z).sample, before, rtol=1e-4, atol=1e-5)
+    assert vae.config.scaling_factor == 1.0

@@ -46,6 +46,30 @@ def _channels(text: str):
     return values
 
 
+def standardize_latent_channels(vae, latents: torch.Tensor) -> None:
+    """
+    Give every latent channel mean 0 and standard deviation 1 on `latents` (unscaled latents of the data, `(B, C,
+    h, w)`), folded into the VAE's 1x1 `quant_conv` (encoder side) and `post_quant_conv` (decoder side): an exact
+    reparameterisation `z' = (z - m) / s`, after which the scaling factor is 1. Pipelines that only know SD1.5's one
+    global scaling factor then see standardised channels. diffusers' `AutoencoderKL` has `latents_mean` /
+    `latents_std` config fields for this, but SD1.5's pipelines ignore them; folding needs no pipeline support.
+    """
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("Standardising the latent channels needs a VAE with quant_conv and post_quant_conv (use_quant_conv=True).")
+    c = latents.shape[1]
+    mean = latents.float().mean((0, 2, 3))
+    std = latents.float().std((0, 2, 3)).clamp_min(1e-6)
+    with torch.no_grad():
+        q = vae.quant_conv  # 2C -> 2C: the posterior's mean (first C) and log-variance (last C)
+        q.weight[:c] /= std.view(-1, 1, 1, 1)
+        q.bias[:c] = (q.bias[:c] - mean) / std
+        q.bias[c:] -= 2.0 * torch.log(std)
+        p = vae.post_quant_conv  # C -> C, fed z = s z' + m
+        p.bias += p.weight[:, :, 0, 0] @ mean
+        p.weight *= std.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
+
+
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain a toy Stable Diffusion (VAE, UNet, CLIP text encoder) on ShapesWorld.")
     p.add_argument("--output_dir", type=str, default="toy-sd-shapesworld", help="Where the pipeline folder is written.")
@@ -90,6 +114,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                         "latent space, its scaling factor and so the UNet stay valid, as SD's fine-tuned ft-MSE VAE decoder).")
     g.add_argument("--vae_lr_scheduler", type=str, default="constant",
                    help="diffusers.optimization scheduler of the VAE stage (no warmup), e.g. 'cosine'.")
+    g.add_argument("--standardize_latents", action="store_true",
+                   help="Give every latent channel mean 0 and std 1 on 256 training images, folded into the VAE's 1x1 "
+                        "quant convolutions (scaling factor 1): with 16 channels the raw channels' spreads differ 10x.")
     g.add_argument("--kl_weight", type=float, default=1e-6,
                    help="KL weight against the per-image summed reconstruction loss (SD's autoencoder convention).")
     g.add_argument("--unet_steps", type=int, default=20000)
@@ -465,6 +492,13 @@ def main(args):
             scaling = float(1.0 / latents.flatten().std().clamp_min(1e-6))
             vae.register_to_config(scaling_factor=scaling)
             logger.info(f"VAE scaling factor measured on 64 images: {scaling:.4f}")
+    if args.standardize_latents:
+        vae.eval()
+        with torch.no_grad():
+            xs = torch.stack([ShapesWorldTrainData(world, tokenizer, 1, offset=10_000_000 + i)[0]["pixel_values"] for i in range(256)])
+            latents = torch.cat([vae.encode(x.to(accelerator.device)).latent_dist.sample() for x in xs.split(64)])
+        standardize_latent_channels(vae, latents)
+        logger.info("Latent channels standardised on 256 images (folded into quant_conv / post_quant_conv; scaling factor 1)")
     vae.requires_grad_(False)
     vae.eval()
     vae.to(accelerator.device)
