@@ -230,3 +230,25 @@ def test_probe_check_messages_and_configs_without_fields():
     assert str(err.value) == (
         "The probe was trained for the 'depth' task, not 'hed': pass a 'hed' probe (train_probe.py --task ...)."
     )
+
+
+def test_validation_messages_in_full():
+    """The whole message of every refusal (a user reads it; a mangled one is a bug)."""
+    hed, seg = get_task("hed"), get_task("segmentation")
+    cases = [
+        (lambda: hed.replace(alignment_loss="l1"),
+         "alignment_loss 'l1' is not one of ('mse', 'sparse_mse', 'ce')."),
+        (lambda: hed.replace(alignment_loss="ce"),
+         "The cross-entropy alignment loss belongs to segmentation and only to it."),
+        (lambda: hed.replace(reward_loss="ce"),
+         "The reward loss is cross-entropy for segmentation (class logits) and MSE for the other tasks (maps): got "
+         "reward_loss='ce' for 'hed'."),
+        (lambda: seg.replace(alignment_channels="each"),
+         "Segmentation compares class logits with class indices: alignment_channels must be 'mean'."),
+        (lambda: seg.replace(alignment_resize="area"),
+         "Class maps cannot be area-averaged: use alignment_resize 'nearest' or 'readout' for segmentation."),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError) as err:
+            make()
+        assert str(err.value) == message
