@@ -87,3 +87,17 @@ def test_failed_upload_keeps_the_local_save_and_says_so(tmp_path, monkeypatch):
         hub.push_folder(str(tmp_path), "me/x")
     assert sorted(os.listdir(tmp_path)) == before
     assert (tmp_path / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
+
+
+def test_card_license_follows_a_local_base_model(tmp_path):
+    """A model trained from a local base model (the bundled toy SD) inherits its card's license; a Hub id or a
+    folder without a card gets SD1.5's."""
+    base = tmp_path / "toy-sd"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: diffusers\n---\n\n# toy\n")
+    path = hub.save_model_card(str(tmp_path / "cn"), base_model=str(base), task=get_task("hed"))
+    assert ModelCard.load(path).data.license == "apache-2.0"
+    assert hub.base_model_license(str(tmp_path / "no-card")) == "creativeml-openrail-m"
+    assert hub.base_model_license("stable-diffusion-v1-5/stable-diffusion-v1-5") == "creativeml-openrail-m"
+    explicit = hub.save_model_card(str(tmp_path / "cn2"), base_model=str(base), task=get_task("hed"), license="mit")
+    assert ModelCard.load(explicit).data.license == "mit"

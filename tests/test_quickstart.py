@@ -194,3 +194,16 @@ def test_probe_trainer_runs_on_the_bundled_world(tmp_path):
     probe = ReadoutProbe.from_pretrained(str(out))
     assert probe.config.projection_dim == 64 and probe.config.task == "depth"
     assert os.path.isfile(out / "validation_grid.png") and os.path.isfile(out / "README.md")
+
+
+def test_bundled_models_record_no_local_paths():
+    """The shipped configs and cards name no folder of the machine they were trained on."""
+    root = quickstart.ASSETS_DIR
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith((".json", ".md")):
+                text = open(os.path.join(folder, name), encoding="utf-8").read()
+                if "/work/" in text or '"_name_or_path": "/' in text:
+                    found.append(os.path.relpath(os.path.join(folder, name), root))
+    assert found == []

@@ -11,7 +11,7 @@ API (stable; `train_probe.py` imports it):
     save_model_card(output_dir, *, base_model, model_kind="controlnet", repo_id=None, task=None, alpha=None,
                     beta=None, reward_window=None, alignment_window=None, probe=None, reward_model=None,
                     controlnet=None, dataset=None, images=None, validation_prompts=None, train_args=None,
-                    use_lora=False, license="creativeml-openrail-m", extra_tags=(), extra_text="") -> README path
+                    use_lora=False, license=None (the base model's, hub.base_model_license), extra_tags=(), extra_text="") -> README path
     push_folder(output_dir, repo_id=None, token=None, private=False, card_kwargs=None,
                 commit_message="End of training", ignore_patterns=DEFAULT_IGNORE) -> url
     HubUploadError (RuntimeError)
@@ -35,6 +35,21 @@ def _fmt_window(window) -> str:
     return "-" if window is None else f"[{int(window[0])}, {int(window[1])}]"
 
 
+def base_model_license(base_model, default: str = "creativeml-openrail-m") -> str:
+    """
+    The license a model trained from `base_model` inherits: the one in the model card of a local base model folder
+    (the bundled toy SD is apache-2.0), else `default` (SD1.5's CreativeML OpenRAIL-M).
+    """
+    from huggingface_hub import ModelCard
+
+    readme = os.path.join(str(base_model), "README.md")
+    if os.path.isfile(readme):
+        found = getattr(ModelCard.load(readme).data, "license", None)
+        if found:
+            return found
+    return default
+
+
 def save_model_card(
     output_dir: str,
     *,
@@ -54,7 +69,7 @@ def save_model_card(
     validation_prompts: Optional[Sequence[str]] = None,
     train_args: Optional[Dict] = None,
     use_lora: bool = False,
-    license: str = "creativeml-openrail-m",
+    license: Optional[str] = None,
     extra_tags: Iterable[str] = (),
     extra_text: str = "",
 ) -> str:
@@ -104,7 +119,7 @@ def save_model_card(
     tags += [t for t in extra_tags if t not in tags]
     data = ModelCardData(
         base_model=base_model if not os.path.exists(str(base_model)) else None,
-        license=license,
+        license=license or base_model_license(base_model),
         library_name="diffusers",
         tags=tags,
         datasets=[dataset] if dataset and not os.path.exists(str(dataset)) else None,

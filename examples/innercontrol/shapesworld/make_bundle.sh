@@ -94,6 +94,8 @@ for task in hed lineart depth segmentation; do
     # the weights, configs and model cards; no checkpoints, logs or training state
     find "$WORK/$kind-$task" -maxdepth 1 -type f \( -name '*.safetensors' -o -name '*.json' -o -name 'README.md' -o -name '*.png' \) \
       -exec cp {} "$ASSETS/$kind-$task/" \;
+    # the work folder's absolute paths stay behind (diffusers records the source folder as `_name_or_path`)
+    sed -i '/"_name_or_path": "\//d' "$ASSETS/$kind-$task"/*.json
   done
 done
 du -sh "$ASSETS"/*
