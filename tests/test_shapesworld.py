@@ -322,18 +322,24 @@ def test_pretrain_toy_sd_smoke(tmp_path):
     assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
 
 
-def test_standardize_latent_channels_is_an_exact_reparameterisation(tiny_components):
-    """Folding the per-channel standardisation into the 1x1 quant convolutions: the latents of the data get mean 0
-    and std 1 per channel, and decoding the standardised latents gives the same images as before."""
-    import copy
+def _pretrain_module():
     import importlib.util
-
-    import torch
 
     script = os.path.join(REPO, "examples", "innercontrol", "shapesworld", "pretrain_toy_sd.py")
     spec = importlib.util.spec_from_file_location("_pretrain_toy_sd", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_standardize_latent_channels_is_an_exact_reparameterisation(tiny_components):
+    """Folding the per-channel standardisation into the 1x1 quant convolutions: the latents of the data get mean 0
+    and std 1 per channel, and decoding the standardised latents gives the same images as before."""
+    import copy
+
+    import torch
+
+    module = _pretrain_module()
 
     vae = copy.deepcopy(tiny_components["vae"]).eval()
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -351,3 +357,40 @@ def test_standardize_latent_channels_is_an_exact_reparameterisation(tiny_compone
         torch.testing.assert_close(after_posterior.std, posterior.std / s.view(1, -1, 1, 1), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(vae.decode(z).sample, before, rtol=1e-4, atol=1e-5)
     assert vae.config.scaling_factor == 1.0
+
+
+@pytest.mark.parametrize("latent_channels", [4, 8])
+def test_warm_start_unet_keeps_every_weight_but_the_latent_convolutions(tiny_components, tmp_path, latent_channels):
+    """--unet_init_from: a trained UNet moved to a VAE with other latent channels keeps all its weights except
+    conv_in (default init) and conv_out (zeros, so it predicts no noise yet); with the same channels it is unchanged."""
+    import torch
+
+    module = _pretrain_module()
+    src = tiny_components["unet"]
+    assert src.config.in_channels == 4
+    src.save_pretrained(str(tmp_path / "unet"))
+    tiny_components["text_encoder"].save_pretrained(str(tmp_path / "text_encoder"))
+    tiny_components["tokenizer"].save_pretrained(str(tmp_path / "tokenizer"))
+    unet, text_encoder, tokenizer = module.warm_start_unet(str(tmp_path), latent_channels)
+    assert unet.config.in_channels == unet.config.out_channels == latent_channels
+    assert type(text_encoder) is type(tiny_components["text_encoder"]) and tokenizer.model_max_length == 77
+    before = src.state_dict()
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k]) if v.shape == before[k].shape}
+    changed |= {k for k, v in unet.state_dict().items() if v.shape != before[k].shape}
+    x = torch.randn(2, latent_channels, 8, 8)
+    out = unet(x, torch.tensor([3, 700]), torch.randn(2, 77, tiny_components["text_encoder"].config.hidden_size)).sample
+    if latent_channels == 4:
+        assert changed == set()
+        return
+    assert changed == {"conv_in.weight", "conv_in.bias", "conv_out.weight", "conv_out.bias"}
+    assert torch.count_nonzero(unet.conv_out.weight) == 0 and torch.count_nonzero(unet.conv_out.bias) == 0
+    w = unet.conv_in.weight
+    bound = 1 / math.sqrt(w[0].numel())  # PyTorch's default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), +)
+    assert torch.isfinite(w).all() and 0.3 * bound < w.abs().max() <= bound
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+
+
+def test_unet_init_from_needs_init_from(tmp_path):
+    module = _pretrain_module()
+    with pytest.raises(ValueError, match="pass --init_from too"):
+        module.validate_args(module.parse_args(["--unet_init_from", str(tmp_path)]))

@@ -76,6 +76,10 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--init_from", type=str, default=None,
                    help="A toy pipeline folder saved by this script to continue from (its VAE, UNet, text encoder, "
                         "tokenizer); with --vae_steps 0 the VAE and its scaling factor are kept as they are.")
+    p.add_argument("--unet_init_from", type=str, default=None,
+                   help="A toy pipeline folder whose UNet, text encoder and tokenizer replace --init_from's: warm-starts "
+                        "a UNet for a new VAE. Where the latent channel counts differ, the UNet's conv_in and conv_out "
+                        "are re-initialised and every other weight is kept.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model initialisation and the noise.")
     g = p.add_argument_group("data")
     g.add_argument("--resolution", type=int, default=64, help="ShapesWorld image size (64 or 128).")
@@ -183,6 +187,10 @@ def validate_args(args):
         raise ConfigError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     if args.init_from and not os.path.isfile(os.path.join(args.init_from, "model_index.json")):
         raise ConfigError(f"--init_from {args.init_from!r} is not a pipeline folder (no model_index.json).")
+    if args.unet_init_from and not args.init_from:
+        raise ConfigError("--unet_init_from replaces the UNet of --init_from's pipeline: pass --init_from too (the VAE).")
+    if args.unet_init_from and not os.path.isfile(os.path.join(args.unet_init_from, "model_index.json")):
+        raise ConfigError(f"--unet_init_from {args.unet_init_from!r} is not a pipeline folder (no model_index.json).")
     return args
 
 
@@ -217,6 +225,31 @@ def build_models(args, tokenizer):
         )
     )
     return vae, unet, text_encoder
+
+
+def warm_start_unet(folder: str, latent_channels: int):
+    """The UNet, text encoder and tokenizer of the toy pipeline `folder`, the UNet adapted to `latent_channels`.
+
+    diffusers' `ignore_mismatched_sizes` keeps every weight whose shape stays, so the caption-to-layout knowledge of a
+    trained UNet carries over to a new VAE's latents; the weights whose shapes change (conv_in, conv_out) it leaves
+    uninitialised (whatever was in memory), so they are initialised here: conv_in with PyTorch's default, conv_out
+    with zeros (the UNet starts by predicting no noise, as DiT's final layer does).
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", in_channels=latent_channels, out_channels=latent_channels,
+        ignore_mismatched_sizes=True, low_cpu_mem_usage=False,
+    )
+    source_channels = UNet2DConditionModel.load_config(folder, subfolder="unet")["in_channels"]
+    if source_channels != latent_channels:
+        unet.conv_in.reset_parameters()
+        torch.nn.init.zeros_(unet.conv_out.weight)
+        torch.nn.init.zeros_(unet.conv_out.bias)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", model_max_length=77)
+    return unet, text_encoder, tokenizer
 
 
 def weights_megabytes(*models) -> float:
@@ -413,6 +446,8 @@ def main(args):
         vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder")
+        if args.unet_init_from:
+            unet, text_encoder, tokenizer = warm_start_unet(args.unet_init_from, vae.config.latent_channels)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = CLIPTokenizer.from_pretrained(write_word_tokenizer(tmp), model_max_length=77)
