@@ -164,7 +164,7 @@ def test_import_matches_original(tiny_components, tmp_path, sequential):
 def test_import_without_tanh_and_roundtrip(tiny_components, tmp_path):
     unet = tiny_components["unet"]
     checkpoint = _rg_checkpoint(act=False, out_channels=5, seed=2)
-    probe = ReadoutProbe.from_readout_guidance(_save(tmp_path, checkpoint), unet)
+    probe = load_readout_guidance_checkpoint(_save(tmp_path, checkpoint), unet)
     assert probe.config.output_activation == "none" and probe.config.out_channels == 5
     feats, t = _features(batch=1), torch.tensor([500])
     with torch.no_grad():
@@ -269,9 +269,8 @@ def test_command_line_writes_save_pretrained_folder(tiny_pipeline_path, tmp_path
         check_probe_task(config, get_task("lineart", "paper"))
 
 
-def test_from_readout_guidance_passes_every_argument_through(tiny_components, tmp_path):
-    """`ReadoutProbe.from_readout_guidance` is the classmethod face of the loader: the class it is called on, the
-    pickle opt-in, the feature kind and the other keyword arguments all reach it."""
+def test_loader_builds_the_given_class_with_every_option(tiny_components, tmp_path):
+    """`probe_class`, the pickle opt-in, the feature kind and the other keyword arguments all reach the probe."""
     from diffusers_innercontrol.features import decoder_feature_channels
 
     unet = tiny_components["unet"]
@@ -283,10 +282,12 @@ def test_from_readout_guidance_passes_every_argument_through(tiny_components, tm
     pickled["config"]["args"] = argparse.Namespace(lr=1e-3)  # needs a full unpickling
     path = _save(tmp_path, pickled, "pickled.pt")
     with pytest.raises(ValueError, match="trust_pickle=True"):
-        ReadoutProbe.from_readout_guidance(path, unet)
-    probe = MyProbe.from_readout_guidance(path, unet, trust_pickle=True, flip_timesteps=False, task="depth")
+        load_readout_guidance_checkpoint(path, unet)
+    probe = load_readout_guidance_checkpoint(path, unet, trust_pickle=True, flip_timesteps=False, task="depth",
+                                             probe_class=MyProbe)
     assert type(probe) is MyProbe
     assert probe.config.flip_timesteps is False and probe.config.task == "depth"
     attention = _rg_checkpoint(dims=decoder_feature_channels(unet, "attention"), seed=1)
-    probe = ReadoutProbe.from_readout_guidance(_save(tmp_path, attention, "attention.pt"), unet, feature_kind="attention")
+    probe = load_readout_guidance_checkpoint(_save(tmp_path, attention, "attention.pt"), unet, feature_kind="attention")
+    assert type(probe) is ReadoutProbe
     assert probe.config.feature_kind == "attention"

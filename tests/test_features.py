@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from torch import nn
 
 from diffusers_innercontrol import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch
-from diffusers_innercontrol.tiny import build_sd15_unet
+from diffusers_innercontrol.tiny import TINY_UNET_CONFIG, build_sd15_unet
 
 
 def _inputs(batch=2, seed=0, width=16):
@@ -322,3 +323,30 @@ def test_default_kind_and_registering_again_after_remove(tiny_components):
         resnet(torch.randn(1, resnet.in_channels, 4, 4), torch.randn(1, resnet.time_emb_proj.in_features))
         assert extractor.features == []
         extractor.remove()
+
+
+def test_check_probe_fits_unet_names_what_differs(tiny_components):
+    """The one probe-versus-UNet check (trainers, pipeline, conversion): the tiny UNet's decoder gives resnet
+    channels [64, 64, 64, 32, 32, 32] and attention channels [64, 64, 64]."""
+    from diffusers_innercontrol.features import check_probe_fits_unet
+
+    unet = tiny_components["unet"]
+    check_probe_fits_unet(unet, "resnet", [64, 64, 64, 32, 32, 32])
+    check_probe_fits_unet(unet, "attention", (64, 64, 64))
+    with pytest.raises(ValueError) as err:
+        check_probe_fits_unet(unet, "resnet", [64, 64, 64], "The checkpoint", "Fix it.")
+    assert str(err.value) == ("The checkpoint reads 'resnet' features with channels [64, 64, 64], but this UNet's are "
+                              "[64, 64, 64, 32, 32, 32]. They are this UNet's 'attention' features: use "
+                              "feature_kind='attention'. Fix it.")
+    with pytest.raises(ValueError) as err:
+        check_probe_fits_unet(unet, "attention", [48, 48, 48])
+    assert str(err.value) == ("The probe reads 'attention' features with channels [48, 48, 48], but this UNet's are "
+                              "[64, 64, 64]. It was trained on another UNet. Train a probe on this UNet (train_probe.py).")
+    no_attention = UNet2DConditionModel(**dict(TINY_UNET_CONFIG, up_block_types=("UpBlock2D", "UpBlock2D"),
+                                               down_block_types=("DownBlock2D", "DownBlock2D")))
+    with pytest.raises(ValueError) as err:
+        check_probe_fits_unet(no_attention, "attention", [64, 64, 64], "--init_probe", "Leave it out.")
+    assert str(err.value) == ("--init_probe reads 'attention' features but this UNet's decoder has no 'attention' "
+                              "layers to read features from. Leave it out.")
+    with pytest.raises(ValueError, match="It was trained on another UNet"):  # no attention layers to compare with
+        check_probe_fits_unet(no_attention, "resnet", [64, 64, 64])

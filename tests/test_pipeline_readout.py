@@ -394,7 +394,7 @@ def test_bad_input_fails_before_sampling(base, pipe, control):
 
     wrong = ReadoutProbe(feature_channels=(8, 8), **PROBE_CFG)
     cases = [
-        (dict(readout_probe=wrong), ValueError, "trained on this UNet"),
+        (dict(readout_probe=wrong), ValueError, "Use a probe trained on this pipeline's UNet"),
         (dict(readout_task="normals"), ValueError, "Unknown task"),
         (dict(readout_guidance_scale=-1.0), ValueError, "readout_guidance_scale"),
         (dict(readout_guidance_window=(500, 100)), ValueError, "readout_guidance_window"),

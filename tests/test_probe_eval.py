@@ -11,14 +11,13 @@ from diffusers_innercontrol.probe_eval import (
     BucketErrors,
     bucket_errors,
     bucket_index,
-    classes_to_image,
     evaluate_probe,
     predict_at_timesteps,
-    prediction_to_image,
     stratified_timesteps,
     timestep_buckets,
     validation_grid,
 )
+from diffusers_innercontrol.render import labeled_grid, render_readout, to_pil
 from diffusers_innercontrol.training import probe_step
 
 
@@ -150,27 +149,6 @@ def test_evaluate_probe_is_reproducible_and_uses_prepare(tiny_components):
     assert a.means() == b.means() and a.loss_name == "mse"
 
 
-def test_classes_to_image_and_prediction_to_image():
-    classes = torch.tensor([[[0, 1], [255, 1]]])
-    img = classes_to_image(classes, num_classes=3)
-    assert img.shape == (1, 3, 2, 2)
-    assert torch.equal(img[0, :, 1, 0], torch.zeros(3))  # ignored pixel is black
-    assert torch.equal(img[0, :, 0, 1], img[0, :, 1, 1])  # same class, same colour
-    assert not torch.equal(img[0, :, 0, 0], img[0, :, 0, 1])
-
-    task = get_task("hed")
-    out = torch.tensor([[[[1.0, -1.0]], [[1.0, -1.0]], [[1.0, -1.0]]]])  # (1, 3, 1, 2) tanh values
-    pic = prediction_to_image(task, out)
-    # (mean over channels + 1) / 2: 1 -> 1, -1 -> 0, grey in three channels
-    assert pic.shape == (1, 3, 1, 2) and pic[0, :, 0, 0].tolist() == [1.0] * 3 and pic[0, :, 0, 1].tolist() == [0.0] * 3
-
-    seg = get_task("segmentation")
-    logits = torch.zeros(1, 4, 1, 2)
-    logits[0, 2, 0, 0] = 5.0
-    logits[0, 3, 0, 1] = 5.0
-    assert torch.equal(prediction_to_image(seg, logits), classes_to_image(torch.tensor([[[2, 3]]]), 4))
-
-
 def test_predict_at_timesteps_and_grid(tiny_components):
     task = get_task("lineart")  # upsample head: prediction 2x the feature size
     unet, sched = tiny_components["unet"], tiny_components["scheduler"]
@@ -180,10 +158,17 @@ def test_predict_at_timesteps_and_grid(tiny_components):
                                  encoder_hidden_states=b["encoder_hidden_states"], timesteps=(100, 900))
     assert len(preds) == 2 and preds[0].shape == (2, 3, 64, 64)
     assert not torch.allclose(preds[0], preds[1])  # the noise level changes the features
-    grid, tiles = validation_grid(task, b["control"], preds, image=torch.rand(2, 3, 32, 32))
-    assert grid.size == (4 * 32, 2 * 32)  # columns: image, control, t=100, t=900
-    assert tiles.shape == (8, 32, 32, 3) and tiles.min() >= 0 and tiles.max() <= 1
-    np.testing.assert_allclose(tiles[1], b["control"][0].permute(1, 2, 0).numpy(), atol=1e-6)
+    image = torch.rand(2, 3, 32, 32)
+    grid = validation_grid(task, b["control"], preds, image=image, timesteps=(100, 900))
+    # the same tiles and labels through the package's one grid renderer, drawn by hand
+    rows = [[to_pil(image[i]), to_pil(b["control"][i])] + [render_readout(p, task)[i] for p in preds] for i in range(2)]
+    expected = labeled_grid(rows, ["image", "control", "t = 100", "t = 900"], tile_size=(32, 32))
+    assert grid.size == expected.size and np.array_equal(np.asarray(grid), np.asarray(expected))
+    unlabeled = labeled_grid(rows, ["image", "control", "readout 1", "readout 2"], tile_size=(32, 32))
+    assert not np.array_equal(np.asarray(validation_grid(task, b["control"], preds, image=image)), np.asarray(expected))
+    assert np.array_equal(np.asarray(validation_grid(task, b["control"], preds, image=image)), np.asarray(unlabeled))
+    with pytest.raises(ValueError, match="1 timesteps for 2 predictions"):
+        validation_grid(task, b["control"], preds, timesteps=(100,))
     with pytest.raises(ValueError, match="outside"):
         predict_at_timesteps(probe=probe, unet=unet, noise_scheduler=sched, latents=b["latents"],
                              encoder_hidden_states=b["encoder_hidden_states"], timesteps=(1000,))

@@ -93,7 +93,7 @@ def test_probe_trainer_defaults(scripts, fake_assets):
     assert (args.resolution, args.max_train_steps, args.projection_dim, args.norm_num_groups) == (64, 300, 64, 16)
     assert args.validation_split == 32  # held-out scenes for the error per timestep bucket and the grid
     assert args.validation_image is None and os.path.isdir(args.train_data_dir)
-    probe.check_args(args)
+    probe.validate_args(args)
 
 
 def test_missing_assets_is_one_line(scripts, tmp_path, monkeypatch, capsys):

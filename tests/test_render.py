@@ -7,7 +7,7 @@ import torch
 
 from diffusers_innercontrol.palette import ade20k_palette
 from diffusers_innercontrol.pipeline_readout import ReadoutPipelineOutput
-from diffusers_innercontrol.render import colorize_classes, make_readout_grid, render_readout, to_pil
+from diffusers_innercontrol.render import colorize_classes, labeled_grid, make_readout_grid, render_readout, to_pil
 from diffusers_innercontrol.tasks import get_task
 
 
@@ -103,23 +103,31 @@ def _fake_output(num_samples=2, steps=3, size=8):
 def test_readout_grid_layout():
     out = _fake_output()
     controls = [PIL.Image.new("RGB", (4, 4), (0, 200, 0)), PIL.Image.new("RGB", (4, 4), (0, 0, 200))]
-    grid = make_readout_grid(out, controls, sample_index=1)
-    # one row: control | 3 readouts | final image, each tile the final image's size (8 x 8)
-    assert grid.size == (8 * 5, 8)
+    grid = make_readout_grid(out, controls, sample_index=1, labels=False)
+    # one row: control | 3 readouts | final image, each tile the final image's size (8 x 8), 3 px apart on white
+    assert grid.size == (3 + 5 * (8 + 3), 8 + 6)
     a = np.asarray(grid)
-    np.testing.assert_array_equal(a[4, 4], [0, 0, 200])  # the second sample's control
-    np.testing.assert_array_equal(a[4, 8 + 4], [0, 0, 0])  # first readout: tanh -1 -> black
-    np.testing.assert_array_equal(a[4, 16 + 4], [128, 128, 128])
-    np.testing.assert_array_equal(a[4, 24 + 4], [255, 255, 255])  # last readout: white
-    np.testing.assert_array_equal(a[4, 32 + 4], [20, 0, 0])  # the second sample's image
+    x = [3 + j * 11 + 4 for j in range(5)]  # the centre of every tile
+    np.testing.assert_array_equal(a[7, x[0]], [0, 0, 200])  # the second sample's control
+    np.testing.assert_array_equal(a[7, x[1]], [0, 0, 0])  # first readout: tanh -1 -> black
+    np.testing.assert_array_equal(a[7, x[2]], [128, 128, 128])
+    np.testing.assert_array_equal(a[7, x[3]], [255, 255, 255])  # last readout: white
+    np.testing.assert_array_equal(a[7, x[4]], [20, 0, 0])  # the second sample's image
+    np.testing.assert_array_equal(a[7, 1], [255, 255, 255])  # padding
+    # with labels (the default): the same tiles under "control", "t = 900", "t = 500", "t = 100", "image"
+    labelled = make_readout_grid(out, controls, sample_index=1)
+    expected = labeled_grid([[to_pil(controls[1]).resize((8, 8))] + [r[1] for r in out.readout_images] + [out.images[1]]],
+                            ["control", "t = 900", "t = 500", "t = 100", "image"], tile_size=(8, 8))
+    assert np.array_equal(np.asarray(labelled), np.asarray(expected)) and labelled.size[1] > grid.size[1]
 
 
 def test_readout_grid_one_control_for_all_and_tile_size():
     out = _fake_output(num_samples=2, steps=1)
     control = torch.ones(1, 3, 4, 4)
-    grid = make_readout_grid(out, control, sample_index=0, tile_size=(6, 5))
-    assert grid.size == (6 * 3, 5)
-    np.testing.assert_array_equal(np.asarray(grid)[2, 2], [255, 255, 255])
+    grid = make_readout_grid(out, control, sample_index=0, tile_size=(6, 5), labels=False)
+    assert grid.size == (3 + 3 * (6 + 3), 5 + 6)
+    np.testing.assert_array_equal(np.asarray(grid)[3 + 2, 3 + 2], [255, 255, 255])
+    np.testing.assert_array_equal(np.asarray(grid)[3 + 2, 3 + 9 + 2], [0, 0, 0])  # the readout: tanh -1 -> black
 
 
 def test_readout_grid_errors():

@@ -185,7 +185,7 @@ def test_run_experiment_quick(tmp_path, tiny_pipeline_path):
     from PIL import Image
 
     grid = Image.open(out / result["grids"]["depth"])
-    assert grid.size == (4 * 32, 2 * 32)  # control | real | 2 modes, 2 held-out conditions
+    assert grid.size[0] == 3 + 4 * (32 + 3) and grid.size[1] > 3 + 2 * (32 + 3)  # control, real, 2 modes (labelled); 2 rows
     assert f"]({result['grids']['depth']})" in md
     for plot in result["plots"]:
         assert (out / plot).is_file()

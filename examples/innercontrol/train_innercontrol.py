@@ -12,7 +12,6 @@ card live in the package (`data`, `cli`, `checkpointing`, `hub`).
 
 import argparse
 import logging
-import math
 import os
 import statistics
 import time
@@ -26,10 +25,6 @@ LORA_TARGET_MODULES = (
     r".*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|.*\.(proj_in|proj_out|conv1|conv2|conv_shortcut)$"
     r"|.*controlnet_down_blocks\.\d+$|.*controlnet_mid_block$|.*controlnet_cond_embedding\.(conv_in|conv_out|blocks\.\d+)$"
 )
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf; training stopped."""
 
 
 _TRAINING_STARTED = False  # ValueErrors before this are bad input (one line); after it, bugs (traceback)
@@ -134,21 +129,13 @@ def validate_args(args):
 # --------------------------------------------------------------------------------------------- models
 def check_probe(probe, unet, task):
     """The probe must read the features this UNet gives: same feature kind present, same channels, right outputs."""
-    from diffusers_innercontrol.features import decoder_feature_channels
+    from diffusers_innercontrol.features import check_probe_fits_unet
     from diffusers_innercontrol.tasks import check_probe_task
 
     check_probe_task(probe.config, task)
     kind = probe.config.feature_kind
-    try:
-        channels = decoder_feature_channels(unet, kind)
-    except ValueError as err:
-        raise ValueError(f"The probe reads '{kind}' features but {err} Train a probe for this UNet (train_probe.py).")
-    if list(probe.config.feature_channels) != list(channels):
-        raise ValueError(
-            f"The probe was trained on '{kind}' features with channels {list(probe.config.feature_channels)}, but this "
-            f"UNet's decoder gives {channels}: the probe belongs to another UNet. Train a probe on "
-            "--pretrained_model_name_or_path with train_probe.py."
-        )
+    check_probe_fits_unet(unet, kind, probe.config.feature_channels, "The probe",
+                          "Train a probe on --pretrained_model_name_or_path with train_probe.py.")
     if task.is_segmentation and probe.config.out_channels != task.num_classes:
         raise ValueError(f"A segmentation probe needs {task.num_classes} outputs (classes), this one has {probe.config.out_channels}.")
     if not task.is_segmentation and probe.config.out_channels not in (1, 3):
@@ -265,41 +252,7 @@ def validation_grid(logs, tile: int = 128):
 
 
 # --------------------------------------------------------------------------------------------- training
-def check_finite(out) -> Optional[str]:
-    """The name of the first loss term of a `StepOutput` that is NaN or inf, or `None`."""
-    for name, value in (("diffusion", out.diffusion), ("reward", out.reward), ("alignment", out.alignment), ("total", out.loss)):
-        if value is not None and not torch.isfinite(value.detach()).all():
-            return name
-    return None
-
-
-def nan_message(out, bad: Optional[str], step: int, epoch: int, output_dir: str) -> str:
-    from diffusers_innercontrol.checkpointing import latest_checkpoint
-
-    if bad is None:
-        what = "A loss on another process is not finite"
-    else:
-        value = {"diffusion": out.diffusion, "reward": out.reward, "alignment": out.alignment}.get(bad, out.loss)
-        what = f"The {bad} loss is {value.item()}"
-    last = latest_checkpoint(output_dir)
-    kept = (f"The last checkpoint, {last}, is kept: resume from it with --resume_from_checkpoint latest "
-            if last else "No checkpoint was written yet; start again ")
-    return (f"{what} at step {step} (epoch {epoch}); training stopped. {kept}after lowering --learning_rate or the "
-            "weight of that term, or checking the probe / reward model / data.")
-
-
-def step_generator(seed, device, process_index, epoch, batch_index):
-    """A generator for the noise, timesteps and latent sampling of one batch: the same after a resume."""
-    if seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed((int(seed) * 1_000_003 + process_index * 100_003 + epoch * 10_007 + batch_index) % (2**63 - 1))
-    return g
-
-
 def main(args):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -308,6 +261,14 @@ def main(args):
     from diffusers_innercontrol import checkpointing, cli, data, hub
     from diffusers_innercontrol.tiny import conditioning_channels_for
     from diffusers_innercontrol.training import controlnet_step, encode_images
+    from diffusers_innercontrol.training_utils import (
+        optimizer_step,
+        plan_steps,
+        setup_accelerator,
+        step_generator,
+        train_batches,
+        weight_dtype_of,
+    )
 
     # ---- everything that can be checked without training, first
     task = validate_args(args)
@@ -315,22 +276,7 @@ def main(args):
     vae_scale_factor = data.vae_scale_factor_of(vae_config)
     data.check_resolution(args.resolution, vae_scale_factor)
 
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.use_lora)],
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
-    if torch.backends.mps.is_available():
-        accelerator.native_amp = False
-    if args.seed is not None:
-        set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = setup_accelerator(args, find_unused_parameters=args.use_lora)
 
     tokenizer = AutoTokenizer.from_pretrained(
         args.tokenizer_name or args.pretrained_model_name_or_path, subfolder=None if args.tokenizer_name else "tokenizer",
@@ -395,9 +341,6 @@ def main(args):
             probe.enable_gradient_checkpointing()  # one probe block's activations at a time in backward
         if reward_model is not None:
             vae.enable_gradient_checkpointing()  # the reward's VAE decode at full resolution holds the most activations
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     params = [p for p in controlnet.parameters() if p.requires_grad]
     optimizer = cli.build_optimizer(params, args, accelerator)
@@ -413,27 +356,15 @@ def main(args):
         train_dataset, batch_size=args.train_batch_size, shuffle=False,  # shuffled by the dataset (set_epoch)
         collate_fn=data.collate_fn, num_workers=args.dataloader_num_workers,
     )
-    streaming = isinstance(train_dataset, data.StreamingTrainDataset)
-    if streaming:
-        num_update_steps_per_epoch = None
-        max_train_steps = args.max_train_steps
-        num_train_epochs = 10**9  # the stream is re-read (with set_epoch) until max_train_steps
-    else:
-        batches_per_process = math.ceil(math.ceil(len(train_dataset) / args.train_batch_size) / accelerator.num_processes)
-        num_update_steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
-        max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
-        num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    plan = plan_steps(train_dataset, args, accelerator.num_processes)
+    max_train_steps = plan.max_train_steps
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
     controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, train_dataloader, lr_scheduler)
 
-    weight_dtype = torch.float32
-    if accelerator.mixed_precision == "fp16":
-        weight_dtype = torch.float16
-    elif accelerator.mixed_precision == "bf16":
-        weight_dtype = torch.bfloat16
+    weight_dtype = weight_dtype_of(accelerator)
     vae.to(accelerator.device, dtype=weight_dtype)
     unet.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
@@ -453,10 +384,10 @@ def main(args):
     logger.info("***** Running training *****")
     logger.info(f"  Task = {task.name} ({task.preset}), mode = {mode}: alpha = {task.alpha} (t in {list(task.reward_window)}), "
                 f"beta = {task.beta} (t in {list(task.alignment_window)})")
-    logger.info(f"  Num examples = {'streamed' if streaming else len(train_dataset)}, epochs = "
-                f"{'-' if streaming else num_train_epochs}, total batch size = {total_batch_size}, steps = {max_train_steps}")
+    logger.info(f"  Num examples = {'streamed' if plan.streaming else len(train_dataset)}, epochs = "
+                f"{'-' if plan.streaming else plan.num_train_epochs}, total batch size = {total_batch_size}, steps = {max_train_steps}")
 
-    state = checkpointing.resume_from_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir, num_update_steps_per_epoch)
+    state = checkpointing.resume_from_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir, plan.num_update_steps_per_epoch)
     if ema is not None:
         ema.to(accelerator.device)  # accelerate loads custom states on the CPU (map_location="cpu")
     global_step = state.global_step
@@ -469,77 +400,61 @@ def main(args):
     def save_state():
         checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
 
-    done = global_step >= max_train_steps
     global _TRAINING_STARTED
     _TRAINING_STARTED = True
-    for epoch in range(state.first_epoch, num_train_epochs):
-        if done:
-            break
-        train_dataset.set_epoch(epoch)
-        if hasattr(train_dataloader, "set_epoch"):  # accelerate's loader re-sets the dataset's epoch from its own counter
-            train_dataloader.set_epoch(epoch)
-        loader = checkpointing.resume_dataloader(accelerator, train_dataloader, epoch, state, args.gradient_accumulation_steps)
-        offset = state.skip_batches_in_epoch * args.gradient_accumulation_steps if (state.path and epoch == state.first_epoch) else 0
-        t_start = time.perf_counter()
-        for step, batch in enumerate(loader):
-            gen = step_generator(args.seed, accelerator.device, accelerator.process_index, epoch, offset + step)
-            with accelerator.accumulate(controlnet):
-                with torch.no_grad():
-                    latents = encode_images(vae, batch["pixel_values"].to(weight_dtype), generator=gen)
-                    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-                with accelerator.autocast():
-                    out = controlnet_step(
-                        task=task, unet=unet, controlnet=controlnet, noise_scheduler=noise_scheduler, latents=latents,
-                        encoder_hidden_states=encoder_hidden_states, control=batch["conditioning_pixel_values"],
-                        control_classes=batch.get("control_classes"), vae=vae, reward_model=reward_model, probe=probe,
-                        reward_decode=args.reward_decode, weight_dtype=weight_dtype, generator=gen,
-                    )
-                bad = check_finite(out)
-                flag = torch.tensor([0.0 if bad is None else 1.0], device=accelerator.device)
-                if accelerator.num_processes > 1:  # every process stops, not only the one that saw it
-                    flag = accelerator.reduce(flag, reduction="sum")
-                if flag.item() > 0:
-                    raise NonFiniteLossError(nan_message(out, bad, global_step + 1, epoch, args.output_dir))
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+    t_start = time.perf_counter()
+    batches = train_batches(accelerator, train_dataloader, plan, state, args.gradient_accumulation_steps)
+    for epoch, batch_index, batch in batches if global_step < max_train_steps else ():
+        gen = step_generator(args.seed, accelerator.device, accelerator.process_index, epoch, batch_index)
+        with accelerator.accumulate(controlnet):
+            with torch.no_grad():
+                latents = encode_images(vae, batch["pixel_values"].to(weight_dtype), generator=gen)
+                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+            with accelerator.autocast():
+                out = controlnet_step(
+                    task=task, unet=unet, controlnet=controlnet, noise_scheduler=noise_scheduler, latents=latents,
+                    encoder_hidden_states=encoder_hidden_states, control=batch["conditioning_pixel_values"],
+                    control_classes=batch.get("control_classes"), vae=vae, reward_model=reward_model, probe=probe,
+                    reward_decode=args.reward_decode, weight_dtype=weight_dtype, generator=gen,
+                )
+            optimizer_step(
+                accelerator, out.loss, params, optimizer, lr_scheduler, args, step=global_step + 1, epoch=epoch,
+                terms={"diffusion": out.diffusion, "reward": out.reward, "alignment": out.alignment, "total": out.loss},
+                hint="lowering --learning_rate or the weight of that term, or checking the probe / reward model / data.",
+            )
 
-            logs = out.logs()
-            if accelerator.sync_gradients:
+        logs = out.logs()
+        if accelerator.sync_gradients:
+            if ema is not None:
+                ema.step(params)
+            global_step += 1
+            progress_bar.update(1)
+            now = time.perf_counter()
+            step_times.append(now - t_start)
+            t_start = now
+            logs.update(lr=lr_scheduler.get_last_lr()[0], step_time_s=step_times[-1])
+            if global_step % args.checkpointing_steps == 0:
+                save_state()
+            if accelerator.is_main_process and args.validation_prompt and global_step % args.validation_steps == 0:
                 if ema is not None:
-                    ema.step(params)
-                global_step += 1
-                progress_bar.update(1)
-                now = time.perf_counter()
-                step_times.append(now - t_start)
-                t_start = now
-                logs.update(lr=lr_scheduler.get_last_lr()[0], step_time_s=step_times[-1])
-                if global_step % args.checkpointing_steps == 0:
-                    save_state()
-                if accelerator.is_main_process and args.validation_prompt and global_step % args.validation_steps == 0:
-                    if ema is not None:
-                        ema.store(params)
-                        ema.copy_to(params)
-                    image_logs = log_validation(vae, text_encoder, tokenizer, unet, unwrap(accelerator, controlnet), probe,
-                                               task, args, accelerator, weight_dtype, global_step)
-                    validated_step = global_step
-                    if ema is not None:
-                        ema.restore(params)
-                accelerator.log(logs, step=global_step)
-            last_logs = logs
-            short = {"diff": f"{logs['loss_diffusion']:.4f}"}
-            if "loss_reward" in logs:
-                short["rew"] = f"{logs['loss_reward']:.4f}"
-            if "loss_alignment" in logs:
-                short["align"] = f"{logs['loss_alignment']:.4f}"
-            short["lr"] = f"{lr_scheduler.get_last_lr()[0]:.2e}"
-            progress_bar.set_postfix(**short)
-            if global_step >= max_train_steps:
-                done = True
-                break
+                    ema.store(params)
+                    ema.copy_to(params)
+                image_logs = log_validation(vae, text_encoder, tokenizer, unet, unwrap(accelerator, controlnet), probe,
+                                           task, args, accelerator, weight_dtype, global_step)
+                validated_step = global_step
+                if ema is not None:
+                    ema.restore(params)
+            accelerator.log(logs, step=global_step)
+        last_logs = logs
+        short = {"diff": f"{logs['loss_diffusion']:.4f}"}
+        if "loss_reward" in logs:
+            short["rew"] = f"{logs['loss_reward']:.4f}"
+        if "loss_alignment" in logs:
+            short["align"] = f"{logs['loss_alignment']:.4f}"
+        short["lr"] = f"{lr_scheduler.get_last_lr()[0]:.2e}"
+        progress_bar.set_postfix(**short)
+        if global_step >= max_train_steps:
+            break
 
     # ---- save
     accelerator.wait_for_everyone()
@@ -591,10 +506,10 @@ def unwrap(accelerator, model, keep_fp32_wrapper=True):
 
 def cli_main(argv=None):
     """Entry point: bad input ends with one line on stderr and exit status 1, before any training."""
-    from diffusers_innercontrol import cli
+    from diffusers_innercontrol import cli, training_utils
 
     return cli.run_main(main, parse_args(argv), training_started=lambda: _TRAINING_STARTED,
-                        extra_errors=(NonFiniteLossError,))
+                        extra_errors=(training_utils.NonFiniteLossError,))
 
 
 if __name__ == "__main__":

@@ -34,21 +34,16 @@ probe_error.json, validation_grid.png, README.md (model card), checkpoint-N/, va
 """
 
 import argparse
-import logging
-import math
 import os
 from typing import Dict, List, Optional
 
-import diffusers
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from diffusers_innercontrol import ReadoutProbe, cli, decoder_feature_channels, get_task
-from diffusers_innercontrol.checkpointing import resume_dataloader, resume_from_checkpoint, save_checkpoint
+from diffusers_innercontrol.checkpointing import resume_from_checkpoint, save_checkpoint
 from diffusers_innercontrol.cli import (
     add_checkpointing_args,
     add_data_args,
@@ -59,7 +54,15 @@ from diffusers_innercontrol.cli import (
     add_training_args,
     validate_common_args,
 )
-from diffusers_innercontrol.data import TrainDataset, build_train_dataset, check_samples, collate_fn
+from diffusers_innercontrol.data import (
+    TrainDataset,
+    build_train_dataset,
+    check_resolution,
+    check_samples,
+    collate_fn,
+    vae_scale_factor_of,
+)
+from diffusers_innercontrol.features import check_probe_fits_unet
 from diffusers_innercontrol.hub import push_folder, save_model_card
 from diffusers_innercontrol.hub_utils import check_model_available
 from diffusers_innercontrol.probe_eval import (
@@ -70,6 +73,14 @@ from diffusers_innercontrol.probe_eval import (
 )
 from diffusers_innercontrol.tasks import PRESETS, TASK_NAMES
 from diffusers_innercontrol.training import encode_images, probe_step
+from diffusers_innercontrol.training_utils import (
+    optimizer_step,
+    plan_steps,
+    setup_accelerator,
+    step_generator,
+    train_batches,
+    weight_dtype_of,
+)
 
 logger = get_logger(__name__)
 
@@ -135,11 +146,11 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     # no model and no data: the bundled ShapesWorld toy SD and data; else SD1.5
     from diffusers_innercontrol.quickstart import use_default_world
 
-    use_default_world(args, parser, "probe", task_from_args)
+    use_default_world(args, parser, "probe", resolve_task)
     return args
 
 
-def check_args(args) -> None:
+def validate_args(args) -> None:
     """Checks that need no model: raise `ValueError` naming the problem and the fix."""
     validate_common_args(args)
     if args.task not in TASK_NAMES:
@@ -175,7 +186,7 @@ def check_args(args) -> None:
             raise ValueError(f"--{name} must be >= 1.")
 
 
-def task_from_args(args):
+def resolve_task(args):
     """The task with the probe options given on the command line (validated by `Task.replace`)."""
     task = get_task(args.task, args.preset)
     changes = {}
@@ -223,15 +234,8 @@ def load_models(args, weight_dtype):
 
 def check_models(args, task, models) -> None:
     """Shapes that must fit before anything is trained: resolution vs VAE/UNet, ControlNet vs UNet."""
-    vae, unet = models["vae"], models["unet"]
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_down = 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % (vae_scale * unet_down):
-        raise ValueError(
-            f"--resolution {args.resolution} cannot be taken by this model: it must be a multiple of "
-            f"{vae_scale * unet_down} (VAE scale factor {vae_scale} x UNet downsampling {unet_down}), e.g. "
-            f"{max(1, args.resolution // (vae_scale * unet_down)) * vae_scale * unet_down}."
-        )
+    unet = models["unet"]
+    check_resolution(args.resolution, vae_scale_factor_of(models["vae"].config))
     controlnet = models["controlnet"]
     if controlnet is not None:
         if controlnet.config.block_out_channels != unet.config.block_out_channels:
@@ -264,13 +268,8 @@ def build_probe(args, task, unet) -> ReadoutProbe:
                     f"--init_probe has {field}={getattr(cfg, field)!r} but --{option} {wanted!r} was given: leave "
                     f"--{option} out to continue the saved probe, or train a new probe without --init_probe."
                 )
-        expected = decoder_feature_channels(unet, cfg.feature_kind)
-        if list(cfg.feature_channels) != list(expected):
-            raise ValueError(
-                f"--init_probe reads '{cfg.feature_kind}' features with channels {list(cfg.feature_channels)}, but this "
-                f"UNet's are {expected}: it was trained on another base model. Pass the probe of "
-                f"{args.pretrained_model_name_or_path}, or leave --init_probe out."
-            )
+        check_probe_fits_unet(unet, cfg.feature_kind, cfg.feature_channels, "--init_probe",
+                              f"Pass the probe of {args.pretrained_model_name_or_path}, or leave --init_probe out.")
         if task.is_segmentation and task.num_classes and cfg.out_channels < task.num_classes:
             raise ValueError(f"--init_probe predicts {cfg.out_channels} classes; task segmentation needs {task.num_classes}.")
         return probe
@@ -340,9 +339,9 @@ def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_d
         controlnet=models["controlnet"], control=inputs["control"], seed=args.seed or 0, weight_dtype=weight_dtype,
     )
     classes = inputs.get("control_classes")
-    grid, _ = validation_grid(
+    grid = validation_grid(
         task, inputs["control"].cpu(), [p.cpu() for p in predictions], None if classes is None else classes.cpu(),
-        image=(grid_batch["pixel_values"].float() + 1) / 2,
+        image=(grid_batch["pixel_values"].float() + 1) / 2, timesteps=args.validation_timesteps,
     )
     grid.save(os.path.join(out_dir, f"grid_step{step:06d}.png"))
     if final:
@@ -362,17 +361,15 @@ def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_d
             errors.save(os.path.join(args.output_dir, PROBE_ERROR_FILE), extra=extra)
         logger.info("Probe error per timestep bucket:\n" + errors.to_markdown())
 
-    columns = (["image", "control"] + [f"t={t}" for t in args.validation_timesteps])
-    for tracker in accelerator.trackers:
+    for tracker in accelerator.trackers:  # the grid carries its column labels
         if tracker.name == "tensorboard":
             import numpy as np
 
             tracker.writer.add_image("validation/grid", np.asarray(grid), step, dataformats="HWC")
-            tracker.writer.add_text("validation/columns", " | ".join(columns), step)
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation/grid": wandb.Image(grid, caption=" | ".join(columns))}, step=step)
+            tracker.log({"validation/grid": wandb.Image(grid)}, step=step)
     if errors is not None:
         accelerator.log(errors.log_dict("probe_error"), step=step)
     return grid, errors
@@ -415,30 +412,14 @@ def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(args):
-    check_args(args)
-    task = task_from_args(args)
+    validate_args(args)
+    task = resolve_task(args)
     if args.max_train_steps is None:
         args.max_train_steps = task.probe_train_steps
 
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        level=logging.INFO)
+    accelerator = setup_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
-    if not accelerator.is_local_main_process:
-        diffusers.utils.logging.set_verbosity_error()
-    if args.seed is not None:
-        set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = weight_dtype_of(accelerator)
 
     # Models, then every shape check, then the data (decoded up front): all before any training.
     models = load_models(args, weight_dtype)
@@ -516,9 +497,7 @@ def main(args):
     )
     probe, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(probe, optimizer, train_dataloader, lr_scheduler)
 
-    streamed = isinstance(train_dataset, torch.utils.data.IterableDataset)
-    num_update_steps_per_epoch = None if streamed else math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_train_epochs = 10**9 if streamed else math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    plan = plan_steps(train_dataset, args, accelerator.num_processes)
 
     if accelerator.is_main_process:
         tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
@@ -528,65 +507,44 @@ def main(args):
     logger.info("***** Running stage-1 probe training *****")
     logger.info(f"  Task = {task.name} ({task.preset}), feature kind = {task.feature_kind}, loss = {task.alignment_loss}")
     logger.info(f"  Probe parameters (without the copied time embedding) = {accelerator.unwrap_model(probe).num_probe_parameters}")
-    logger.info(f"  Num examples = {'streamed' if streamed else len(train_dataset)}")
+    logger.info(f"  Num examples = {'streamed' if plan.streaming else len(train_dataset)}")
     logger.info(f"  Total train batch size = {total_batch_size}, max steps = {args.max_train_steps}")
 
-    state = resume_from_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir, num_update_steps_per_epoch)
-    global_step, first_epoch = state.global_step, state.first_epoch
+    state = resume_from_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir, plan.num_update_steps_per_epoch)
+    global_step = state.global_step
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
 
-    def checkpoint_now():
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    batches = train_batches(accelerator, train_dataloader, plan, state, args.gradient_accumulation_steps)
+    for epoch, batch_index, batch in batches if global_step < args.max_train_steps else ():
+        gen = step_generator(args.seed, accelerator.device, accelerator.process_index, epoch, batch_index)
+        with accelerator.accumulate(probe):
+            inputs = batch_inputs(batch, generator=gen)
+            loss = probe_step(
+                task=task, unet=unet, probe=probe, noise_scheduler=models["scheduler"],
+                latents=inputs["latents"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                control=inputs["control"], control_classes=inputs.get("control_classes"),
+                controlnet=models["controlnet"], weight_dtype=weight_dtype, generator=gen,
+            )
+            optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, args, terms={f"probe ({task.alignment_loss})": loss},
+                           step=global_step + 1, epoch=epoch, hint="lowering --learning_rate or checking the controls.")
 
-    for epoch in range(first_epoch, num_train_epochs):
+        if accelerator.sync_gradients:
+            progress_bar.update(1)
+            global_step += 1
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+                log_validation(args=args, task=task, probe=probe, models=models, batch_inputs=batch_inputs,
+                               grid_batch=grid_batch, val_dataloader=val_dataloader, accelerator=accelerator,
+                               step=global_step, weight_dtype=weight_dtype)
+        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress_bar.set_postfix(**logs)
+        accelerator.log(logs, step=global_step)
         if global_step >= args.max_train_steps:
             break
-        train_dataset.set_epoch(epoch)
-        loader = resume_dataloader(accelerator, train_dataloader, epoch, state, args.gradient_accumulation_steps)
-        if hasattr(loader, "set_epoch"):
-            # accelerate's loaders call `dataset.set_epoch(self.iteration)` in `__iter__`, with their own count of
-            # iterations: a resumed run (and the skip-batches loader) would count from 0 and reuse epoch 0's order.
-            loader.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate(probe):
-                inputs = batch_inputs(batch)
-                loss = probe_step(
-                    task=task, unet=unet, probe=probe, noise_scheduler=models["scheduler"],
-                    latents=inputs["latents"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                    control=inputs["control"], control_classes=inputs.get("control_classes"),
-                    controlnet=models["controlnet"], weight_dtype=weight_dtype,
-                )
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"The probe loss ({task.alignment_loss}) is {loss.item()} at step {global_step}: training "
-                        f"stopped; the last checkpoint in {args.output_dir} is intact. Lower --learning_rate or check "
-                        "the controls."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
 
-            if accelerator.sync_gradients:
-                progress_bar.update(1)
-                global_step += 1
-                if global_step % args.checkpointing_steps == 0:
-                    checkpoint_now()
-                if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-                    log_validation(args=args, task=task, probe=probe, models=models, batch_inputs=batch_inputs,
-                                   grid_batch=grid_batch, val_dataloader=val_dataloader, accelerator=accelerator,
-                                   step=global_step, weight_dtype=weight_dtype)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress_bar.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if global_step >= args.max_train_steps:
-                break
-
-    logger.info(f"Process {accelerator.process_index} of {accelerator.num_processes} trained {global_step} steps",
-                main_process_only=False)
+    print(f"[process {accelerator.process_index}/{accelerator.num_processes}] trained {global_step} steps", flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_probe = accelerator.unwrap_model(probe)

@@ -164,13 +164,13 @@ def resume_from_checkpoint(accelerator, resume_from_checkpoint: Optional[str], o
 def resume_dataloader(accelerator, dataloader, epoch: int, state: ResumeState, gradient_accumulation_steps: int = 1):
     """
     The loader for `epoch`, without the batches the resumed run already consumed in it. Call it at the start of
-    every epoch: it also sets the epoch of accelerate's loader (whose own counter would otherwise restart at 0
-    after a resume and re-set a `set_epoch` dataset, such as `data.TrainDataset`, to epoch 0).
+    every epoch: it sets the epoch of the dataset (`data.TrainDataset` shuffles per epoch) and of accelerate's
+    loader, whose `__iter__` re-sets the dataset's epoch from its own counter, which restarts at 0 after a resume.
     """
     if hasattr(dataloader, "set_epoch"):
-        dataloader.set_epoch(epoch)
+        dataloader.set_epoch(epoch)  # sets the dataset's too
     elif hasattr(getattr(dataloader, "dataset", None), "set_epoch"):
         dataloader.dataset.set_epoch(epoch)
     if state.path is not None and epoch == state.first_epoch and state.skip_batches_in_epoch > 0:
-        return accelerator.skip_first_batches(dataloader, state.skip_batches_in_epoch * gradient_accumulation_steps)
+        dataloader = accelerator.skip_first_batches(dataloader, state.skip_batches_in_epoch * gradient_accumulation_steps)
     return dataloader

@@ -36,7 +36,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .features import decoder_feature_channels
+from .features import check_probe_fits_unet
+from .models.readout_probe import ReadoutProbe
 
 __all__ = ["load_readout_guidance_checkpoint", "readout_guidance_state_dict_to_probe", "read_checkpoint_file"]
 
@@ -230,8 +231,7 @@ def load_readout_guidance_checkpoint(
         ValueError: the file needs `trust_pickle=True`, is not in this format, is configured in a way the
             probe cannot reproduce, does not match `unet`, or has tensors that do not map one-to-one.
     """
-    if probe_class is None:
-        from .models.readout_probe import ReadoutProbe as probe_class
+    probe_class = probe_class or ReadoutProbe
 
     checkpoint = read_checkpoint_file(checkpoint_path, trust_pickle=trust_pickle)
     if not isinstance(checkpoint, dict) or "aggregation_network" not in checkpoint or "config" not in checkpoint:
@@ -258,18 +258,8 @@ def load_readout_guidance_checkpoint(
     if "dims" not in config:
         raise ValueError("The checkpoint's config has no 'dims' (the feature channels of every layer).")
     dims = [int(d) for d in config["dims"]]
-    unet_dims = decoder_feature_channels(unet, feature_kind)
-    if dims != unet_dims:
-        other = "attention" if feature_kind == "resnet" else "resnet"
-        hint = (
-            f" They equal the UNet's '{other}' features: pass feature_kind='{other}'."
-            if dims == decoder_feature_channels(unet, other)
-            else " Was it trained on another UNet?"
-        )
-        raise ValueError(
-            f"The checkpoint reads {len(dims)} feature maps with channels {dims}, but this UNet's "
-            f"'{feature_kind}' features have channels {unet_dims}.{hint}"
-        )
+    check_probe_fits_unet(unet, feature_kind, dims, "The checkpoint",
+                          "Pass the UNet it was trained on (Readout Guidance: SD1.5 or SDXL).")
     sequential = _is_sequential(state, agg.get("bottleneck_sequential"))
     for key in ("mixing_weights", "output_head.0.weight", "output_head.2.weight", "output_head.4.weight"):
         if key not in state:

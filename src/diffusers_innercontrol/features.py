@@ -65,6 +65,32 @@ def decoder_feature_channels(unet: nn.Module, kind: str) -> List[int]:
     return channels
 
 
+def check_probe_fits_unet(unet: nn.Module, feature_kind: str, feature_channels, who: str = "The probe",
+                          fix: str = "Train a probe on this UNet (train_probe.py).") -> None:
+    """
+    The one check that a probe (or a checkpoint to convert) reads features this UNet gives: the decoder has
+    `feature_kind` layers and their channels are `feature_channels`. Raises `ValueError` naming `who`, what differs,
+    the other feature kind when the channels are its, and `fix`.
+    """
+    try:
+        channels = decoder_feature_channels(unet, feature_kind)
+    except ValueError as err:
+        raise ValueError(f"{who} reads '{feature_kind}' features but {str(err)[0].lower()}{str(err)[1:]} {fix}") from None
+    if [int(c) for c in feature_channels] == channels:
+        return
+    other = "attention" if feature_kind == "resnet" else "resnet"
+    try:
+        fits_other = [int(c) for c in feature_channels] == decoder_feature_channels(unet, other)
+    except ValueError:
+        fits_other = False
+    hint = f"They are this UNet's '{other}' features: use feature_kind='{other}'." if fits_other else (
+        "It was trained on another UNet.")
+    raise ValueError(
+        f"{who} reads '{feature_kind}' features with channels {[int(c) for c in feature_channels]}, but this UNet's "
+        f"are {channels}. {hint} {fix}"
+    )
+
+
 class DecoderFeatureExtractor:
     r"""
     Context manager that captures UNet decoder features with forward hooks.

@@ -34,7 +34,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from .features import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch
+from .features import DecoderFeatureExtractor, check_probe_fits_unet, split_guidance_batch
 from .losses import alignment_loss_per_sample
 from .models.readout_probe import ReadoutProbe
 from .tasks import Task, get_task
@@ -453,13 +453,8 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
     def _check_probe(self, probe: ReadoutProbe):
         if not isinstance(probe, ReadoutProbe):
             raise TypeError(f"readout_probe must be a ReadoutProbe, got {type(probe).__name__}.")
-        channels = decoder_feature_channels(self.unet, probe.config.feature_kind)
-        if list(channels) != list(probe.config.feature_channels):
-            raise ValueError(
-                f"The readout probe reads '{probe.config.feature_kind}' features with channels "
-                f"{list(probe.config.feature_channels)}, but this pipeline's UNet has {list(channels)}: "
-                "use a probe trained on this UNet (ReadoutProbe.from_unet)."
-            )
+        check_probe_fits_unet(self.unet, probe.config.feature_kind, probe.config.feature_channels, "The readout probe",
+                              "Use a probe trained on this pipeline's UNet (train_probe.py, ReadoutProbe.from_unet).")
 
     def _prepare_readout_control(self, control) -> Optional[torch.Tensor]:
         """A user-given control on the execution device: `(B, C, H, W)` in `[0, 1]`, or classes `(B, H, W)`."""

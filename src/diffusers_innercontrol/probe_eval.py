@@ -8,9 +8,8 @@ script and the benchmarks.
   written as JSON (`to_dict` / `save`) or as a Markdown table for a model card (`to_markdown`).
 - `evaluate_probe(...)`: the probe's error per bucket on held-out data; every sample is evaluated once in
   every bucket, at a t drawn (seeded) inside the bucket, so that the buckets hold the same images.
-- `predict_at_timesteps(...)`, `prediction_to_image(...)`, `control_to_image(...)`, `validation_grid(...)`:
-  the probe's predictions of a few samples at several t (100, 300, 500, 700, 900 by default) next to the
-  control, as one image.
+- `predict_at_timesteps(...)`, `validation_grid(...)`: the probe's predictions of a few samples at several t
+  (100, 300, 500, 700, 900 by default) next to the control, as one labelled image drawn with `render`.
 
 The loss is the stage-1 loss itself (`training.probe_step`, i.e. `losses.alignment_loss_per_sample`); nothing
 here re-implements it.
@@ -21,10 +20,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
-from .losses import probe_to_unit
+from .render import labeled_grid, render_readout, to_pil
 from .training import probe_step
 
 DEFAULT_GRID_TIMESTEPS = (100, 300, 500, 700, 900)
@@ -277,88 +275,36 @@ def predict_at_timesteps(
     return outputs
 
 
-def _class_colors(num_classes: int) -> torch.Tensor:
-    """`(K, 3)` colours in `[0, 1]` for class maps: the task palette when the package has one, else a fixed spread."""
-    try:  # the ADE20K palette of the rewards module (segmentation controls are drawn with it)
-        from . import palette as _palette
-
-        colors = getattr(_palette, "ade20k_palette", None)
-        if colors is None:
-            colors = getattr(_palette, "ADE20K_PALETTE", None)
-        colors = colors() if callable(colors) else colors
-        if colors is not None:
-            colors = torch.as_tensor(np.asarray(colors, dtype=np.float32).reshape(-1, 3))
-            if colors.shape[0] >= num_classes:
-                return colors[:num_classes] / (255.0 if colors.max() > 1 else 1.0)
-    except ImportError:
-        pass
-    # No palette: golden-ratio hues, distinct enough to tell classes apart in a validation grid.
-    import colorsys
-
-    return torch.tensor([colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.65, 0.95) for k in range(num_classes)])
-
-
-def classes_to_image(classes: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """Class maps `(B, H, W)` to colour images `(B, 3, H, W)` in `[0, 1]` (ignored pixels black)."""
-    colors = _class_colors(num_classes).to(classes.device)
-    idx = classes.long()
-    valid = (idx != ignore_index) & (idx >= 0) & (idx < num_classes)
-    image = colors[idx.clamp(0, num_classes - 1)] * valid[..., None]
-    return image.permute(0, 3, 1, 2).float()
-
-
-def prediction_to_image(task, probe_output: torch.Tensor) -> torch.Tensor:
-    """
-    A probe output as an image `(B, 3, h, w)` in `[0, 1]`: the map the alignment loss compares with the control
-    (`losses.probe_to_unit`, grey) for regression tasks, the arg-max classes in colour for segmentation.
-    """
-    if task.is_segmentation:
-        return classes_to_image(probe_output.argmax(1), probe_output.shape[1])
-    return probe_to_unit(task, probe_output).clamp(0, 1).expand(-1, 3, -1, -1)
-
-
-def control_to_image(task, control: torch.Tensor, control_classes: Optional[torch.Tensor] = None, num_classes: Optional[int] = None):
-    """The control as an image `(B, 3, H, W)` in `[0, 1]` (the class map in the grid's colours for segmentation)."""
-    if task.is_segmentation and control_classes is not None:
-        return classes_to_image(control_classes, num_classes or task.num_classes or int(control_classes.max()) + 1)
-    control = control.float()
-    return (control if control.shape[1] == 3 else control[:, :1].expand(-1, 3, -1, -1)).clamp(0, 1)
-
-
 def validation_grid(
     task,
     control: torch.Tensor,
     predictions: Sequence[torch.Tensor],
     control_classes: Optional[torch.Tensor] = None,
     image: Optional[torch.Tensor] = None,
+    timesteps: Optional[Sequence[int]] = None,
 ):
     """
-    One PIL image: a row per sample, columns `[image], control, prediction at t_1, ..., prediction at t_n`,
-    every tile at the control's size (predictions resized with nearest).
+    One labelled PIL image (`render.labeled_grid`): a row per sample, columns `[image], control, readout at t_1, ...,
+    readout at t_n`, every tile at the control's size (readouts enlarged with nearest). Controls and readouts are
+    drawn as everywhere else in the package (`render.to_pil`, `render.render_readout`).
 
     Args:
         task: the `Task`.
         control: `(B, C, H, W)` in `[0, 1]`. control_classes: `(B, H, W)` for segmentation.
         predictions: raw probe outputs, one per timestep (`predict_at_timesteps`).
         image (*optional*): the source images `(B, 3, H, W)` in `[0, 1]`, shown first.
-
-    Returns:
-        `(PIL.Image.Image, np.ndarray)`: the grid and the tiles as `(B * columns, H, W, 3)` floats (for tensorboard).
+        timesteps (*optional*): the timestep of each prediction, for the column labels.
     """
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
-    from .losses import resize_to
-
-    size = control.shape[-2:]
-    num_classes = predictions[0].shape[1] if task.is_segmentation else None
-    columns = []
-    if image is not None:
-        columns.append(resize_to(image.float().clamp(0, 1), size))
-    columns.append(control_to_image(task, control, control_classes, num_classes))
+    if timesteps is not None and len(timesteps) != len(predictions):
+        raise ValueError(f"{len(timesteps)} timesteps for {len(predictions)} predictions.")
+    rows = []
+    for i in range(control.shape[0]):
+        shown = control_classes[i] if task.is_segmentation and control_classes is not None else control[i]
+        rows.append(([to_pil(image[i])] if image is not None else []) + [to_pil(shown)])
     for pred in predictions:
-        columns.append(resize_to(prediction_to_image(task, pred), size, mode="nearest"))
-    tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (B * n_columns, 3, H, W), row-major
-    array = tiles.permute(0, 2, 3, 1).cpu().numpy()
-    pil = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-    return make_image_grid(pil, rows=control.shape[0], cols=len(columns)), array
+        for row, readout in zip(rows, render_readout(pred, task)):
+            row.append(readout)
+    labels = (["image"] if image is not None else []) + ["control"]
+    labels += [f"t = {int(t)}" for t in timesteps] if timesteps is not None else [f"readout {k + 1}" for k in range(len(predictions))]
+    width, height = control.shape[-1], control.shape[-2]
+    return labeled_grid(rows, labels, tile_size=(width, height))

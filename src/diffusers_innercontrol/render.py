@@ -8,8 +8,8 @@
 - segmentation: the arg-max class of the logits through the ADE20K palette (`palette.classes_to_control`);
   255 (ignored) is black.
 
-`make_readout_grid` lays out one row per sample: control | readouts over time | final image, with diffusers'
-`make_image_grid`.
+`make_readout_grid` lays out one row per sample: control | readouts over time | final image, labelled with the
+timesteps by `labeled_grid`, the package's one grid renderer (every grid it draws goes through it).
 """
 
 from typing import List, Optional, Tuple, Union
@@ -130,9 +130,11 @@ def make_readout_grid(
     sample_index: int = 0,
     tile_size: Optional[Tuple[int, int]] = None,
     palette=None,
+    labels: bool = True,
 ) -> PIL.Image.Image:
     """
-    One row for one sample: the control, the readouts over time (first recorded step to last), the final image.
+    One row for one sample: the control, the readouts over time (first recorded step to last), the final image;
+    over each tile its label ("control", "t = 981", ..., "image").
 
     Args:
         output (`ReadoutPipelineOutput`): A pipeline output with `readout_images` (`return_readouts=True`).
@@ -142,6 +144,7 @@ def make_readout_grid(
         tile_size (`(width, height)`, *optional*): Size of every tile; the final image's size by default.
             Readouts are enlarged with nearest-neighbour sampling so that their pixels stay visible.
         palette (*optional*): Colours for class-map controls; ADE20K's by default.
+        labels (`bool`): Draw the column labels (default); `False` leaves the tiles alone on white.
     """
     if getattr(output, "readout_images", None) is None:
         raise ValueError("The output has no readout images: call the pipeline with return_readouts=True.")
@@ -154,10 +157,12 @@ def make_readout_grid(
     tiles = [to_pil(_pick(control_image, sample_index, num_samples), palette=palette).resize(size, PIL.Image.BICUBIC)]
     tiles += [step[sample_index].resize(size, PIL.Image.NEAREST) for step in output.readout_images]
     tiles.append(final.resize(size, PIL.Image.BICUBIC))
-
-    from diffusers.utils import make_image_grid
-
-    return make_image_grid(tiles, rows=1, cols=len(tiles))
+    column_labels = None
+    if labels:
+        timesteps = getattr(output, "readout_timesteps", None) or [None] * len(output.readout_images)
+        column_labels = ["control"] + [f"t = {int(t)}" if t is not None else f"readout {k + 1}"
+                                       for k, t in enumerate(timesteps)] + ["image"]
+    return labeled_grid([tiles], column_labels, tile_size=size)
 
 
 def labeled_grid(

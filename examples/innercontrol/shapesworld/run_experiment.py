@@ -433,12 +433,14 @@ def evaluate_run(args, task_name: str, record: Dict, dataset, fidelity, features
 # --------------------------------------------------------------------------------------------- reports
 def sample_grid(dataset, runs: Sequence[Dict], modes: Sequence[str], num_rows: int, generation_seed: int):
     """
-    One PIL image per task: a row per held-out condition (up to `num_rows`): control | real image | the image of
-    each mode (the first seed's ControlNet, generation seed `generation_seed`). Missing images stay black.
+    One labelled PIL image per task (`render.labeled_grid`): a row per held-out condition (up to `num_rows`):
+    control | real image | the image of each mode (the first seed's ControlNet, generation seed `generation_seed`).
+    Missing images stay black.
     """
     from PIL import Image
 
     from diffusers_innercontrol.evaluation import image_path, tensor_to_pil
+    from diffusers_innercontrol.render import labeled_grid
 
     first = {}
     for r in runs:
@@ -448,18 +450,15 @@ def sample_grid(dataset, runs: Sequence[Dict], modes: Sequence[str], num_rows: i
     if rows == 0:
         return None
     size = dataset[0].control.shape[-1]
-    columns = 2 + len(modes)
-    grid = Image.new("RGB", (columns * size, rows * size))
+    tiles = []
     for i in range(rows):
         sample = dataset[i]
-        tiles = [tensor_to_pil(sample.control), tensor_to_pil(sample.image)]
+        line = [tensor_to_pil(sample.control), tensor_to_pil(sample.image)]
         for mode in modes:
             path = image_path(os.path.join(first[mode]["dir"], "eval"), i, generation_seed) if mode in first else None
-            tiles.append(Image.open(path).convert("RGB") if path and os.path.isfile(path) else None)
-        for j, tile in enumerate(tiles):
-            if tile is not None:
-                grid.paste(tile.resize((size, size)), (j * size, i * size))
-    return grid
+            line.append(Image.open(path).convert("RGB") if path and os.path.isfile(path) else Image.new("RGB", (size, size)))
+        tiles.append(line)
+    return labeled_grid(tiles, ["control", "real"] + list(modes), tile_size=(size, size))
 
 
 def aggregate(runs: Sequence[Dict], tasks: Sequence[str], modes: Sequence[str]) -> Dict:

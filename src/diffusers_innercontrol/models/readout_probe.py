@@ -17,7 +17,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-FEATURE_KINDS = ("resnet", "attention")
+from ..features import FEATURE_KINDS, decoder_feature_channels
+
 OUTPUT_ACTIVATIONS = ("tanh", "none")
 
 
@@ -215,7 +216,6 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
             feature_channels (`Tuple[int]`, *optional*): Defaults to the channels read off `unet`.
             kwargs: Any other [`ReadoutProbe`] configuration argument.
         """
-        from ..features import decoder_feature_channels
 
         if feature_channels is None:
             feature_channels = decoder_feature_channels(unet, feature_kind)
@@ -238,20 +238,6 @@ class ReadoutProbe(ModelMixin, ConfigMixin):
             probe.time_embedding.load_state_dict(unet.time_embedding.state_dict())
             probe.to(device=unet.device)
         return probe
-
-    @classmethod
-    def from_readout_guidance(
-        cls, checkpoint_path, unet, trust_pickle: bool = False, feature_kind: str = "resnet", **kwargs
-    ) -> "ReadoutProbe":
-        r"""
-        Import a probe released in Readout Guidance's checkpoint format (InnerControl's and Readout Guidance's
-        `.pt` files). See [`~diffusers_innercontrol.convert.load_readout_guidance_checkpoint`], which this calls.
-        """
-        from ..convert import load_readout_guidance_checkpoint
-
-        return load_readout_guidance_checkpoint(
-            checkpoint_path, unet, trust_pickle=trust_pickle, feature_kind=feature_kind, probe_class=cls, **kwargs
-        )
 
     @property
     def num_probe_parameters(self) -> int:

@@ -1,0 +1,158 @@
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""The training skeleton both trainers share, as small stateless helpers (the way `diffusers.training_utils` serves
+diffusers' examples): set up the accelerator, plan the steps, iterate over `(epoch, batch_index, batch)` with resume,
+and take one optimizer step with the all-reduced non-finite check. Each script keeps its loop visible: it loads its
+models, calls its step function (`training.controlnet_step` / `training.probe_step`) and validates inline.
+
+    accelerator = setup_accelerator(args)
+    plan = plan_steps(train_dataset, args, accelerator.num_processes)
+    state = checkpointing.resume_from_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir,
+                                                 plan.num_update_steps_per_epoch)
+    for epoch, batch_index, batch in train_batches(accelerator, train_dataloader, plan, state, args.gradient_accumulation_steps):
+        with accelerator.accumulate(model):
+            out = step(...)
+            optimizer_step(accelerator, out.loss, params, optimizer, lr_scheduler, args, terms=..., ...)
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+from .checkpointing import ResumeState, latest_checkpoint, resume_dataloader
+
+STREAMED_EPOCHS = 10**9  # a streamed dataset is re-read (with set_epoch) until max_train_steps
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; training stopped (the last checkpoint is kept)."""
+
+
+def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator:
+    """The `Accelerator` of a training script, with logging, the seed, the output folder and TF32 set from `args`
+    (`add_common_args`' options). Logging is INFO on the local main process, WARNING elsewhere."""
+    kwargs_handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=kwargs_handlers,
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    if not accelerator.is_local_main_process:
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+    if torch.backends.mps.is_available():
+        accelerator.native_amp = False
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    """The dtype of the frozen models under the accelerator's mixed precision (the trained weights stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    max_train_steps: int
+    num_train_epochs: int
+    num_update_steps_per_epoch: Optional[int]  # None for a streamed dataset (one endless epoch)
+
+    @property
+    def streaming(self) -> bool:
+        return self.num_update_steps_per_epoch is None
+
+
+def plan_steps(dataset, args, num_processes: int = 1) -> StepPlan:
+    """How many optimizer steps and epochs: `--max_train_steps`, else `--num_train_epochs` over the dataset.
+
+    One epoch is the dataset split over the processes in batches of `--train_batch_size`, one optimizer step per
+    `--gradient_accumulation_steps` batches (what accelerate's prepared loader gives each process).
+    """
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if not args.max_train_steps:
+            raise ValueError("A streamed dataset has no length: pass --max_train_steps.")
+        return StepPlan(args.max_train_steps, STREAMED_EPOCHS, None)
+    batches_per_process = math.ceil(math.ceil(len(dataset) / args.train_batch_size) / num_processes)
+    per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * per_epoch
+    return StepPlan(max_train_steps, math.ceil(max_train_steps / per_epoch), per_epoch)
+
+
+def train_batches(accelerator, dataloader, plan: StepPlan, state: ResumeState,
+                  gradient_accumulation_steps: int = 1) -> Iterator[Tuple[int, int, dict]]:
+    """`(epoch, batch_index, batch)` from the resumed epoch on: the only place that sets the epoch (of the dataset
+    and of accelerate's loader, whose own counter restarts at 0 after a resume) and skips the batches a resumed run
+    already consumed. `batch_index` counts from the start of the epoch, skipped batches included, so that per-batch
+    random draws (`step_generator`) are the same after a resume. The caller stops at `plan.max_train_steps`."""
+    for epoch in range(state.first_epoch, plan.num_train_epochs):
+        loader = resume_dataloader(accelerator, dataloader, epoch, state, gradient_accumulation_steps)
+        skipped = state.skip_batches_in_epoch * gradient_accumulation_steps if (
+            state.path is not None and epoch == state.first_epoch) else 0
+        for index, batch in enumerate(loader):
+            yield epoch, skipped + index, batch
+
+
+def step_generator(seed: Optional[int], device, process_index: int, epoch: int, batch_index: int):
+    """A generator for the noise, timesteps and latent sampling of one batch, the same after a resume (`None`
+    without a seed: the global RNG)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + process_index * 100_003 + epoch * 10_007 + batch_index) % (2**63 - 1))
+    return g
+
+
+def first_nonfinite(terms: Dict[str, Optional[torch.Tensor]]) -> Optional[str]:
+    """The name of the first loss term that is NaN or inf (`None` terms are skipped), or `None`."""
+    for name, value in terms.items():
+        if value is not None and not torch.isfinite(value.detach()).all():
+            return name
+    return None
+
+
+def nonfinite_message(terms: Dict[str, Optional[torch.Tensor]], bad: Optional[str], step: int, epoch: int,
+                      output_dir: str, hint: str) -> str:
+    """One line: which term (or another process), where, what is kept, and `hint` (what to change)."""
+    what = "A loss on another process is not finite" if bad is None else f"The {bad} loss is {terms[bad].item()}"
+    last = latest_checkpoint(output_dir)
+    kept = (f"The last checkpoint, {last}, is kept: resume from it with --resume_from_checkpoint latest "
+            if last else "No checkpoint was written yet; start again ")
+    return f"{what} at step {step} (epoch {epoch}); training stopped. {kept}after {hint}"
+
+
+def optimizer_step(accelerator, loss: torch.Tensor, params, optimizer, lr_scheduler, args, *,
+                   terms: Dict[str, Optional[torch.Tensor]], step: int, epoch: int, hint: str) -> None:
+    """Inside `accelerator.accumulate`: stop every process if any loss term is not finite on any of them
+    (`NonFiniteLossError`, before the weights change), else backward, clip to `--max_grad_norm` (when > 0, on the
+    steps that sync gradients), step the optimizer and the scheduler and zero the gradients.
+
+    `terms` names the loss terms to check (the total included); `step` is the step being taken (1-based)."""
+    bad = first_nonfinite(terms)
+    flag = torch.tensor([0.0 if bad is None else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:  # every process stops, not only the one that saw it
+        flag = accelerator.reduce(flag, reduction="sum")
+    if flag.item() > 0:
+        raise NonFiniteLossError(nonfinite_message(terms, bad, step, epoch, args.output_dir, hint))
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=args.set_grads_to_none)
