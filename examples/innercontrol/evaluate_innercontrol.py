@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
-"""Evaluate a ControlNet with the protocol of the paper's Table 1 (SPEC section 5).
+"""Evaluate a ControlNet with the protocol of the paper's Table 1 (docs/method.md, "Evaluation").
 
     accelerate launch examples/innercontrol/evaluate_innercontrol.py \
         --task depth --controlnet_model_name_or_path innercontrol-depth \

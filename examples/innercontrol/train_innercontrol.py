@@ -53,7 +53,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="The stage-1 ReadoutProbe (train_probe.py); required when beta > 0.")
     g.add_argument("--probe_revision", type=str, default=None)
     g.add_argument("--reward_model_name_or_path", type=str, default=None,
-                   help="Reward model id or local dir (default: the task's, SPEC section 4); used when alpha > 0.")
+                   help="Reward model id or local dir (default: the task's, listed in docs/method.md); used when alpha > 0.")
     g.add_argument("--reward_model_filename", type=str, default=None, help="Weights file inside it (HED/LineArt .pth).")
     g.add_argument("--reward_model_revision", type=str, default=None)
     g.add_argument("--reward_model_variant", type=str, default=None)

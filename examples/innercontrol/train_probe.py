@@ -6,7 +6,7 @@
         --task depth --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --train_data_dir ./depth_data --validation_split 0.02 --output_dir probe-depth
 
-What a step does (SPEC section 3; the math is `diffusers_innercontrol.training.probe_step`): VAE-encode the
+What a step does (docs/method.md; the math is `diffusers_innercontrol.training.probe_step`): VAE-encode the
 images, draw t ~ U[0, 1000) per sample, noise the latents, one frozen UNet forward (optionally conditioned by
 a frozen ControlNet on the control) under `no_grad` with the decoder features captured, the probe's prediction
 and the task's loss against the control (MSE for depth and LineArt, sparse MSE for HED, cross-entropy for

@@ -3,7 +3,7 @@
 
 The probes published with Readout Guidance (Luo et al., CVPR 2024) and with InnerControl are torch files
 holding a dict with (at least) `config` and `aggregation_network`, the `state_dict` of Readout Guidance's
-`AggregationNetwork`. Its architecture is the one `ReadoutProbe` implements (SPEC section 2), so every
+`AggregationNetwork`. Its architecture is the one `ReadoutProbe` implements (docs/method.md, "The probe"), so every
 tensor has a place in our probe:
 
     bottleneck_layers.{l}.conv1.weight / .conv1.norm.*        -> bottleneck_layers.{l}.conv1 / .norm1

@@ -1,5 +1,5 @@
 # Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
-"""Evaluation with the paper's protocol (SPEC section 5, Table 1): generation, evaluator models, reports.
+"""Evaluation with the paper's protocol (docs/method.md, "Evaluation"; Table 1): generation, evaluator models, reports.
 
 - `load_eval_dataset(...)` -> `EvalDataset`: the evaluation conditions (caption, image, control), read with
   `data.py`'s loading and column resolution; HED/LineArt controls missing from the data are computed from the
@@ -251,7 +251,7 @@ def generate_images(
         pipe: a `StableDiffusionControlNetPipeline` (or anything with its call signature).
         dataset: `dataset[i]` -> `EvalSample` (read only for conditions with missing images).
         indices: the conditions of this process.
-        seeds, num_inference_steps, guidance_scale, negative_prompt: the protocol (SPEC section 5).
+        seeds, num_inference_steps, guidance_scale, negative_prompt: the protocol (docs/method.md, "Evaluation").
         resolution: height and width (default: the control's size).
         with_control: pass the condition's control as `image` (a ControlNet pipeline); False for a plain
             text-to-image pipeline (`StableDiffusionPipeline`), the no-control reference of a fidelity scale.
@@ -407,7 +407,7 @@ class SegmentationEvaluator(nn.Module):
 def load_control_evaluator(task, name_or_path: Optional[str] = None, filename: Optional[str] = None,
                            device=None, option: Optional[str] = None) -> nn.Module:
     """
-    The model that reads the control back from generated images (SPEC section 5).
+    The model that reads the control back from generated images (docs/method.md, "Evaluation").
 
     Args:
         task: a `Task`.

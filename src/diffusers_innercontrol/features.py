@@ -1,5 +1,5 @@
 # Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
-"""Capture of UNet decoder features with forward hooks (SPEC section 2).
+"""Capture of UNet decoder features with forward hooks (docs/method.md, "The probe").
 
 "resnet": the residual branch (the output of `conv2`, before the skip add) of every
 `unet.up_blocks[i].resnets[j]`. "attention": the output of `transformer_blocks[0].attn1` (after its

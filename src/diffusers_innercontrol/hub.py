@@ -3,7 +3,7 @@
 
 The card is written with `huggingface_hub.ModelCard` / `ModelCardData` into the output folder; it is
 not `diffusers.utils.hub_utils.load_or_create_model_card`, which raises for a local directory and retries
-the network for a repo id (SPEC section 6). `push_folder` writes the card *before* `upload_folder`:
+the network for a repo id. `push_folder` writes the card *before* `upload_folder`:
 `save_pretrained(push_to_hub=True)` would overwrite it with a generic card. A failed upload leaves the
 local save untouched and says where it is.
 

@@ -1,5 +1,5 @@
 # Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
-"""The metrics of the paper's Table 1 (SPEC section 5), over maintained libraries.
+"""The metrics of the paper's Table 1 (docs/method.md, "Evaluation"), over maintained libraries.
 
 Control fidelity, between what an evaluator model reads from a generated image and the control:
 - HED / LineArt: SSIM and MS-SSIM (torchmetrics) between annotator(generated) and the control, both

@@ -6,7 +6,7 @@ in the order of the 150 SceneParse150 classes: wall, building, sky, ...) painted
 annotator (UniFormer through mmsegmentation's `show_result`) and the ADE20K-based datasets
 (`limingcv/Captioned_ADE20K`) use mmsegmentation's ADE20K palette in RGB order. The segmentation reward
 and alignment losses need class indices, so the control is mapped back to classes by the nearest palette
-colour (SPEC section 4).
+colour (docs/method.md, "Per-task defaults").
 
 Two facts of that palette matter here:
 - It has 150 rows but only 149 distinct colours: class 6 (road) and class 48 (skyscraper) are both

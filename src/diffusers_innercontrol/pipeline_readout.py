@@ -429,11 +429,9 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
             return (None, None)
         from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 
-        import diffusers_innercontrol
-
         library, class_name = _fetch_class_library_tuple(probe)
-        if getattr(diffusers_innercontrol, class_name, None) is type(probe):
-            library = diffusers_innercontrol.__name__
+        if type(probe) is ReadoutProbe:  # exported by the package's __init__
+            library = __name__.split(".")[0]
         return (library, class_name)
 
     def register_modules(self, **kwargs):

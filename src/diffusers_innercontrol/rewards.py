@@ -1,5 +1,5 @@
 # Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
-"""Differentiable reward models for stage-2 training (ControlNet++'s cycle-consistency loss, SPEC section 4).
+"""Differentiable reward models for stage-2 training (ControlNet++'s cycle-consistency loss, docs/method.md, "Per-task defaults").
 
 Each reward model is a frozen `nn.Module` that maps images `(B, 3, H, W)` in `[0, 1]` (float, with a
 gradient) to what `losses.reward_loss_per_sample` takes:

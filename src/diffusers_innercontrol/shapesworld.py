@@ -698,6 +698,6 @@ def write_word_tokenizer(path: str, words: Sequence[str] = VOCABULARY) -> str:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:  # header line: SPEC section 6
+    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:  # the header line of a GPT-2 merges file
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return path

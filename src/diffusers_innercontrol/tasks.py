@@ -3,7 +3,7 @@
 
 A `Task` is the one place scripts read a task's settings from. `get_task(name)` returns the paper's
 settings; `get_task(name, preset="released")` the settings of the released InnerControl launchers
-(SPEC section 4); any field can be overridden with `dataclasses.replace` or `task.replace(...)`.
+(docs/method.md, "Per-task defaults"); any field can be overridden with `dataclasses.replace` or `task.replace(...)`.
 """
 
 import dataclasses

@@ -4,7 +4,7 @@
 `save_tiny_pipeline(path)` writes a `StableDiffusionControlNetPipeline` (UNet, ControlNet, VAE, CLIP text
 encoder and tokenizer, scheduler) with `save_pretrained`, so that every script can be pointed at `path`
 exactly as at `stable-diffusion-v1-5/stable-diffusion-v1-5`. The configs follow diffusers' own
-ControlNet pipeline tests (SPEC section 6). `SD15_UNET_CONFIG` is the real SD1.5 UNet configuration.
+ControlNet pipeline tests. `SD15_UNET_CONFIG` is the real SD1.5 UNet configuration.
 """
 
 import json

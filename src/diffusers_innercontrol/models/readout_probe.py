@@ -2,7 +2,7 @@
 """The timestep-conditioned readout probe of InnerControl (after Readout Guidance, Luo et al. 2024).
 
 The probe reads a spatial control (edges, depth, segmentation) back out of the decoder features
-of one UNet forward. Architecture: SPEC section 2. Written from the description, not copied.
+of one UNet forward. Architecture: docs/method.md, "The probe". Written from the description, not copied.
 """
 
 import contextlib
