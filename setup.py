@@ -19,8 +19,8 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    # the bundled ShapesWorld models (quickstart.py): toy SD, per-task ControlNets, probes and reward models
-    package_data={"diffusers_innercontrol": ["assets/shapesworld/**/*"]},
+    # the bundled ShapesWorld models (toy/quickstart.py): toy SD, per-task ControlNets, probes and reward models
+    package_data={"diffusers_innercontrol": ["toy/assets/shapesworld/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -34,5 +34,5 @@ setup(
         "tqdm",
     ],
     extras_require=extras,
-    entry_points={"console_scripts": ["innercontrol-tiny=diffusers_innercontrol.tiny:main"]},
+    entry_points={"console_scripts": ["innercontrol-tiny=diffusers_innercontrol.toy.tiny:main"]},
 )

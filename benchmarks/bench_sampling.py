@@ -88,7 +88,7 @@ def build_pipelines(args, task):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from diffusers_innercontrol.pipeline_readout import StableDiffusionControlNetReadoutPipeline
-    from diffusers_innercontrol.tiny import SD15_SCHEDULER_CONFIG, write_tiny_tokenizer
+    from diffusers_innercontrol.toy.tiny import SD15_SCHEDULER_CONFIG, write_tiny_tokenizer
 
     weight_dtype = PRECISIONS[args.precision]
     models = build_preset(args.preset, task, args.device, weight_dtype, args.seed, with_probe=True, with_reward=False)

@@ -205,7 +205,7 @@ def build_preset(
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
     from diffusers_innercontrol import ReadoutProbe
-    from diffusers_innercontrol.tiny import (
+    from diffusers_innercontrol.toy.tiny import (
         SD15_SCHEDULER_CONFIG,
         SD15_UNET_CONFIG,
         TINY_UNET_CONFIG,

@@ -15,14 +15,14 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_pipeline_path(tmp_path_factory):
     """A tiny SD1.5-shaped ControlNet pipeline saved with save_pretrained (built once per session)."""
-    from diffusers_innercontrol.tiny import save_tiny_pipeline
+    from diffusers_innercontrol.toy.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_pipeline")))
 
 
 @pytest.fixture(scope="session")
 def tiny_components_session():
-    from diffusers_innercontrol.tiny import build_tiny_components
+    from diffusers_innercontrol.toy.tiny import build_tiny_components
 
     return build_tiny_components(seed=0)
 

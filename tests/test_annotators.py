@@ -5,7 +5,8 @@ from PIL import Image
 
 from diffusers_innercontrol.annotators import ANNOTATOR_OPTION, default_detect_resolution, load_annotator
 from diffusers_innercontrol.hub_utils import OfflineModelError
-from diffusers_innercontrol.rewards import load_reward_model, save_tiny_reward_model
+from diffusers_innercontrol.rewards import load_reward_model
+from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def test_errors(monkeypatch, tiny_paths):
         load_annotator("depth")
     with pytest.raises(TypeError, match="PIL image"):
         load_annotator("lineart", tiny_paths["lineart"])(np.zeros((8, 8, 3), np.uint8))
-    import huggingface_hub
+    from diffusers_innercontrol import rewards
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(rewards, "hf_hub_download", lambda *a, **k: pytest.fail("tried to download"))
     with pytest.raises(OfflineModelError, match=rf"lllyasviel/Annotators.*{ANNOTATOR_OPTION}"):
         load_annotator("hed")

@@ -21,7 +21,7 @@ from _data_fixtures import write_toy_dataset  # noqa: E402
 def tokenizer(tmp_path_factory):
     from transformers import CLIPTokenizer
 
-    from diffusers_innercontrol.tiny import write_tiny_tokenizer
+    from diffusers_innercontrol.toy.tiny import write_tiny_tokenizer
 
     return CLIPTokenizer.from_pretrained(write_tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))), model_max_length=77)
 

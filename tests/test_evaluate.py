@@ -203,7 +203,7 @@ def save_tiny_mask2former(path: str, num_labels: int = 150) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_depth_path(tmp_path_factory):
-    from diffusers_innercontrol.rewards import save_tiny_reward_model
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
     return save_tiny_reward_model("depth", str(tmp_path_factory.mktemp("tiny_dpt")))
 
@@ -226,7 +226,7 @@ def test_mask2former_evaluator(tmp_path):
 
 
 def test_upernet_evaluator_without_processor(tmp_path):
-    from diffusers_innercontrol.rewards import save_tiny_reward_model
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
     path = save_tiny_reward_model("segmentation", str(tmp_path / "upernet"))  # a model folder without processor
     classes = load_control_evaluator(get_task("segmentation"), path)(torch.rand(1, 3, 32, 32), target_size=(32, 32))
@@ -234,7 +234,7 @@ def test_upernet_evaluator_without_processor(tmp_path):
 
 
 def test_lineart_evaluator_and_annotator(tmp_path):
-    from diffusers_innercontrol.rewards import save_tiny_reward_model
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
     path = save_tiny_reward_model("lineart", str(tmp_path / "lineart"))
     evaluator = load_control_evaluator(get_task("lineart"), path)

@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from diffusers_innercontrol import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch
-from diffusers_innercontrol.tiny import TINY_UNET_CONFIG, build_sd15_unet
+from diffusers_innercontrol.toy.tiny import TINY_UNET_CONFIG, build_sd15_unet
 
 
 def _inputs(batch=2, seed=0, width=16):

@@ -107,7 +107,7 @@ def test_labeled_grid_places_tiles_and_draws_labels():
 
 # --- held-out scenes ------------------------------------------------------------------------------
 def test_eval_set_is_the_world_scenes():
-    from diffusers_innercontrol.shapesworld import ShapesWorld, ShapesWorldEvalSet
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld, ShapesWorldEvalSet
 
     world = ShapesWorld(32, seed=3)
     ds = ShapesWorldEvalSet("segmentation", 32, world_seed=3, start=500, n=2)
@@ -140,9 +140,9 @@ def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
 
     from diffusers_innercontrol.evaluation import image_path, load_control_evaluator, load_image01
     from diffusers_innercontrol.metrics import depth_rmse
-    from diffusers_innercontrol.rewards import save_tiny_reward_model
-    from diffusers_innercontrol.shapesworld import ShapesWorldEvalSet
     from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
     cn_dir, eval_dir = tmp_path / "cn", tmp_path / "eval"
     cn_dir.mkdir()
@@ -205,7 +205,7 @@ def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
 def bundled_plain_pipeline():
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 
-    from diffusers_innercontrol.quickstart import bundled_path
+    from diffusers_innercontrol.toy.quickstart import bundled_path
 
     pipe = StableDiffusionPipeline.from_pretrained(bundled_path("toy-sd"), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
@@ -227,9 +227,9 @@ def test_bundled_controlnet_beats_no_controlnet(task_name, bundled_plain_pipelin
 
     from diffusers_innercontrol.evaluation import load_control_evaluator
     from diffusers_innercontrol.metrics import CONTROL_METRICS, ControlFidelity
-    from diffusers_innercontrol.quickstart import bundled_path
-    from diffusers_innercontrol.shapesworld import ShapesWorldEvalSet
     from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.quickstart import bundled_path
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
     task = get_task(task_name)
     plain = bundled_plain_pipeline

@@ -18,7 +18,7 @@ from diffusers_innercontrol.training import controlnet_step
 def _build(seed=0):
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
-    from diffusers_innercontrol.tiny import SD15_SCHEDULER_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+    from diffusers_innercontrol.toy.tiny import SD15_SCHEDULER_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG)

@@ -53,8 +53,6 @@ def test_probe_card_and_local_base_model(tmp_path):
 
 
 def test_push_writes_the_card_before_the_upload(tmp_path, monkeypatch):
-    import huggingface_hub
-
     (tmp_path / "config.json").write_text("{}")
     seen = {}
 
@@ -70,8 +68,8 @@ def test_push_writes_the_card_before_the_upload(tmp_path, monkeypatch):
 
         return Info()
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
-    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: Repo())
+    monkeypatch.setattr(hub, "upload_folder", fake_upload)
     url = hub.push_folder(str(tmp_path), "me/model", card_kwargs=dict(base_model="b", task=get_task("lineart")))
     assert url.endswith("/commit/1")
     assert "task **lineart**" in seen["card"]

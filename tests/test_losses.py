@@ -23,7 +23,7 @@ from diffusers_innercontrol.losses import (
     timestep_mask,
     total_loss,
 )
-from diffusers_innercontrol.tiny import SD15_SCHEDULER_CONFIG
+from diffusers_innercontrol.toy.tiny import SD15_SCHEDULER_CONFIG
 
 
 def T(rows):

@@ -161,7 +161,7 @@ def save_tiny_clip(path: str) -> str:
     """A tiny CLIP (model + processor) saved with save_pretrained, loadable offline."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from diffusers_innercontrol.tiny import write_tiny_tokenizer
+    from diffusers_innercontrol.toy.tiny import write_tiny_tokenizer
 
     write_tiny_tokenizer(path)
     tokenizer = CLIPTokenizer.from_pretrained(path, model_max_length=77)

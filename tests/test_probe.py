@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_innercontrol import ReadoutProbe
-from diffusers_innercontrol.tiny import build_sd15_unet
+from diffusers_innercontrol.toy.tiny import build_sd15_unet
 
 TINY = dict(projection_dim=32, norm_num_groups=8)
 TINY_CHANNELS = [64, 64, 64, 32, 32, 32]  # the tiny UNet's up-block resnets: (64, 32) blocks, 3 layers each

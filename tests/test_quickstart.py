@@ -1,4 +1,4 @@
-"""The scripts' default world (`diffusers_innercontrol.quickstart`): with no model and no data they run on the
+"""The scripts' default world (`diffusers_innercontrol.toy.quickstart`): with no model and no data they run on the
 bundled ShapesWorld models; options the user set are kept; with data given the base model stays SD1.5."""
 
 import importlib.util
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from diffusers_innercontrol import quickstart
 from diffusers_innercontrol.cli import DEFAULT_BASE_MODEL
+from diffusers_innercontrol.toy import quickstart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "innercontrol")

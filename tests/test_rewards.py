@@ -12,9 +12,9 @@ from diffusers_innercontrol.rewards import (
     LineartReward,
     SegmentationReward,
     load_reward_model,
-    save_tiny_reward_model,
 )
 from diffusers_innercontrol.tasks import get_task
+from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
 TASKS = ("hed", "lineart", "depth", "segmentation")
 
@@ -242,14 +242,15 @@ def test_wrong_contents(tmp_path, tiny_paths):
 
 @pytest.mark.parametrize("task_name", TASKS)
 def test_hub_id_offline_fails_before_any_download(monkeypatch, task_name):
-    import huggingface_hub
     import transformers
+
+    from diffusers_innercontrol import rewards
 
     def no_network(*args, **kwargs):
         raise AssertionError("tried to download")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(rewards, "hf_hub_download", no_network)
     monkeypatch.setattr(transformers.PretrainedConfig, "get_config_dict", no_network)
     task = get_task(task_name)
     with pytest.raises(OfflineModelError) as error:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from diffusers_innercontrol.shapesworld import (
+from diffusers_innercontrol.toy.shapesworld import (
     ALL_COLUMNS,
     COLOURS,
     DEPTH_BACKGROUND,
@@ -284,7 +284,7 @@ def test_word_tokenizer_gives_one_id_per_word(world, tmp_path):
 
 
 def test_learned_merges_by_hand():
-    from diffusers_innercontrol.shapesworld import _learn_merges
+    from diffusers_innercontrol.toy.shapesworld import _learn_merges
 
     # "ab" -> a, b</w>; "abc" -> a, b, c</w>: three pairs seen once each; ties go to the alphabetically first
     # pair: (a, b) < (a, b</w>) < (b, c</w>); after merging (a, b): (a, b</w>) then (ab, c</w>)

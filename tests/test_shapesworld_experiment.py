@@ -143,9 +143,9 @@ def test_run_experiment_quick(tmp_path, tiny_pipeline_path):
     from diffusers import UNet2DConditionModel
 
     from diffusers_innercontrol.models.readout_probe import ReadoutProbe
-    from diffusers_innercontrol.rewards import save_tiny_reward_model
-    from diffusers_innercontrol.shapesworld import ShapesWorld
     from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
     data = ShapesWorld(size=32).save_imagefolder(str(tmp_path / "data"), 8)
     depth_model = save_tiny_reward_model("depth", str(tmp_path / "depth"))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_innercontrol.tiny import build_sd15_unet, build_tiny_components, conditioning_channels_for
+from diffusers_innercontrol.toy.tiny import build_sd15_unet, build_tiny_components
+from diffusers_innercontrol.training import conditioning_channels_for
 
 
 @pytest.fixture

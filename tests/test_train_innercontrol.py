@@ -37,7 +37,7 @@ def assets(tiny_pipeline_path, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
     from diffusers_innercontrol import ReadoutProbe, get_task
-    from diffusers_innercontrol.rewards import save_tiny_reward_model
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
     root = tmp_path_factory.mktemp("ic_assets")
     unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet")
@@ -426,7 +426,7 @@ def test_probe_that_does_not_match_the_unet(script, assets, tmp_path, tiny_compo
     from diffusers import UNet2DConditionModel
 
     from diffusers_innercontrol import ReadoutProbe, get_task
-    from diffusers_innercontrol.tiny import TINY_UNET_CONFIG
+    from diffusers_innercontrol.toy.tiny import TINY_UNET_CONFIG
 
     task = get_task("depth")
     unet = tiny_components["unet"]
@@ -486,8 +486,7 @@ def test_logged_losses_match_a_recomputation_of_the_first_step(assets, tmp_path)
     from diffusers_innercontrol import ReadoutProbe, get_task
     from diffusers_innercontrol.data import prepare_control
     from diffusers_innercontrol.rewards import load_reward_model
-    from diffusers_innercontrol.tiny import conditioning_channels_for
-    from diffusers_innercontrol.training import controlnet_step, encode_images
+    from diffusers_innercontrol.training import conditioning_channels_for, controlnet_step, encode_images
     from diffusers_innercontrol.training_utils import step_generator
 
     data = write_toy_dataset(str(tmp_path / "one"), "depth", num_samples=1, size=32)  # one sample: the first batch is known

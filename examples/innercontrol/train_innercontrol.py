@@ -67,7 +67,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="Denoising steps at which the probe's readouts are shown during validation.")
     args = parser.parse_args(input_args)
     # no model and no data: the bundled ShapesWorld (toy SD, ControlNet, probe, reward); else SD1.5
-    from diffusers_innercontrol.quickstart import use_default_world
+    from diffusers_innercontrol.toy.quickstart import use_default_world
 
     use_default_world(args, parser, "controlnet", resolve_task)
     return args
@@ -259,8 +259,7 @@ def main(args):
     from transformers import AutoTokenizer, CLIPTextModel
 
     from diffusers_innercontrol import checkpointing, cli, data, hub
-    from diffusers_innercontrol.tiny import conditioning_channels_for
-    from diffusers_innercontrol.training import controlnet_step, encode_images
+    from diffusers_innercontrol.training import conditioning_channels_for, controlnet_step, encode_images
     from diffusers_innercontrol.training_utils import (
         optimizer_step,
         plan_steps,

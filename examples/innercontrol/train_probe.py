@@ -144,7 +144,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     if args.upsample_head is not None:
         args.upsample_head = args.upsample_head == "true"
     # no model and no data: the bundled ShapesWorld toy SD and data; else SD1.5
-    from diffusers_innercontrol.quickstart import use_default_world
+    from diffusers_innercontrol.toy.quickstart import use_default_world
 
     use_default_world(args, parser, "probe", resolve_task)
     return args

@@ -15,9 +15,9 @@ from .models.readout_probe import ReadoutProbe, ReadoutProbeOutput
 from .palette import ade20k_palette, classes_to_control, control_to_classes
 from .pipeline_readout import ReadoutPipelineOutput, StableDiffusionControlNetReadoutPipeline
 from .probe_eval import BucketErrors, evaluate_probe
-from .rewards import load_reward_model, save_tiny_reward_model
-from .shapesworld import ShapesWorld, write_word_tokenizer
+from .rewards import load_reward_model
 from .tasks import Task, get_task, list_tasks
+from .toy import ShapesWorld, save_tiny_reward_model, write_word_tokenizer  # the toy world, re-exported
 
 __all__ = [
     "ModelMixin",

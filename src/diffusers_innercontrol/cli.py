@@ -29,7 +29,15 @@ API (stable; `train_probe.py` imports it):
 
 import argparse
 import os
+import sys
 from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .data import DataError
+from .hub_utils import OfflineModelError
+
+# bitsandbytes (--use_8bit_adam) is imported where it is used: an optional dependency.
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -59,7 +67,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
         "--pretrained_model_name_or_path", type=str, default=default_model,
         help="Stable Diffusion 1.5 checkpoint (Hub id or local directory) with unet, vae, text_encoder, tokenizer, "
              f"scheduler. Default: {DEFAULT_BASE_MODEL} when data is given; with no model and no data, the bundled "
-             "ShapesWorld toy SD (diffusers_innercontrol.quickstart).",
+             "ShapesWorld toy SD (diffusers_innercontrol.toy.quickstart).",
     )
     g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model (branch, tag or commit).")
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
@@ -261,7 +269,6 @@ def build_optimizer(params, args, accelerator=None):
 
         optimizer_cls = bnb.optim.AdamW8bit
     else:
-        import torch
 
         optimizer_cls = torch.optim.AdamW
     return optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -274,10 +281,7 @@ def run_main(main, args, training_started=None, extra_errors=()):
     a model id that needs the network offline, unusable data, and (until `training_started()` says otherwise) the
     `ValueError`s of the argument checks, each of which names the problem and the fix.
     """
-    import sys
 
-    from .data import DataError
-    from .hub_utils import OfflineModelError
 
     try:
         return main(args)

@@ -35,8 +35,10 @@ import re
 from typing import Dict, Optional, Tuple
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from .features import check_probe_fits_unet
+from .hub_utils import check_model_available
 from .models.readout_probe import ReadoutProbe
 
 __all__ = ["load_readout_guidance_checkpoint", "readout_guidance_state_dict_to_probe", "read_checkpoint_file"]
@@ -325,9 +327,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from diffusers import UNet2DConditionModel
 
-    from .hub_utils import check_model_available
 
     check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", subfolder="unet")
     unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision)

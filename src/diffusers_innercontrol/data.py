@@ -50,6 +50,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+
+from .annotators import load_annotator
+from .hub_utils import is_offline
+from .palette import control_to_classes
+
+# datasets (the `train` extra) and torchvision (installed with torch, not required by the package) are imported
+# inside the functions that use them: optional dependencies.
 
 CONTROL_GRAYSCALE_OK = ("hed", "lineart", "depth")  # single-channel maps are replicated to 3 channels
 
@@ -90,7 +98,6 @@ def load_train_dataset(args, task):
                 cache_dir=getattr(args, "cache_dir", None),
             )
         except Exception as err:  # offline, unknown id, missing split
-            from .hub_utils import is_offline
 
             hint = (
                 " This machine is offline (HF_HUB_OFFLINE=1): download the dataset where there is network, or pass a "
@@ -177,7 +184,6 @@ def check_resolution(resolution: int, vae_scale_factor: int) -> int:
 # ------------------------------------------------------------------------------------------------ images
 def _open_image(value, base_dir: Optional[str]):
     """PIL image from a PIL image, a `{"bytes", "path"}` dict, a file name, bytes or an array (no conversion)."""
-    from PIL import Image
 
     if isinstance(value, Image.Image):
         return value
@@ -217,7 +223,6 @@ def _to_tensor01(image) -> torch.Tensor:
 
 def _high_bit_depth_to_8bit(image):
     """16-bit / int / float maps (e.g. depth PNGs): scaled by their own maximum to 0..255 (PIL would clip at 255)."""
-    from PIL import Image
 
     arr = np.asarray(image, dtype=np.float64)
     peak = arr.max()
@@ -258,7 +263,6 @@ def load_control_image(path_or_image, resolution: int, task=None) -> torch.Tenso
 
 def control_classes_of(task, control01: torch.Tensor) -> torch.Tensor:
     """Class indices `(H, W)` of a colour-coded segmentation control `(3, H, W)` in `[0, 1]`."""
-    from .palette import control_to_classes
 
     return control_to_classes(control01.unsqueeze(0))[0].long()
 
@@ -398,11 +402,7 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
 
 
 def load_task_annotator(task, name_or_path=None):
-    """The task's annotator (PIL -> PIL control), from the rewards helper's `load_annotator`."""
-    try:
-        from .annotators import load_annotator
-    except ImportError:
-        from .rewards import load_annotator
+    """The task's annotator (PIL -> PIL control), `annotators.load_annotator`."""
     return load_annotator(task.name, name_or_path)
 
 

@@ -19,16 +19,32 @@
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForSemanticSegmentation,
+    AutoModelForUniversalSegmentation,
+    DPTForDepthEstimation,
+)
 
+from .data import DataError, ExampleTransform, _column_names, load_train_dataset, resolve_columns
 from .hub_utils import check_model_available
 from .metrics import CONTROL_METRICS, ControlFidelity, to_uint8
+from .probe_eval import evaluate_probe
+from .rewards import IMAGENET_MEAN, IMAGENET_STD, load_reward_model
+from .training import encode_images
 
 DEFAULT_NEGATIVE_PROMPT = "worst quality, low quality"
 DEFAULT_SEEDS = (0, 1, 2, 3)
@@ -83,7 +99,6 @@ def save_image_atomic(image, path: str):
 
 def load_image01(path: str) -> torch.Tensor:
     """A saved image as `(3, H, W)` float in `[0, 1]`."""
-    from PIL import Image
 
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
@@ -92,7 +107,6 @@ def load_image01(path: str) -> torch.Tensor:
 
 def tensor_to_pil(x: torch.Tensor):
     """`(C, H, W)` in `[0, 1]` -> PIL (L for one channel, RGB for three)."""
-    from PIL import Image
 
     arr = (x.detach().float().clamp(0, 1) * 255).round().byte().cpu().numpy()
     if arr.shape[0] == 1:
@@ -157,9 +171,7 @@ def load_eval_dataset(args, task, annotator: Optional[Callable] = None) -> EvalD
     `conditioning_image_column`, `num_samples`, `resolution`, `cache_dir`. `annotator` (PIL -> PIL) computes
     HED/LineArt controls when the data has no control column.
     """
-    from types import SimpleNamespace
 
-    from .data import DataError, ExampleTransform, _column_names, load_train_dataset, resolve_columns
 
     default_name, default_split = EVAL_DATASETS[task.name]
     name = getattr(args, "dataset_name", None) or default_name
@@ -201,7 +213,6 @@ def load_generation_pipeline(
     `StableDiffusionControlNetPipeline` (no safety checker) with `UniPCMultistepScheduler`, the paper's sampler.
     The ControlNet comes from `controlnet_model_name_or_path` or, if None, the pipeline's own `controlnet` folder.
     """
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     check_model_available(pretrained_model_name_or_path, "--pretrained_model_name_or_path", revision=revision)
     kwargs = dict(revision=revision, variant=variant, dtype=torch_dtype, cache_dir=cache_dir)
@@ -262,7 +273,6 @@ def generate_images(
     Returns:
         `GenerationStats` (images generated / already there).
     """
-    from tqdm.auto import tqdm
 
     if conditions_per_call < 1:
         raise ValueError(f"conditions_per_call must be >= 1, got {conditions_per_call}.")
@@ -309,7 +319,6 @@ def generate_images(
 
 # --- evaluator models ------------------------------------------------------------------------------
 def _auto_image_processor(path: str):
-    from transformers import AutoImageProcessor
 
     try:
         return AutoImageProcessor.from_pretrained(path)
@@ -332,7 +341,6 @@ class DepthEvaluator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, option: str = "--depth_model_name_or_path") -> "DepthEvaluator":
-        from transformers import DPTForDepthEstimation
 
         check_model_available(name_or_path, option)
         return cls(DPTForDepthEstimation.from_pretrained(name_or_path), _auto_image_processor(name_or_path))
@@ -371,7 +379,6 @@ class SegmentationEvaluator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, option: str = "--seg_model_name_or_path") -> "SegmentationEvaluator":
-        from transformers import AutoConfig, AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation
 
         check_model_available(name_or_path, option)
         config = AutoConfig.from_pretrained(name_or_path)
@@ -395,7 +402,6 @@ class SegmentationEvaluator(nn.Module):
             outputs = self.model(pixel_values=inputs["pixel_values"].to(device))
             maps = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[size] * images.shape[0])
             return torch.stack([m.long().cpu() for m in maps])
-        from .rewards import IMAGENET_MEAN, IMAGENET_STD
 
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -420,7 +426,6 @@ def load_control_evaluator(task, name_or_path: Optional[str] = None, filename: O
     """
     name_or_path = name_or_path or DEFAULT_EVAL_MODELS[task.name]
     if task.name in ("hed", "lineart"):
-        from .rewards import load_reward_model
 
         model = load_reward_model(task, name_or_path, filename=filename, device=device,
                                   option=option or "--control_model_name_or_path")
@@ -466,7 +471,6 @@ def compute_metrics(
         a dict with the control metrics (`ssim`, `ms_ssim`, `rmse` or `miou`, with `*_std`), `fid`, `clip_score`,
         `num_conditions`, `num_images`.
     """
-    from tqdm.auto import tqdm
 
     if fidelity is None:
         fidelity = ControlFidelity(task.name, num_classes=getattr(control_evaluator, "num_classes", None) or task.num_classes)
@@ -501,7 +505,6 @@ def compute_metrics(
     results["fid"] = None
     if fid is not None:
         if int(fid.real_features_num_samples) < 2:
-            import warnings
 
             warnings.warn("FID needs at least 2 conditions (real images): not computed.")
         else:
@@ -522,10 +525,7 @@ def probe_bucket_errors(task, pipe, probe, dataset, indices: Sequence[int], batc
     Returns:
         `probe_eval.BucketErrors` (`.to_dict()`, `.to_markdown()`).
     """
-    from diffusers import DDPMScheduler
 
-    from .probe_eval import evaluate_probe
-    from .training import encode_images
 
     device = device or pipe.unet.device
     dtype = pipe.unet.dtype

@@ -21,6 +21,8 @@ import logging
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_IGNORE = ["step_*", "epoch_*", "checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp/**"]
@@ -40,7 +42,6 @@ def base_model_license(base_model, default: str = "creativeml-openrail-m") -> st
     The license a model trained from `base_model` inherits: the one in the model card of a local base model folder
     (the bundled toy SD is apache-2.0), else `default` (SD1.5's CreativeML OpenRAIL-M).
     """
-    from huggingface_hub import ModelCard
 
     readme = os.path.join(str(base_model), "README.md")
     if os.path.isfile(readme):
@@ -89,7 +90,6 @@ def save_model_card(
     Returns:
         The path of the README.md.
     """
-    from huggingface_hub import ModelCard, ModelCardData
 
     if model_kind not in MODEL_KINDS:
         raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}.")
@@ -211,7 +211,6 @@ def push_folder(
     either way the card in the folder is uploaded as is. Raises `HubUploadError` if the upload fails; the
     local folder is left as it was.
     """
-    from huggingface_hub import create_repo, upload_folder
 
     repo_id = repo_id or os.path.basename(os.path.normpath(output_dir))
     if card_kwargs is not None:

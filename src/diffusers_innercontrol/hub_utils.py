@@ -4,13 +4,14 @@
 import os
 from typing import Optional
 
+from huggingface_hub import constants, snapshot_download
+
 
 class OfflineModelError(OSError):
     """A Hub model id was given while `HF_HUB_OFFLINE=1` and it is not in the local cache."""
 
 
 def is_offline() -> bool:
-    from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
 
@@ -29,7 +30,6 @@ def check_model_available(
         return name_or_path
     if not is_offline():
         return name_or_path
-    from huggingface_hub import snapshot_download
 
     patterns = None
     if filename:

@@ -23,8 +23,11 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
 from .hub_utils import OfflineModelError, check_model_available, is_offline
+
+# torchmetrics is imported inside the functions that use it: an optional dependency (the `eval` extra).
 
 IGNORE_INDEX = 255
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch16"
@@ -281,7 +284,6 @@ class PretrainedImageFeatures(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str) -> "PretrainedImageFeatures":
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         config = AutoConfig.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
@@ -386,7 +388,6 @@ def build_clip_score(model_name_or_path: str = DEFAULT_CLIP_MODEL, option: str =
     `(B, 3, H, W)` and their captions.
     """
     from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
 
     check_model_available(model_name_or_path, option)
 

@@ -28,6 +28,7 @@ import torch
 from diffusers import StableDiffusionControlNetPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderKL, ControlNetModel, MultiControlNetModel, UNet2DConditionModel
+from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -37,6 +38,8 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from .features import DecoderFeatureExtractor, check_probe_fits_unet, split_guidance_batch
 from .losses import alignment_loss_per_sample
 from .models.readout_probe import ReadoutProbe
+from .palette import control_to_classes  # lazily: only segmentation needs it
+from .render import render_readout
 from .tasks import Task, get_task
 
 logger = logging.get_logger(__name__)
@@ -236,7 +239,6 @@ class _ReadoutSession:
         if control is not None:
             target = self._match_batch(control, batch)
             if self.task.is_segmentation and target.is_floating_point():
-                from .palette import control_to_classes  # lazily: only segmentation needs it
 
                 target = control_to_classes(target)
         self._targets[batch] = target
@@ -427,7 +429,6 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
         """
         if probe is None:
             return (None, None)
-        from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 
         library, class_name = _fetch_class_library_tuple(probe)
         if type(probe) is ReadoutProbe:  # exported by the package's __init__
@@ -620,7 +621,6 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
 
         fields = {}
         if return_readouts:
-            from .render import render_readout
 
             fields = dict(
                 readouts=session.readouts,

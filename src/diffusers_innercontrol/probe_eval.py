@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .render import labeled_grid, render_readout, to_pil
-from .training import probe_step
+from .training import probe_features, probe_step
 
 DEFAULT_GRID_TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -251,7 +251,6 @@ def predict_at_timesteps(
     Returns:
         a list with one `(B, C_out, h, w)` tensor per timestep.
     """
-    from .training import probe_features
 
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     bad = [t for t in timesteps if not 0 <= int(t) < num_train_timesteps]

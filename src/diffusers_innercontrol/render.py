@@ -17,8 +17,10 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
+from PIL import ImageDraw, ImageFont
 
 from .losses import probe_to_unit
+from .palette import classes_to_control  # lazily: only segmentation needs it
 from .tasks import Task, get_task
 
 
@@ -47,7 +49,6 @@ def colorize_classes(classes: torch.Tensor, palette=None) -> List[PIL.Image.Imag
     Colour images from class maps `(B, H, W)` (or one `(H, W)`) through `palette` (`(K, 3)` RGB in 0..255,
     ADE20K's by default), with `palette.classes_to_control`: class 255 (ignored) is black.
     """
-    from .palette import classes_to_control  # lazily: only segmentation needs it
 
     classes = torch.as_tensor(classes).detach().cpu()
     if classes.ndim == 2:
@@ -186,7 +187,6 @@ def labeled_grid(
             default: the first tile's size.
         font_size: label size in pixels.
     """
-    from PIL import ImageDraw, ImageFont
 
     if not rows or not any(rows):
         raise ValueError("labeled_grid needs at least one tile.")

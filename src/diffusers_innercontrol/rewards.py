@@ -12,8 +12,8 @@ gradient) to what `losses.reward_loss_per_sample` takes:
   depth (>= 0).
 - segmentation: transformers `UperNetForSemanticSegmentation` -> logits `(B, 150, H, W)`.
 
-`load_reward_model(task)` builds one from the task's Hub id or a local path; `save_tiny_reward_model(task,
-path)` writes small random weights in the same format for offline tests and demos.
+`load_reward_model(task)` builds one from the task's Hub id or a local path (`toy.tiny.save_tiny_reward_model`
+writes small random weights in the same format for offline tests and demos).
 
 The networks come from the libraries that define them (controlnet_aux, transformers). What is written here
 is only the part those libraries do not offer differentiably: controlnet_aux's detectors take PIL/numpy
@@ -30,8 +30,12 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
 
 from .hub_utils import check_model_available
+from .tasks import get_task
 
 REWARD_MODEL_OPTION = "--reward_model_name_or_path"
 HED_FILENAME = "ControlNetHED.pth"
@@ -54,7 +58,6 @@ _WHAT = {
 
 
 def _get_task(task):
-    from .tasks import get_task
 
     return get_task(task) if isinstance(task, str) else task
 
@@ -298,7 +301,6 @@ def resolve_weights_file(
     if _looks_like_local_path(str(name_or_path)):
         raise FileNotFoundError(f"{name_or_path} ({option}): no such file or directory.")
     check_model_available(name_or_path, option, filename=filename, revision=revision)
-    from huggingface_hub import hf_hub_download
 
     return hf_hub_download(str(name_or_path), filename, revision=revision)
 
@@ -310,7 +312,6 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
 
             state_dict = load_file(path)
         else:
@@ -381,7 +382,6 @@ def _is_transformers_dir(name_or_path) -> bool:
 
 def _load_transformers_model(task, name_or_path: str, revision, variant, option: str) -> nn.Module:
     """depth / segmentation: the task's transformers model; hed / lineart: a DPT edge model (`EdgeMapReward`)."""
-    import transformers
 
     local = os.path.expanduser(str(name_or_path))
     if os.path.isfile(local):
@@ -490,88 +490,6 @@ def load_reward_model(
     return model.freeze()
 
 
-# --- tiny offline models --------------------------------------------------------------------------
-def tiny_depth_config():
-    """A `DPTConfig` for a ~0.1 M-parameter non-hybrid DPT (ViT with 4 layers of width 32, 32 px input, patch 8)."""
-    from transformers import DPTConfig
-
-    return DPTConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=37,
-        image_size=32,
-        patch_size=8,
-        is_hybrid=False,
-        backbone_out_indices=[0, 1, 2, 3],  # one per neck stage: the neck needs 4 hidden states
-        neck_hidden_sizes=[8, 16, 16, 32],
-        reassemble_factors=[4, 2, 1, 0.5],
-        fusion_hidden_size=16,
-        # With the default 0.02, the random head's ReLU output is ~1e-9 (below the losses' max-normalisation
-        # epsilon); 0.1 gives maps of order 1e-2 that are non-zero on about half of the pixels.
-        initializer_range=0.1,
-    )
-
-
-def tiny_segmentation_config(num_labels: int = 150):
-    """A `UperNetConfig` with a tiny ConvNext backbone (widths 8-32, one block per stage), `num_labels` classes."""
-    from transformers import ConvNextConfig, UperNetConfig
-
-    backbone = ConvNextConfig(
-        num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    return UperNetConfig(
-        backbone_config=backbone, hidden_size=16, num_labels=num_labels, pool_scales=[1, 2, 3, 6],
-        auxiliary_in_channels=24, auxiliary_channels=8,  # the auxiliary FCN head reads stage3 (24 channels)
-    )
-
-
-def _tiny_hed_state_dict() -> Dict[str, torch.Tensor]:
-    network = build_hed_network()
-    with torch.no_grad():
-        # Random VGG weights on inputs in [0, 255] saturate the sigmoid (mean logit ~ -16: no gradient).
-        # Centre and scale the input as a trained network would, so that the tiny model's edges are ~0.5.
-        network.norm.fill_(127.5)
-        network.block1.convs[0].weight.div_(127.5)
-    return network.state_dict()
-
-
-def save_tiny_reward_model(task_name: str, path: str, seed: int = 0) -> str:
-    """
-    Write random reward-model weights for `task_name` in the format `load_reward_model` reads, for offline
-    tests and demos; returns `path` (pass it as `--reward_model_name_or_path`).
-
-    - hed: the real `ControlNetHED_Apache2` architecture (14.7 M parameters, 59 MB) as `path/ControlNetHED.pth`.
-    - lineart: the real `Generator(3, 1, 3)` as `path/sk_model.pth` and a second one as `path/sk_model2.pth`
-      (controlnet_aux's `LineartDetector.from_pretrained` reads both).
-    - depth: a tiny `DPTForDepthEstimation` (`tiny_depth_config()`), `save_pretrained(path)`.
-    - segmentation: a tiny `UperNetForSemanticSegmentation` (`tiny_segmentation_config()`), `save_pretrained(path)`.
-
-    The global random state is left untouched.
-    """
-    task = _get_task(task_name)
-    os.makedirs(path, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if task.name == "hed":
-            torch.save(_tiny_hed_state_dict(), os.path.join(path, HED_FILENAME))
-        elif task.name == "lineart":
-            torch.save(build_lineart_network().state_dict(), os.path.join(path, LINEART_FILENAME))
-            torch.save(build_lineart_network().state_dict(), os.path.join(path, LINEART_COARSE_FILENAME))
-        elif task.name == "depth":
-            from transformers import DPTForDepthEstimation
-
-            DPTForDepthEstimation(tiny_depth_config()).save_pretrained(path)
-        elif task.name == "segmentation":
-            from transformers import UperNetForSemanticSegmentation
-
-            UperNetForSemanticSegmentation(tiny_segmentation_config(task.num_classes or 150)).save_pretrained(path)
-        else:
-            raise ValueError(f"No reward model for task {task.name!r}.")
-    return path
-
-
 __all__ = [
     "REWARD_MODEL_OPTION",
     "RewardModel",
@@ -586,7 +504,4 @@ __all__ = [
     "load_reward_model",
     "load_state_dict_file",
     "resolve_weights_file",
-    "save_tiny_reward_model",
-    "tiny_depth_config",
-    "tiny_segmentation_config",
 ]

@@ -56,6 +56,13 @@ class StepOutput:
         return out
 
 
+def conditioning_channels_for(vae_scale_factor: int):
+    """ControlNet conditioning-embedding widths whose downsampling matches the VAE (SD1.5: 8 -> (16, 32, 96, 256))."""
+    widths = (16, 32, 96, 256)
+    steps = max(int(round(torch.log2(torch.tensor(float(vae_scale_factor))).item())), 0)
+    return widths[: steps + 1]
+
+
 def encode_images(vae, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
     """VAE latents of images in `[-1, 1]`, times the VAE's scaling factor."""
     latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator)

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
+import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -48,7 +49,6 @@ def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     if not accelerator.is_local_main_process:
-        import diffusers
 
         diffusers.utils.logging.set_verbosity_error()
     if torch.backends.mps.is_available():

@@ -20,7 +20,7 @@ maps; segmentation: mIoU (the paper's metrics, `metrics.ControlFidelity`).
 
     python examples/innercontrol/shapesworld/fidelity_scale.py --output_dir fidelity
     python examples/innercontrol/shapesworld/fidelity_scale.py --output_dir fidelity \\
-        --controlnet shipped=src/diffusers_innercontrol/assets/shapesworld --controlnet new=bundle-work
+        --controlnet shipped=src/diffusers_innercontrol/toy/assets/shapesworld --controlnet new=bundle-work
 
 With no model argument it scores the bundled models (toy SD, `controlnet-<task>`, `eval-<task>`). A
 `--controlnet LABEL=DIR` folder holds `controlnet-<task>` sub-folders. Generated images are kept under
@@ -55,7 +55,7 @@ def _labelled_dir(text: str):
 
 
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
-    from diffusers_innercontrol.quickstart import ASSETS_DIR
+    from diffusers_innercontrol.toy.quickstart import ASSETS_DIR
 
     p = argparse.ArgumentParser(description="ShapesWorld's fidelity scale: floor, VAE round trip, no-ControlNet ceiling, "
                                             "ControlNets and their closure of the gap, per task.")
@@ -195,8 +195,8 @@ def main(args) -> Dict:
         fidelity_closure,
         miou_from_confusion,
     )
-    from diffusers_innercontrol.shapesworld import ShapesWorldEvalSet
     from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

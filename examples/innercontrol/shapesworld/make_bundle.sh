@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild every ShapesWorld model the package ships (src/diffusers_innercontrol/assets/shapesworld) and the fidelity
+# Rebuild every ShapesWorld model the package ships (src/diffusers_innercontrol/toy/assets/shapesworld) and the fidelity
 # table, with the project's own scripts, in one command:
 #
 #   bash examples/innercontrol/shapesworld/make_bundle.sh WORK_DIR [JOBS]
@@ -28,7 +28,7 @@ NUM_SCENES=${NUM_SCENES:-8000}
 FIDELITY_SCENES=${FIDELITY_SCENES:-256}
 HERE=$(cd "$(dirname "$0")" && pwd)
 EX=$(cd "$HERE/.." && pwd)
-ASSETS=${ASSETS_DIR:-$(python -c "from diffusers_innercontrol.quickstart import ASSETS_DIR; print(ASSETS_DIR)")}
+ASSETS=${ASSETS_DIR:-$(python -c "from diffusers_innercontrol.toy.quickstart import ASSETS_DIR; print(ASSETS_DIR)")}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK/logs"
 WORK=$(cd "$WORK" && pwd)
@@ -57,7 +57,7 @@ fi
 
 # ---------------------------------------------------------------- 1. rewards, evaluators, ControlNets, probes
 DATA="$WORK/shapes64"
-[ -f "$DATA/metadata.jsonl" ] || python -c "from diffusers_innercontrol.shapesworld import ShapesWorld; ShapesWorld(64, seed=0).save_imagefolder('$DATA', $NUM_SCENES)"
+[ -f "$DATA/metadata.jsonl" ] || python -c "from diffusers_innercontrol.toy.shapesworld import ShapesWorld; ShapesWorld(64, seed=0).save_imagefolder('$DATA', $NUM_SCENES)"
 jobs_list=()
 for task in hed lineart depth segmentation; do
   init=""

@@ -275,7 +275,7 @@ def make_pipeline_scheduler(name: str, config):
 # --------------------------------------------------------------------------------------------- data
 def _render_chunk(job):
     size, seed, indices = job
-    from diffusers_innercontrol.shapesworld import ShapesWorld
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
 
     world = ShapesWorld(size=size, seed=seed)
     out = [world.sample(int(i), with_controls=False) for i in indices]
@@ -358,7 +358,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, scheduler, args, accelera
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from diffusers_innercontrol.shapesworld import ShapesWorld
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
 
     world = ShapesWorld(size=args.resolution, seed=args.validation_world_seed)
     refs = [world.sample(i, with_controls=False) for i in range(args.num_validation_images)]
@@ -401,7 +401,7 @@ tags:
 # Toy Stable Diffusion for ShapesWorld
 
 A Stable Diffusion pipeline with SD1.5's classes (`AutoencoderKL`, `UNet2DConditionModel`, `CLIPTextModel`)
-scaled down and trained from scratch on ShapesWorld ({args.resolution} px; `diffusers_innercontrol.shapesworld`)
+scaled down and trained from scratch on ShapesWorld ({args.resolution} px; `diffusers_innercontrol.toy.shapesworld`)
 by `examples/innercontrol/shapesworld/pretrain_toy_sd.py`. It exists to make the InnerControl scripts
 runnable and testable on a CPU; it knows nothing but coloured shapes.
 
@@ -433,8 +433,8 @@ def main(args):
     from diffusers.training_utils import compute_snr
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from diffusers_innercontrol.shapesworld import ShapesWorld, write_word_tokenizer
-    from diffusers_innercontrol.tiny import SD15_SCHEDULER_CONFIG
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld, write_word_tokenizer
+    from diffusers_innercontrol.toy.tiny import SD15_SCHEDULER_CONFIG
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

@@ -136,7 +136,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
             args.num_train_samples = 8
     if args.eval_start_index is None:
         args.eval_start_index = args.num_train_samples
-    from diffusers_innercontrol.quickstart import bundled_path
+    from diffusers_innercontrol.toy.quickstart import bundled_path
 
     for task in TASKS:
         if getattr(args, f"{task}_eval_model") is None:
@@ -202,7 +202,7 @@ def ensure_train_data(args):
     """Write the ShapesWorld image folder when it does not exist yet."""
     if os.path.isfile(os.path.join(args.train_data_dir, "metadata.jsonl")):
         return
-    from diffusers_innercontrol.shapesworld import ShapesWorld
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
 
     logger.info(f"Writing {args.num_train_samples} ShapesWorld scenes to {args.train_data_dir}")
     ShapesWorld(size=args.resolution, seed=args.world_seed).save_imagefolder(args.train_data_dir, args.num_train_samples)
@@ -574,8 +574,8 @@ def write_plots(result: Dict, output_dir: str) -> List[str]:
 def main(args) -> Dict:
     from diffusers_innercontrol.models.readout_probe import ReadoutProbe
     from diffusers_innercontrol.probe_eval import timestep_buckets
-    from diffusers_innercontrol.shapesworld import ShapesWorldEvalSet
     from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

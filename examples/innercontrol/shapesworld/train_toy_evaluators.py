@@ -6,9 +6,9 @@ The paper rewards with one model and evaluates with a stronger, separately train
 DPT-Hybrid reward vs DPT-Large evaluator; UperNet vs Mask2Former). In ShapesWorld the labels are exact (they
 come from the scene), so both are trained here, in the transformers formats the project already reads:
 
-- depth: `DPTForDepthEstimation` (`rewards.tiny_depth_config` scaled), MSE of `predicted_depth` against the
+- depth: `DPTForDepthEstimation` (`toy.tiny.tiny_depth_config` scaled), MSE of `predicted_depth` against the
   control's depth (brighter = nearer, in [0, 1]) at the model's output size;
-- segmentation: `UperNetForSemanticSegmentation` with 150 ADE20K labels (`rewards.tiny_segmentation_config`
+- segmentation: `UperNetForSemanticSegmentation` with 150 ADE20K labels (`toy.tiny.tiny_segmentation_config`
   scaled), cross-entropy against ShapesWorld's class map;
 - hed, lineart: a small `DPTForDepthEstimation` trained (MSE) to draw the exact soft edges / lines, loaded as
   `rewards.EdgeMapReward` (controlnet_aux's HED and LineArt networks have fixed widths: 59 MB and 17 MB of
@@ -82,8 +82,8 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------- models
 def depth_config(resolution: int, width_multiplier: int = 1, num_hidden_layers: Optional[int] = None):
-    """`rewards.tiny_depth_config()` at `resolution` px with every width times `width_multiplier`."""
-    from diffusers_innercontrol.rewards import tiny_depth_config
+    """`toy.tiny.tiny_depth_config()` at `resolution` px with every width times `width_multiplier`."""
+    from diffusers_innercontrol.toy.tiny import tiny_depth_config
 
     m = int(width_multiplier)
     config = tiny_depth_config()
@@ -100,8 +100,8 @@ def depth_config(resolution: int, width_multiplier: int = 1, num_hidden_layers: 
 
 
 def segmentation_config(width_multiplier: int = 1, num_labels: int = 150):
-    """`rewards.tiny_segmentation_config()` with every width times `width_multiplier` (2 blocks a stage when > 1)."""
-    from diffusers_innercontrol.rewards import tiny_segmentation_config
+    """`toy.tiny.tiny_segmentation_config()` with every width times `width_multiplier` (2 blocks a stage when > 1)."""
+    from diffusers_innercontrol.toy.tiny import tiny_segmentation_config
 
     m = int(width_multiplier)
     config = tiny_segmentation_config(num_labels)
@@ -143,7 +143,7 @@ def render_set(task: str, resolution: int, world_seed: int, start: int, n: int):
     """`(images (N, 3, H, W) in [0, 1], targets)`: depth/hed/lineart `(N, 1, H, W)` in [0, 1], segmentation `(N, H, W)` long."""
     import numpy as np
 
-    from diffusers_innercontrol.shapesworld import ShapesWorld
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
 
     world = ShapesWorld(size=resolution, seed=world_seed)
     images, targets = [], []

@@ -13,6 +13,10 @@ from typing import Dict, Optional
 
 import torch
 
+from ..rewards import HED_FILENAME, LINEART_COARSE_FILENAME, LINEART_FILENAME, build_hed_network, build_lineart_network
+from ..tasks import get_task
+from ..training import conditioning_channels_for
+
 SD15_UNET_CONFIG = dict(
     act_fn="silu",
     attention_head_dim=8,
@@ -75,14 +79,7 @@ SD15_SCHEDULER_CONFIG = dict(
 )
 
 
-def conditioning_channels_for(vae_scale_factor: int):
-    """ControlNet conditioning-embedding widths whose downsampling matches the VAE (SD1.5: 8 -> (16, 32, 96, 256))."""
-    widths = (16, 32, 96, 256)
-    steps = max(int(round(torch.log2(torch.tensor(float(vae_scale_factor))).item())), 0)
-    return widths[: steps + 1]
-
-
-def _byte_level_alphabet():
+def byte_level_alphabet():
     """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = [], 0
@@ -98,7 +95,7 @@ def _byte_level_alphabet():
 def write_tiny_tokenizer(directory: str):
     """A byte-level CLIP BPE tokenizer with no merges (every character a token): vocab.json + merges.txt."""
     os.makedirs(directory, exist_ok=True)
-    chars = _byte_level_alphabet()
+    chars = byte_level_alphabet()
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
@@ -159,7 +156,7 @@ def build_sd15_unet(device="meta"):
         return UNet2DConditionModel(**SD15_UNET_CONFIG)
 
 
-def main():  # `python -m diffusers_innercontrol.tiny PATH`
+def main():  # `python -m diffusers_innercontrol.toy.tiny PATH`
     import argparse
 
     parser = argparse.ArgumentParser(description="Save the offline tiny SD1.5-shaped ControlNet pipeline.")
@@ -171,3 +168,85 @@ def main():  # `python -m diffusers_innercontrol.tiny PATH`
 
 if __name__ == "__main__":
     main()
+
+
+# --- tiny offline models --------------------------------------------------------------------------
+def tiny_depth_config():
+    """A `DPTConfig` for a ~0.1 M-parameter non-hybrid DPT (ViT with 4 layers of width 32, 32 px input, patch 8)."""
+    from transformers import DPTConfig
+
+    return DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        is_hybrid=False,
+        backbone_out_indices=[0, 1, 2, 3],  # one per neck stage: the neck needs 4 hidden states
+        neck_hidden_sizes=[8, 16, 16, 32],
+        reassemble_factors=[4, 2, 1, 0.5],
+        fusion_hidden_size=16,
+        # With the default 0.02, the random head's ReLU output is ~1e-9 (below the losses' max-normalisation
+        # epsilon); 0.1 gives maps of order 1e-2 that are non-zero on about half of the pixels.
+        initializer_range=0.1,
+    )
+
+
+def tiny_segmentation_config(num_labels: int = 150):
+    """A `UperNetConfig` with a tiny ConvNext backbone (widths 8-32, one block per stage), `num_labels` classes."""
+    from transformers import ConvNextConfig, UperNetConfig
+
+    backbone = ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    return UperNetConfig(
+        backbone_config=backbone, hidden_size=16, num_labels=num_labels, pool_scales=[1, 2, 3, 6],
+        auxiliary_in_channels=24, auxiliary_channels=8,  # the auxiliary FCN head reads stage3 (24 channels)
+    )
+
+
+def _tiny_hed_state_dict() -> Dict[str, torch.Tensor]:
+    network = build_hed_network()
+    with torch.no_grad():
+        # Random VGG weights on inputs in [0, 255] saturate the sigmoid (mean logit ~ -16: no gradient).
+        # Centre and scale the input as a trained network would, so that the tiny model's edges are ~0.5.
+        network.norm.fill_(127.5)
+        network.block1.convs[0].weight.div_(127.5)
+    return network.state_dict()
+
+
+def save_tiny_reward_model(task_name: str, path: str, seed: int = 0) -> str:
+    """
+    Write random reward-model weights for `task_name` in the format `load_reward_model` reads, for offline
+    tests and demos; returns `path` (pass it as `--reward_model_name_or_path`).
+
+    - hed: the real `ControlNetHED_Apache2` architecture (14.7 M parameters, 59 MB) as `path/ControlNetHED.pth`.
+    - lineart: the real `Generator(3, 1, 3)` as `path/sk_model.pth` and a second one as `path/sk_model2.pth`
+      (controlnet_aux's `LineartDetector.from_pretrained` reads both).
+    - depth: a tiny `DPTForDepthEstimation` (`tiny_depth_config()`), `save_pretrained(path)`.
+    - segmentation: a tiny `UperNetForSemanticSegmentation` (`tiny_segmentation_config()`), `save_pretrained(path)`.
+
+    The global random state is left untouched.
+    """
+    task = get_task(task_name)
+    os.makedirs(path, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if task.name == "hed":
+            torch.save(_tiny_hed_state_dict(), os.path.join(path, HED_FILENAME))
+        elif task.name == "lineart":
+            torch.save(build_lineart_network().state_dict(), os.path.join(path, LINEART_FILENAME))
+            torch.save(build_lineart_network().state_dict(), os.path.join(path, LINEART_COARSE_FILENAME))
+        elif task.name == "depth":
+            from transformers import DPTForDepthEstimation
+
+            DPTForDepthEstimation(tiny_depth_config()).save_pretrained(path)
+        elif task.name == "segmentation":
+            from transformers import UperNetForSemanticSegmentation
+
+            UperNetForSemanticSegmentation(tiny_segmentation_config(task.num_classes or 150)).save_pretrained(path)
+        else:
+            raise ValueError(f"No reward model for task {task.name!r}.")
+    return path

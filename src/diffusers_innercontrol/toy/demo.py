@@ -1,5 +1,5 @@
 # Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
-"""Offline demo assets for the quickstart: `python -m diffusers_innercontrol.demo ./demo`.
+"""Offline demo assets for the quickstart: `python -m diffusers_innercontrol.toy.demo ./demo`.
 
 Writes, with no network:
 - `tiny-sd/`: the tiny SD1.5-shaped ControlNet pipeline (`tiny.save_tiny_pipeline`, random weights);
@@ -14,14 +14,13 @@ training, validation readouts, model cards), not what the method achieves.
 import argparse
 import os
 
-from .tasks import TASK_NAMES
+from ..tasks import TASK_NAMES
 
 
 def write_demo_assets(path: str, num_samples: int = 64, image_size: int = 64, seed: int = 0, tasks=TASK_NAMES) -> dict:
     """Write the demo assets under `path` and return their paths by name."""
-    from .rewards import save_tiny_reward_model
     from .shapesworld import ShapesWorld
-    from .tiny import save_tiny_pipeline
+    from .tiny import save_tiny_pipeline, save_tiny_reward_model
 
     os.makedirs(path, exist_ok=True)
     out = {"pipeline": save_tiny_pipeline(os.path.join(path, "tiny-sd"), seed=seed)}

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
-from .cli import DEFAULT_BASE_MODEL
+from ..cli import DEFAULT_BASE_MODEL
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapesworld")
 RESOLUTION = 64
@@ -77,7 +77,7 @@ def shapesworld_folder(num_samples: int = NUM_SCENES, resolution: int = RESOLUTI
 
 def validation_pairs(task_name: str, n: int = 2, resolution: int = RESOLUTION, seed: int = 0) -> Tuple[List[str], List[str]]:
     """`(prompts, control image paths)` of `n` held-out ShapesWorld scenes for `task_name`'s validation."""
-    from .tasks import get_task
+    from ..tasks import get_task
 
     folder = shapesworld_folder(n, resolution, seed, start=VALIDATION_START)
     prompts, images = [], []
@@ -119,7 +119,7 @@ def apply_shapesworld_defaults(args, parser, script: str = "controlnet", task=No
         if getattr(args, "pretrained_model_name_or_path", None) is None:
             args.pretrained_model_name_or_path = DEFAULT_BASE_MODEL
         return {}
-    from .tasks import get_task
+    from ..tasks import get_task
 
     if task is None:
         task = get_task(args.task, getattr(args, "preset", "paper"))

@@ -340,7 +340,7 @@ _PALETTE_CACHE: Dict[str, np.ndarray] = {}
 def segmentation_palette() -> np.ndarray:
     """The ADE20K palette (150, 3) uint8 of the project's segmentation controls (`diffusers_innercontrol.palette`)."""
     if "ade" not in _PALETTE_CACHE:
-        from .palette import ade20k_palette
+        from ..palette import ade20k_palette
 
         _PALETTE_CACHE["ade"] = np.asarray(ade20k_palette(), dtype=np.uint8).reshape(-1, 3)
     return _PALETTE_CACHE["ade"]
@@ -608,7 +608,7 @@ class ShapesWorldEvalSet:
     """
 
     def __init__(self, task: str, resolution: int = 64, world_seed: int = 0, start: int = 0, n: int = 256):
-        from .tasks import get_task
+        from ..tasks import get_task
 
         if n <= 0 or start < 0:
             raise ValueError(f"Need n > 0 scenes from start >= 0, got n={n}, start={start}.")
@@ -623,7 +623,7 @@ class ShapesWorldEvalSet:
     def __getitem__(self, index: int):
         import torch
 
-        from .evaluation import EvalSample
+        from ..evaluation import EvalSample
 
         index = int(index)
         if not 0 <= index < self.n:
@@ -683,14 +683,14 @@ def write_word_tokenizer(path: str, words: Sequence[str] = VOCABULARY) -> str:
     token per merge, in merge order; the merges (`_learn_merges`) make each word a single token. The files
     are the same on every run. Load it with `CLIPTokenizer.from_pretrained(path, model_max_length=77)`.
     """
-    from .tiny import _byte_level_alphabet
+    from .tiny import byte_level_alphabet
 
     words = [w.lower() for w in words]
     bad = [w for w in words if not w.isalpha() or not w.isascii()]
     if bad:
         raise ValueError(f"Words must be plain lowercase ASCII letters; got {bad}.")
     merges = _learn_merges(words)
-    chars = _byte_level_alphabet()
+    chars = byte_level_alphabet()
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
     vocab: Dict[str, int] = {}
     for t in tokens:
