@@ -1,6 +1,7 @@
 """diffusers_innercontrol.data: column resolution, transforms (values by hand), errors naming the sample, shuffling."""
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -26,10 +27,15 @@ def tokenizer(tmp_path_factory):
     return CLIPTokenizer.from_pretrained(write_tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))), model_max_length=77)
 
 
-def parse(argv):
+def parse_args(argv):
     parser = argparse.ArgumentParser()
     cli.add_common_args(parser)
     return parser.parse_args(argv)
+
+
+def parse(argv):
+    """The data config of a command line, built where the scripts build it (`DataConfig.from_args`)."""
+    return data.DataConfig.from_args(parse_args(argv))
 
 
 # ------------------------------------------------------------------------------------------- columns
@@ -178,9 +184,9 @@ def test_annotator_computes_missing_control(tokenizer):
 # ------------------------------------------------------------------------------------------- datasets
 def test_folder_dataset_end_to_end_and_max_train_samples(tmp_path, tokenizer):
     folder = write_toy_dataset(str(tmp_path / "d"), "segmentation", num_samples=5, size=24)
-    args = parse(["--train_data_dir", folder, "--resolution", "16", "--max_train_samples", "3", "--seed", "1"])
-    cli.validate_common_args(args)
-    ds, cols = data.build_train_dataset(args, get_task("segmentation"), tokenizer)
+    argv = ["--train_data_dir", folder, "--resolution", "16", "--max_train_samples", "3", "--seed", "1"]
+    cli.validate_common_args(parse_args(argv))
+    ds, cols = data.build_train_dataset(parse(argv), get_task("segmentation"), tokenizer)
     assert cols == DataColumns("file_name", "prompt", "control_seg") and len(ds) == 3
     batch = data.collate_fn([ds[0], ds[1]])
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["conditioning_pixel_values"].shape == (2, 3, 16, 16)
@@ -240,13 +246,13 @@ def test_check_resolution():
 
 def test_common_arg_checks(tmp_path):
     with pytest.raises(ValueError, match="--streaming.*--max_train_steps|A streamed dataset has no length"):
-        cli.validate_common_args(parse(["--dataset_name", "x/y", "--streaming"]))
+        cli.validate_common_args(parse_args(["--dataset_name", "x/y", "--streaming"]))
     with pytest.raises(ValueError, match="no metadata.jsonl"):
-        cli.validate_common_args(parse(["--train_data_dir", str(tmp_path)]))
+        cli.validate_common_args(parse_args(["--train_data_dir", str(tmp_path)]))
     with pytest.raises(ValueError, match=r"--proportion_empty_prompts must be in \[0, 1\]"):
-        cli.validate_common_args(parse(["--proportion_empty_prompts", "1.5"]))
+        cli.validate_common_args(parse_args(["--proportion_empty_prompts", "1.5"]))
     with pytest.raises(ValueError, match="either --dataset_name or --train_data_dir"):
-        cli.validate_common_args(parse(["--dataset_name", "a/b", "--train_data_dir", str(tmp_path)]))
+        cli.validate_common_args(parse_args(["--dataset_name", "a/b", "--train_data_dir", str(tmp_path)]))
     assert cli.parse_window("0,400") == (0, 400) and cli.parse_window("450:980") == (450, 980)
     with pytest.raises(argparse.ArgumentTypeError):
         cli.parse_window("400")
@@ -260,8 +266,8 @@ def test_offline_hub_dataset_error_is_clear(monkeypatch):
 
 def test_captions_are_optional_when_the_empty_prompt_is_used(tokenizer):
     """The probe trainer (--use_captions off) accepts a data set without captions; stage 2 does not."""
-    no_caption_args = argparse.Namespace(use_captions=False)
-    cols = data.resolve_columns(["image", "control_depth"], get_task("depth"), no_caption_args)
+    no_captions = data.DataConfig(resolution=64, require_captions=False)
+    cols = data.resolve_columns(["image", "control_depth"], get_task("depth"), no_captions)
     assert cols.caption is None
     with pytest.raises(DataError, match="no caption column"):
         data.resolve_columns(["image", "control_depth"], get_task("depth"), parse([]))
@@ -278,3 +284,44 @@ def test_16_bit_depth_controls_are_scaled_not_clipped():
     expected = torch.tensor([[0.0, round(4000 / 8000 * 255) / 255], [1.0, round(2000 / 8000 * 255) / 255]])
     assert control.shape == (3, 2, 2)
     assert torch.allclose(control[0], expected, atol=1e-6) and torch.equal(control[0], control[2])
+
+
+def test_data_config_from_args_and_held_out(tmp_path):
+    """Every data option of the command line lands in the config (read in one place); a held-out config keeps
+    the columns and the resolution and reads another source, not streamed, with no caption dropped."""
+    args = parse_args(["--train_data_dir", str(tmp_path), "--resolution", "32", "--image_column", "im",
+                       "--caption_column", "cap", "--conditioning_image_column", "ctl", "--max_train_samples", "7",
+                       "--proportion_empty_prompts", "0.25", "--seed", "3", "--cache_dir", "c",
+                       "--dataset_split", "validation"])
+    config = data.DataConfig.from_args(args)
+    assert config == data.DataConfig(
+        resolution=32, train_data_dir=str(tmp_path), split="validation", image_column="im", caption_column="cap",
+        conditioning_image_column="ctl", max_samples=7, proportion_empty_prompts=0.25, seed=3, cache_dir="c",
+    )
+    assert config.base_dir == str(tmp_path)
+    assert data.DataConfig.from_args(argparse.Namespace(resolution=8, use_captions=False)).require_captions is False
+    assert data.DataConfig.from_args(args, seed=9).seed == 9
+    streamed = data.DataConfig(resolution=32, dataset_name="a/b", streaming=True, proportion_empty_prompts=0.5)
+    held = streamed.held_out(dataset_name="a/c", split="test", max_samples=4)
+    assert (held.dataset_name, held.split, held.max_samples, held.streaming, held.proportion_empty_prompts) == (
+        "a/c", "test", 4, False, 0.0)
+    assert held.resolution == 32 and streamed.streaming  # the original is untouched (frozen)
+    assert data.DataConfig(resolution=8, dataset_name=str(tmp_path)).base_dir == str(tmp_path)
+    assert data.DataConfig(resolution=8, dataset_name="a/b").base_dir is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+
+
+def test_split_held_out_is_seeded_and_disjoint(tmp_path, tokenizer):
+    folder = write_toy_dataset(str(tmp_path / "d"), "depth", num_samples=6, size=8)
+    ds, _ = data.build_train_dataset(parse(["--train_data_dir", folder, "--resolution", "8"]), get_task("depth"), tokenizer)
+    train, held = data.split_held_out(ds, 2, seed=0)
+    again_train, again_held = data.split_held_out(ds, 2, seed=0)
+    assert len(train) == 4 and len(held) == 2 and not held.shuffle
+    names = lambda d: [d.data[i]["file_name"] for i in range(len(d))]  # noqa: E731
+    assert names(held) == names(again_held) and not set(names(held)) & set(names(train))
+    assert set(names(held)) | set(names(train)) == set(names(ds))
+    assert len(data.split_held_out(ds, 0.5, seed=0)[1]) == 3
+    assert names(data.split_held_out(ds, 2, seed=1)[1]) != names(held) or names(data.split_held_out(ds, 2, seed=2)[1]) != names(held)
+    with pytest.raises(DataError, match="leaves no training or no held-out sample out of 6"):
+        data.split_held_out(ds, 6)

@@ -281,7 +281,7 @@ def main(args):
         args.tokenizer_name or args.pretrained_model_name_or_path, subfolder=None if args.tokenizer_name else "tokenizer",
         revision=args.revision, cache_dir=args.cache_dir, model_max_length=77,
     )
-    train_dataset, columns = data.build_train_dataset(args, task, tokenizer)
+    train_dataset, columns = data.build_train_dataset(data.DataConfig.from_args(args), task, tokenizer)
     data.check_samples(train_dataset, args.check_data_samples)
     logger.info(f"Data columns: {columns}")
 

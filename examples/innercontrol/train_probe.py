@@ -55,11 +55,12 @@ from diffusers_innercontrol.cli import (
     validate_common_args,
 )
 from diffusers_innercontrol.data import (
-    TrainDataset,
+    DataConfig,
     build_train_dataset,
     check_resolution,
     check_samples,
     collate_fn,
+    split_held_out,
     vae_scale_factor_of,
 )
 from diffusers_innercontrol.features import check_probe_fits_unet
@@ -281,30 +282,15 @@ def build_probe(args, task, unet) -> ReadoutProbe:
 # ------------------------------------------------------------------------------------------------ data
 def build_datasets(args, task, tokenizer):
     """(train dataset, held-out dataset or None) from the shared data module."""
-    train_dataset, columns = build_train_dataset(args, task, tokenizer)
+    config = DataConfig.from_args(args)
+    train_dataset, columns = build_train_dataset(config, task, tokenizer)
     val_dataset = None
     if args.validation_split is not None:
-        raw, transform = train_dataset.data, train_dataset.transform
-        split = args.validation_split
-        num_val = int(split) if split >= 1 else int(round(split * len(raw)))
-        if not 1 <= num_val < len(raw):
-            raise ValueError(
-                f"--validation_split {split} leaves no training or no held-out sample out of {len(raw)}: hold out "
-                "between 1 and all but one sample."
-            )
-        order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed or 0)).tolist()
-        val_idx, train_idx = sorted(order[:num_val]), sorted(order[num_val:])
-        train_dataset = TrainDataset(raw.select(train_idx, keep_in_memory=True), transform, seed=args.seed or 0)
-        val_dataset = TrainDataset(raw.select(val_idx, keep_in_memory=True), transform, shuffle=False)
+        train_dataset, val_dataset = split_held_out(train_dataset, args.validation_split, seed=args.seed or 0)
     elif args.validation_data_dir or args.validation_dataset_name:
-        val_args = argparse.Namespace(**vars(args))
-        val_args.train_data_dir = args.validation_data_dir
-        val_args.dataset_name = args.validation_dataset_name
-        val_args.dataset_split = args.validation_dataset_split
-        val_args.streaming = False
-        val_args.max_train_samples = args.max_validation_samples
-        val_args.proportion_empty_prompts = 0.0
-        val_dataset, _ = build_train_dataset(val_args, task, tokenizer)
+        held_out = config.held_out(args.validation_data_dir, args.validation_dataset_name,
+                                   args.validation_dataset_split, args.max_validation_samples)
+        val_dataset, _ = build_train_dataset(held_out, task, tokenizer)
         val_dataset.shuffle = False
         val_dataset.set_epoch(0)
     return train_dataset, val_dataset, columns

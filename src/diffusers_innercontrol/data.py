@@ -24,15 +24,17 @@ fixed permutation of (seed, e), so a resumed run sees exactly the batches an uni
 accelerate's `skip_first_batches` can skip those already seen (a sequential loader is trivially
 shardable across processes too).
 
-API (stable; `train_probe.py` imports it):
+API (stable; the scripts import it). The data are described once, by a frozen `DataConfig` built from the parsed
+arguments in one place (`DataConfig.from_args`); nothing here reads an argparse namespace.
+    DataConfig(resolution, train_data_dir=None, dataset_name=None, ...)  .from_args(args)  .held_out(...)
     DataColumns(image, caption, conditioning, compute_control)
-    load_train_dataset(args, task) -> datasets.Dataset | datasets.IterableDataset
-    resolve_columns(column_names, task, args) -> DataColumns
+    load_train_dataset(config, task) -> datasets.Dataset | datasets.IterableDataset
+    resolve_columns(column_names, task, config=None) -> DataColumns
     ExampleTransform(task, resolution, tokenizer, columns, base_dir=None, proportion_empty_prompts=0.0,
                      annotator=None, seed=0)  -- callable(example, index, epoch=0) -> dict of tensors
     TrainDataset(hf_dataset, transform, seed=0, shuffle=True)  (map-style; set_epoch, index_of)
     StreamingTrainDataset(hf_iterable, transform, seed=0, shuffle_buffer_size=1000)  (iterable; set_epoch)
-    build_train_dataset(args, task, tokenizer, annotator=None) -> (dataset, DataColumns)
+    build_train_dataset(config, task, tokenizer, annotator=None) -> (dataset, DataColumns)
     check_samples(dataset, n) -> None  (decode + transform the first n samples: errors before training)
     collate_fn(examples) -> batch dict
     vae_scale_factor_of(vae_config) -> int;  check_resolution(resolution, vae_scale_factor) -> resolution
@@ -41,6 +43,7 @@ API (stable; `train_probe.py` imports it):
     DataError (ValueError)
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -74,28 +77,83 @@ class DataColumns:
     compute_control: bool = False
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """
+    Where the samples come from and how they are read: a local folder with `metadata.jsonl` (`train_data_dir`) or
+    a Hub / local `datasets` dataset (`dataset_name`, default: the task's), its split and columns (default: the
+    task's schema), the resolution, a sample limit, streaming, the share of empty prompts, the shuffling seed and
+    the cache. `require_captions=False` accepts data without a caption column (the probe trainer's empty prompt).
+    """
+
+    resolution: int
+    train_data_dir: Optional[str] = None
+    dataset_name: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    split: str = "train"
+    image_column: Optional[str] = None
+    caption_column: Optional[str] = None
+    conditioning_image_column: Optional[str] = None
+    require_captions: bool = True
+    max_samples: Optional[int] = None
+    streaming: bool = False
+    shuffle_buffer_size: int = 1000
+    proportion_empty_prompts: float = 0.0
+    seed: int = 0
+    cache_dir: Optional[str] = None
+    annotator_model_name_or_path: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> "DataConfig":
+        """The one place that reads the data options of a parsed command line (`cli.add_data_args`)."""
+        read = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        values = dict(
+            resolution=args.resolution, train_data_dir=read("train_data_dir"), dataset_name=read("dataset_name"),
+            dataset_config_name=read("dataset_config_name"), split=read("dataset_split") or "train",
+            image_column=read("image_column"), caption_column=read("caption_column"),
+            conditioning_image_column=read("conditioning_image_column"),
+            require_captions=bool(read("use_captions", True)), max_samples=read("max_train_samples"),
+            streaming=bool(read("streaming", False)), shuffle_buffer_size=read("shuffle_buffer_size", 1000) or 1000,
+            proportion_empty_prompts=read("proportion_empty_prompts", 0.0) or 0.0, seed=read("seed") or 0,
+            cache_dir=read("cache_dir"), annotator_model_name_or_path=read("annotator_model_name_or_path"),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def held_out(self, train_data_dir: Optional[str] = None, dataset_name: Optional[str] = None,
+                 split: str = "train", max_samples: Optional[int] = None) -> "DataConfig":
+        """The same columns and resolution read from another source: not streamed, captions never dropped."""
+        return dataclasses.replace(self, train_data_dir=train_data_dir, dataset_name=dataset_name, split=split,
+                                   max_samples=max_samples, streaming=False, proportion_empty_prompts=0.0)
+
+    @property
+    def base_dir(self) -> Optional[str]:
+        """The folder relative file names are read from: the local data folder, if any."""
+        if self.train_data_dir:
+            return self.train_data_dir
+        return self.dataset_name if self.dataset_name and os.path.isdir(self.dataset_name) else None
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def _metadata_path(train_data_dir: str) -> str:
     return os.path.join(train_data_dir, "metadata.jsonl")
 
 
-def load_train_dataset(args, task):
-    """The raw dataset (`datasets.Dataset`, or `IterableDataset` with `--streaming`), before any transform."""
+def load_train_dataset(config: DataConfig, task):
+    """The raw dataset (`datasets.Dataset`, or `IterableDataset` when streamed), before any transform."""
     import datasets
 
-    split = getattr(args, "dataset_split", "train") or "train"
-    if getattr(args, "train_data_dir", None):
-        meta = _metadata_path(args.train_data_dir)
+    split = config.split
+    if config.train_data_dir:
+        meta = _metadata_path(config.train_data_dir)
         if not os.path.isfile(meta):
-            raise DataError(f"{args.train_data_dir!r} has no metadata.jsonl (one JSON object per sample, file names relative to it).")
-        ds = datasets.load_dataset("json", data_files={"train": meta}, split="train", cache_dir=getattr(args, "cache_dir", None))
+            raise DataError(f"{config.train_data_dir!r} has no metadata.jsonl (one JSON object per sample, file names relative to it).")
+        ds = datasets.load_dataset("json", data_files={"train": meta}, split="train", cache_dir=config.cache_dir)
     else:
-        name = getattr(args, "dataset_name", None) or task.dataset_name
-        streaming = bool(getattr(args, "streaming", False))
+        name = config.dataset_name or task.dataset_name
         try:
             ds = datasets.load_dataset(
-                name, getattr(args, "dataset_config_name", None), split=split, streaming=streaming,
-                cache_dir=getattr(args, "cache_dir", None),
+                name, config.dataset_config_name, split=split, streaming=config.streaming, cache_dir=config.cache_dir,
             )
         except Exception as err:  # offline, unknown id, missing split
 
@@ -104,7 +162,7 @@ def load_train_dataset(args, task):
                 "local folder with --train_data_dir." if is_offline() and not os.path.exists(name) else ""
             )
             raise DataError(f"Could not load dataset {name!r} (--dataset_name), split {split!r}: {err}.{hint}") from None
-    max_samples = getattr(args, "max_train_samples", None)
+    max_samples = config.max_samples
     if max_samples is not None:
         if isinstance(ds, datasets.IterableDataset):
             ds = ds.take(max_samples)
@@ -122,13 +180,13 @@ def _column_names(ds) -> List[str]:
     return list(names)
 
 
-def resolve_columns(column_names: Sequence[str], task, args=None) -> DataColumns:
+def resolve_columns(column_names: Sequence[str], task, config: Optional[DataConfig] = None) -> DataColumns:
     """Image / caption / control column names, defaulting to the task's schema. Raises `DataError` naming the columns that exist."""
     names = list(column_names)
     existing = ", ".join(repr(n) for n in names)
 
     def pick(option, default, fallbacks=()):
-        given = getattr(args, option, None) if args is not None else None
+        given = getattr(config, option) if config is not None else None
         if given is not None:
             if given not in names:
                 raise DataError(f"--{option} {given!r} is not a column of the dataset; its columns are: {existing}.")
@@ -146,7 +204,7 @@ def resolve_columns(column_names: Sequence[str], task, args=None) -> DataColumns
         )
     caption = pick("caption_column", task.caption_column, ("text", "prompt", "caption"))
     # The probe trainer uses the empty prompt unless --use_captions: a data set without captions is fine there.
-    require_caption = getattr(args, "use_captions", True) if args is not None else True
+    require_caption = config.require_captions if config is not None else True
     if caption is None and require_caption:
         raise DataError(
             f"The dataset has no caption column {task.caption_column!r}; its columns are: {existing}. "
@@ -406,34 +464,49 @@ def load_task_annotator(task, name_or_path=None):
     return load_annotator(task.name, name_or_path)
 
 
-def build_train_dataset(args, task, tokenizer, annotator: Optional[Callable] = None):
+def build_train_dataset(config: DataConfig, task, tokenizer, annotator: Optional[Callable] = None):
     """Load, resolve columns, build the transform and the wrapper. Returns `(dataset, columns)`."""
     import datasets
 
-    raw = load_train_dataset(args, task)
-    columns = resolve_columns(_column_names(raw), task, args)
+    raw = load_train_dataset(config, task)
+    columns = resolve_columns(_column_names(raw), task, config)
     if columns.compute_control and annotator is None:
-        annotator = load_task_annotator(task, getattr(args, "annotator_model_name_or_path", None))
+        annotator = load_task_annotator(task, config.annotator_model_name_or_path)
     # decode images ourselves so that an unreadable one names its index
     if getattr(raw, "features", None) is not None:
         for col in (columns.image, columns.conditioning):
             if col is not None and isinstance(raw.features.get(col), datasets.Image):
                 raw = raw.cast_column(col, datasets.Image(decode=False))
     transform = ExampleTransform(
-        task, args.resolution, tokenizer, columns,
-        base_dir=getattr(args, "train_data_dir", None) or (
-            args.dataset_name if getattr(args, "dataset_name", None) and os.path.isdir(args.dataset_name) else None),
-        proportion_empty_prompts=getattr(args, "proportion_empty_prompts", 0.0) or 0.0,
-        annotator=annotator, seed=getattr(args, "seed", None) or 0,
+        task, config.resolution, tokenizer, columns, base_dir=config.base_dir,
+        proportion_empty_prompts=config.proportion_empty_prompts, annotator=annotator, seed=config.seed,
     )
-    seed = getattr(args, "seed", None) or 0
+    seed = config.seed
     if isinstance(raw, datasets.IterableDataset):
-        dataset = StreamingTrainDataset(raw, transform, seed=seed, shuffle_buffer_size=getattr(args, "shuffle_buffer_size", 1000))
+        dataset = StreamingTrainDataset(raw, transform, seed=seed, shuffle_buffer_size=config.shuffle_buffer_size)
     else:
         if len(raw) == 0:
             raise DataError("The training dataset is empty.")
         dataset = TrainDataset(raw, transform, seed=seed)
     return dataset, columns
+
+
+def split_held_out(dataset: "TrainDataset", split: float, seed: int = 0):
+    """
+    `(train, held_out)` from a map-style `TrainDataset`: `split` is a share (0 < split < 1) or a number of samples
+    (split >= 1), drawn with `seed`; the held-out part is not shuffled. Raises `DataError` when a side is empty.
+    """
+    raw, transform = dataset.data, dataset.transform
+    num_val = int(split) if split >= 1 else int(round(split * len(raw)))
+    if not 1 <= num_val < len(raw):
+        raise DataError(
+            f"--validation_split {split} leaves no training or no held-out sample out of {len(raw)}: hold out "
+            "between 1 and all but one sample."
+        )
+    order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = sorted(order[:num_val]), sorted(order[num_val:])
+    return (TrainDataset(raw.select(train_idx, keep_in_memory=True), transform, seed=seed),
+            TrainDataset(raw.select(val_idx, keep_in_memory=True), transform, shuffle=False))
 
 
 def check_samples(dataset, n: int):

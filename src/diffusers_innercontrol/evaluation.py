@@ -21,7 +21,6 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,7 +38,7 @@ from transformers import (
     DPTForDepthEstimation,
 )
 
-from .data import DataError, ExampleTransform, _column_names, load_train_dataset, resolve_columns
+from .data import DataConfig, DataError, ExampleTransform, _column_names, load_train_dataset, resolve_columns
 from .hub_utils import check_model_available
 from .metrics import CONTROL_METRICS, ControlFidelity, to_uint8
 from .probe_eval import evaluate_probe
@@ -176,19 +175,17 @@ def load_eval_dataset(args, task, annotator: Optional[Callable] = None) -> EvalD
     default_name, default_split = EVAL_DATASETS[task.name]
     name = getattr(args, "dataset_name", None) or default_name
     split = getattr(args, "dataset_split", None) or (default_split if name == default_name else "train")
-    load_args = SimpleNamespace(
-        train_data_dir=getattr(args, "eval_data_dir", None),
-        dataset_name=name,
-        dataset_config_name=getattr(args, "dataset_config_name", None),
-        dataset_split=split,
-        streaming=False,
-        cache_dir=getattr(args, "cache_dir", None),
-        max_train_samples=getattr(args, "num_samples", None),
+    config = DataConfig(
+        resolution=args.resolution, train_data_dir=getattr(args, "eval_data_dir", None), dataset_name=name,
+        dataset_config_name=getattr(args, "dataset_config_name", None), split=split,
+        image_column=getattr(args, "image_column", None), caption_column=getattr(args, "caption_column", None),
+        conditioning_image_column=getattr(args, "conditioning_image_column", None),
+        max_samples=getattr(args, "num_samples", None), cache_dir=getattr(args, "cache_dir", None),
     )
-    raw = load_train_dataset(load_args, task)
+    raw = load_train_dataset(config, task)
     if len(raw) == 0:
         raise DataError("The evaluation dataset is empty.")
-    columns = resolve_columns(_column_names(raw), task, args)
+    columns = resolve_columns(_column_names(raw), task, config)
     if columns.compute_control and annotator is None:
         raise DataError(
             f"The evaluation data has no '{task.name}' control column; pass the annotator (the task's evaluator) "
