@@ -40,9 +40,16 @@ def fake_assets(tmp_path, monkeypatch):
     return assets
 
 
+def tmp_cache(assets):
+    return assets.parent / "cache"
+
+
 def test_no_model_no_data_uses_shapesworld(scripts, fake_assets, capsys):
     train, _ = scripts
     args = train.parse_args(["--task", "hed"])
+    assert not os.path.exists(tmp_cache(fake_assets)), "parsing renders nothing"
+    assert capsys.readouterr().out == ""
+    quickstart.prepare_default_world(args)  # what main does first
     assert args.pretrained_model_name_or_path == str(fake_assets / "toy-sd")
     assert args.controlnet_model_name_or_path == str(fake_assets / "controlnet-hed")
     assert args.probe_model_name_or_path == str(fake_assets / "probe-hed")  # hed: beta > 0
@@ -72,6 +79,7 @@ def test_user_options_are_kept(scripts, fake_assets):
     assert (args.resolution, args.max_train_steps) == (32, 7)
     assert (args.validation_prompt, args.validation_image) == (["p"], ["c.png"])
     assert args.train_data_dir.endswith("shapesworld-32px-seed0-0-6")
+    assert quickstart.prepare_default_world(args) == [args.train_data_dir]  # no validation folder: the user's pair
 
 
 def test_model_or_data_given_means_sd15(scripts, fake_assets, tmp_path):
@@ -92,8 +100,13 @@ def test_probe_trainer_defaults(scripts, fake_assets):
     assert args.controlnet_model_name_or_path is None  # the probe reads the plain UNet
     assert (args.resolution, args.max_train_steps, args.projection_dim, args.norm_num_groups) == (64, 300, 64, 16)
     assert args.validation_split == 32  # held-out scenes for the error per timestep bucket and the grid
-    assert args.validation_image is None and os.path.isdir(args.train_data_dir)
+    assert args.validation_image is None and not os.path.isdir(args.train_data_dir)
+    quickstart.prepare_default_world(args)
+    assert os.path.isfile(os.path.join(args.train_data_dir, "metadata.jsonl"))
     probe.validate_args(args)
+    assert probe.parse_args(["--task", "depth", "--upsample_head", "false"]).upsample_head is False
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--task", "depth", "--upsample_head", "maybe"])
 
 
 def test_missing_assets_is_one_line(scripts, tmp_path, monkeypatch, capsys):
@@ -171,7 +184,7 @@ def test_readme_readout_snippet_runs(tmp_path, monkeypatch):
     from PIL import Image
 
     grid = Image.open(tmp_path / "readouts.png")
-    assert grid.size[1] == 64 and grid.size[0] >= 64 * 6  # control | 4 readouts | image
+    assert grid.size[1] > 64 and grid.size[0] >= 64 * 6  # control | 4 readouts | image, under their labels
 
 
 @pytest.mark.e2e

@@ -65,12 +65,10 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--ema_decay", type=float, default=0.9999)
     g.add_argument("--num_validation_readouts", type=int, default=3,
                    help="Denoising steps at which the probe's readouts are shown during validation.")
-    args = parser.parse_args(input_args)
-    # no model and no data: the bundled ShapesWorld (toy SD, ControlNet, probe, reward); else SD1.5
-    from diffusers_innercontrol.toy.quickstart import use_default_world
+    # no model and no data: the bundled ShapesWorld (toy SD, ControlNet, probe, reward) as defaults; else SD1.5
+    from diffusers_innercontrol.toy.quickstart import parse_with_default_world
 
-    use_default_world(args, parser, "controlnet", resolve_task)
-    return args
+    return parse_with_default_world(parser, input_args, "controlnet", resolve_task)
 
 
 
@@ -259,6 +257,9 @@ def main(args):
     from transformers import AutoTokenizer, CLIPTextModel
 
     from diffusers_innercontrol import checkpointing, cli, data, hub
+
+    # ---- everything that can be checked without training, first
+    from diffusers_innercontrol.toy.quickstart import prepare_default_world
     from diffusers_innercontrol.training import conditioning_channels_for, controlnet_step, encode_images
     from diffusers_innercontrol.training_utils import (
         optimizer_step,
@@ -269,7 +270,7 @@ def main(args):
         weight_dtype_of,
     )
 
-    # ---- everything that can be checked without training, first
+    prepare_default_world(args)  # renders the ShapesWorld folders of a run with no model and no data
     task = validate_args(args)
     vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
     vae_scale_factor = data.vae_scale_factor_of(vae_config)

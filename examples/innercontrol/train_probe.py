@@ -73,6 +73,7 @@ from diffusers_innercontrol.probe_eval import (
     validation_grid,
 )
 from diffusers_innercontrol.tasks import PRESETS, TASK_NAMES
+from diffusers_innercontrol.toy.quickstart import parse_with_default_world, prepare_default_world
 from diffusers_innercontrol.training import encode_images, probe_step
 from diffusers_innercontrol.training_utils import (
     optimizer_step,
@@ -90,6 +91,12 @@ GRID_FILE = "validation_grid.png"
 
 
 # ------------------------------------------------------------------------------------------------ arguments
+def _true_or_false(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text == "true"
+
+
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train an InnerControl readout probe (stage 1).")
     parser.add_argument("--task", type=str, required=True,
@@ -108,7 +115,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                         help="Decoder features the probe reads. Default: the task's.")
     models.add_argument("--feature_scale", type=float, default=None,
                         help="Common feature size relative to the latent size (2.0: the paper's HED/LineArt). Default: the task's.")
-    models.add_argument("--upsample_head", type=str, default=None, choices=("true", "false"),
+    models.add_argument("--upsample_head", type=_true_or_false, default=None, metavar="{true,false}",
                         help="2x transposed convolution in the output head. Default: the task's.")
     models.add_argument("--projection_dim", type=int, default=384, help="Width of the projected features (384 in the paper).")
     models.add_argument("--norm_num_groups", type=int, default=32, help="GroupNorm groups of the probe (divides projection_dim / 4).")
@@ -141,14 +148,8 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     train.add_argument("--validation_batch_size", type=int, default=None, help="Default: --train_batch_size.")
     add_hub_args(parser)
 
-    args = parser.parse_args(input_args)
-    if args.upsample_head is not None:
-        args.upsample_head = args.upsample_head == "true"
-    # no model and no data: the bundled ShapesWorld toy SD and data; else SD1.5
-    from diffusers_innercontrol.toy.quickstart import use_default_world
-
-    use_default_world(args, parser, "probe", resolve_task)
-    return args
+    # no model and no data: the bundled ShapesWorld toy SD and data as defaults; else SD1.5
+    return parse_with_default_world(parser, input_args, "probe", resolve_task)
 
 
 def validate_args(args) -> None:
@@ -398,6 +399,7 @@ def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(args):
+    prepare_default_world(args)  # renders the ShapesWorld folders of a run with no model and no data
     validate_args(args)
     task = resolve_task(args)
     if args.max_train_steps is None:

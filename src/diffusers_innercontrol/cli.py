@@ -15,7 +15,7 @@ validate_common_args(args)
 ```
 
 API (stable; `train_probe.py` imports it):
-    add_model_args(parser, default_model=None) -> group  (None: resolved by quickstart.use_default_world)
+    add_model_args(parser, default_model=None) -> group  (None: resolved by toy.quickstart.parse_with_default_world)
     add_data_args(parser) -> group
     add_training_args(parser, learning_rate=1e-5, train_batch_size=4, max_train_steps=None) -> group
     add_precision_args(parser) -> group

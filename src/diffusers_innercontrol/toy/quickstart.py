@@ -6,12 +6,13 @@ at 64 px) and, per task, what InnerControl needs on top of it: a ControlNet trai
 (`controlnet-<task>`), a stage-1 readout probe (`probe-<task>`) and a reward model (`reward-<task>`). They are
 all produced by the scripts in `examples/innercontrol/shapesworld/` (see its README for the commands).
 
-`apply_shapesworld_defaults(args, parser, script)` is called by the training scripts right after parsing.
-When neither `--pretrained_model_name_or_path` nor data (`--dataset_name` / `--train_data_dir`) is given it
-points every unset model option at the bundled ShapesWorld models, renders a ShapesWorld image folder into
-the cache (once), picks held-out validation controls, shrinks the unset size and length options to what
-2 CPU cores finish in a few minutes, and says so in one line with how to train on SD1.5 instead. Options
-the user set are never changed. With a model or data given, the base model defaults to SD1.5 as before.
+The training scripts parse with `parse_with_default_world`. When neither `--pretrained_model_name_or_path` nor
+data (`--dataset_name` / `--train_data_dir`) is given, the defaults of the parser become `shapesworld_defaults(task,
+script)` (a pure function): the bundled ShapesWorld models, held-out validation controls, and sizes and lengths
+that 2 CPU cores finish in a few minutes; options the user set keep their values by construction. `main` then
+calls `prepare_default_world(args)`, which renders the ShapesWorld folders into the cache (once) and says in one
+line what the run trains on and how to train on SD1.5 instead. With a model or data given, the base model
+defaults to SD1.5.
 """
 
 import json
@@ -21,6 +22,8 @@ import tempfile
 from typing import Dict, List, Optional, Tuple
 
 from ..cli import DEFAULT_BASE_MODEL
+from ..tasks import get_task
+from .shapesworld import ShapesWorld
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapesworld")
 RESOLUTION = 64
@@ -69,16 +72,12 @@ def _atomic_folder(path: str, write) -> str:
 
 def shapesworld_folder(num_samples: int = NUM_SCENES, resolution: int = RESOLUTION, seed: int = 0, start: int = 0) -> str:
     """A ShapesWorld `--train_data_dir` folder (every control column) in the cache, rendered once."""
-    from .shapesworld import ShapesWorld
-
-    path = os.path.join(cache_dir(), f"shapesworld-{resolution}px-seed{seed}-{start}-{start + num_samples}")
+    path = _folder_path(num_samples, resolution, seed, start)
     return _atomic_folder(path, lambda tmp: ShapesWorld(size=resolution, seed=seed).save_imagefolder(tmp, num_samples, start=start))
 
 
 def validation_pairs(task_name: str, n: int = 2, resolution: int = RESOLUTION, seed: int = 0) -> Tuple[List[str], List[str]]:
     """`(prompts, control image paths)` of `n` held-out ShapesWorld scenes for `task_name`'s validation."""
-    from ..tasks import get_task
-
     folder = shapesworld_folder(n, resolution, seed, start=VALIDATION_START)
     prompts, images = [], []
     with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
@@ -99,94 +98,104 @@ def is_default_world(args) -> bool:
     )
 
 
-def apply_shapesworld_defaults(args, parser, script: str = "controlnet", task=None) -> Dict[str, str]:
-    """
-    Fill the unset options of `args` for ShapesWorld (see the module docstring); returns what was set.
+def _folder_path(num_samples: int, resolution: int, seed: int = 0, start: int = 0) -> str:
+    return os.path.join(cache_dir(), f"shapesworld-{resolution}px-seed{seed}-{start}-{start + num_samples}")
 
-    Args:
-        args: the parsed arguments (changed in place).
-        parser: the parser, to tell unset options (still at their default) from set ones.
-        script: `controlnet` (train_innercontrol.py) or `probe` (train_probe.py).
-        task: the resolved `Task` (its alpha / beta decide whether a probe and a reward model are needed);
-            default: the task named by `args.task` with its preset.
+
+def shapesworld_defaults(task, script: str = "controlnet", resolution: int = RESOLUTION,
+                         validation_pairs: bool = True) -> Dict:
+    """
+    The argparse defaults of a training script on ShapesWorld for `task`, a pure function (nothing is written):
+    the bundled models the task needs (toy SD; for `controlnet`: its ControlNet, and its probe / reward model
+    when beta / alpha > 0), sizes and lengths for a few minutes on 2 CPU cores, the cached ShapesWorld folder
+    (`--train_data_dir`, rendered by `prepare_default_world` in `main`) and, with `validation_pairs`, held-out
+    validation controls with their captions. The scripts apply them with `parser.set_defaults`, so every option
+    the user sets keeps its value by construction.
 
     Raises:
-        ValueError: the bundled toy models are missing (a source checkout without the assets).
+        ValueError: the bundled toy SD is missing (a source checkout without the assets).
     """
     if script not in _SCRIPT_DEFAULTS:
         raise ValueError(f"script must be one of {sorted(_SCRIPT_DEFAULTS)}, got {script!r}.")
-    if not is_default_world(args):
-        if getattr(args, "pretrained_model_name_or_path", None) is None:
-            args.pretrained_model_name_or_path = DEFAULT_BASE_MODEL
-        return {}
-    from ..tasks import get_task
-
-    if task is None:
-        task = get_task(args.task, getattr(args, "preset", "paper"))
     sd = bundled_path("toy-sd")
     if sd is None:
         raise ValueError(
             f"No model or data given, and the bundled ShapesWorld toy SD is missing ({os.path.join(ASSETS_DIR, 'toy-sd')}): "
             f"pass --pretrained_model_name_or_path {DEFAULT_BASE_MODEL} (and data), or reinstall diffusers-innercontrol."
         )
-    changed = {"pretrained_model_name_or_path": sd}
+    defaults = dict(_SCRIPT_DEFAULTS[script], resolution=resolution, pretrained_model_name_or_path=sd)
     wanted = {"controlnet_model_name_or_path": f"controlnet-{task.name}"} if script == "controlnet" else {}
     if script == "controlnet" and task.beta > 0:
         wanted["probe_model_name_or_path"] = f"probe-{task.name}"
     if script == "controlnet" and task.alpha > 0:
         wanted["reward_model_name_or_path"] = f"reward-{task.name}"
-    for option, name in wanted.items():
-        if getattr(args, option, None) is None and bundled_path(name):
-            changed[option] = bundled_path(name)
-    for option, value in _SCRIPT_DEFAULTS[script].items():
-        if hasattr(args, option) and getattr(args, option) == parser.get_default(option):
-            changed[option] = value
-    resolution = changed.get("resolution", getattr(args, "resolution", RESOLUTION))
-    changed["train_data_dir"] = shapesworld_folder(NUM_SCENES, resolution)
-    if script == "controlnet" and not getattr(args, "validation_image", None) and not getattr(args, "validation_prompt", None):
-        prompts, images = validation_pairs(task.name, 2, resolution)
-        changed["validation_prompt"], changed["validation_image"] = prompts, images
-    for option, value in changed.items():
-        setattr(args, option, value)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        parts = ", ".join(n.split("_model")[0] for n in wanted if n in changed)
-        print(
-            f"No model or data given: training on ShapesWorld (bundled toy SD, {resolution} px"
-            + (f", its {task.name} {parts}" if parts else "")
-            + f", {NUM_SCENES} scenes in {changed['train_data_dir']}); for SD1.5 pass "
-            f"--pretrained_model_name_or_path {DEFAULT_BASE_MODEL} (data: the task's MultiGen-20M set, or --dataset_name / --train_data_dir).",
-            flush=True,
-        )
-    return changed
+    defaults.update({option: bundled_path(name) for option, name in wanted.items() if bundled_path(name)})
+    defaults["train_data_dir"] = _folder_path(NUM_SCENES, resolution)
+    folders = [(NUM_SCENES, resolution, 0, 0)]
+    if script == "controlnet" and validation_pairs:
+        n = 2
+        folder = _folder_path(n, resolution, 0, VALIDATION_START)
+        world = ShapesWorld(size=resolution, seed=0)
+        column = task.conditioning_column  # ShapesWorld's columns carry the tasks' MultiGen names
+        width = max(6, len(str(VALIDATION_START + n - 1)))  # save_imagefolder's file names
+        defaults["validation_prompt"] = [world.sample(VALIDATION_START + i, with_controls=False)["text"] for i in range(n)]
+        defaults["validation_image"] = [os.path.join(folder, column, f"{VALIDATION_START + i:0{width}d}.png") for i in range(n)]
+        folders.append((n, resolution, 0, VALIDATION_START))
+    defaults["shapesworld_folders"] = folders  # what prepare_default_world renders
+    return defaults
 
 
-def use_default_world(args, parser, script: str, resolve_task) -> Dict[str, str]:
+def parse_with_default_world(parser, input_args, script: str, resolve_task):
     """
-    The scripts' hook, called right after parsing: `apply_shapesworld_defaults` with the task that
-    `resolve_task(args)` gives. Bad task options are left for the script's validation to report (one line,
-    with the other bad input); missing bundled models end the run with one line (`parser.exit`).
+    The scripts' `parse_args`: parse; with no model and no data, set the ShapesWorld defaults of the task
+    (`shapesworld_defaults`) with `parser.set_defaults` and parse again; with a model or data, default the base
+    model to SD1.5. Bad task options are left for the script's validation to report (one line, with the other bad
+    input); missing bundled models end the run with one line (`parser.exit`).
     """
+    args = parser.parse_args(input_args)
+    if not is_default_world(args):
+        if args.pretrained_model_name_or_path is None:
+            parser.set_defaults(pretrained_model_name_or_path=DEFAULT_BASE_MODEL)
+            args = parser.parse_args(input_args)
+        return args
     try:
         task = resolve_task(args)
     except (ValueError, KeyError):
-        task = None
-    if task is None:
-        if is_default_world(args):
-            return {}  # the script's validation reports the bad task
-        return apply_shapesworld_defaults(args, parser, script)
+        return args  # the script's validation reports the bad task
+    resolution = args.resolution if args.resolution != parser.get_default("resolution") else RESOLUTION
+    pairs = not (getattr(args, "validation_image", None) or getattr(args, "validation_prompt", None))
     try:
-        return apply_shapesworld_defaults(args, parser, script, task=task)
+        parser.set_defaults(**shapesworld_defaults(task, script, resolution, validation_pairs=pairs))
     except ValueError as err:
         parser.exit(1, f"error: {err}\n")
+    return parser.parse_args(input_args)
+
+
+def prepare_default_world(args) -> List[str]:
+    """
+    In `main`: render the ShapesWorld folders the defaults point at (once, into the cache) and say in one line
+    what the run trains on. Returns the folders; nothing happens for a run with a model or data of its own.
+    """
+    folders = [shapesworld_folder(*spec) for spec in getattr(args, "shapesworld_folders", None) or []]
+    if folders and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"No model or data given: training on ShapesWorld (bundled toy SD at {args.pretrained_model_name_or_path}, "
+            f"{args.resolution} px, {NUM_SCENES} scenes in {args.train_data_dir}); for SD1.5 pass "
+            f"--pretrained_model_name_or_path {DEFAULT_BASE_MODEL} (data: the task's MultiGen-20M set, or --dataset_name / "
+            "--train_data_dir).",
+            flush=True,
+        )
+    return folders
 
 
 __all__ = [
     "ASSETS_DIR",
-    "apply_shapesworld_defaults",
     "bundled_path",
     "cache_dir",
     "is_default_world",
+    "parse_with_default_world",
+    "prepare_default_world",
+    "shapesworld_defaults",
     "shapesworld_folder",
-    "use_default_world",
     "validation_pairs",
 ]
