@@ -4,10 +4,13 @@
 #
 #   bash examples/innercontrol/shapesworld/make_bundle.sh WORK_DIR [JOBS]
 #
-#   0. toy-sd            pretrain_toy_sd.py, three runs (skipped when WORK_DIR/toy-sd or TOY_SD=DIR exists)
+#   0. toy-sd            pretrain_toy_sd.py: a 4-channel toy SD (three runs), an 8-channel VAE, and the toy SD's UNet
+#                        on the 8-channel latents, warm-started from the 4-channel UNet (skipped when WORK_DIR/toy-sd
+#                        or TOY_SD=DIR exists)
 #   1. reward-<task>     train_toy_evaluators.py --model_kind reward   (the models the reward loss uses)
 #      eval-<task>       train_toy_evaluators.py --model_kind eval     (wider, another seed: the evaluators)
-#      controlnet-<task> train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone)
+#      controlnet-<task> train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone; LineArt continues
+#                        from the HED ControlNet, in a second wave)
 #      probe-<task>      train_probe.py                                (stage 1 on the toy UNet's decoder features)
 #   2. fidelity/         fidelity_scale.py: floor, VAE round trip, no-ControlNet ceiling, ControlNet, closure
 #   3. the models are copied to the package's assets (ASSETS_DIR overrides where)
@@ -15,12 +18,13 @@
 # Every stage keeps what is already in WORK_DIR (weights present), so the script resumes after an interruption.
 # JOBS (default 2) trainings run at once, each single-threaded: on a 2-core CPU that is faster than one job with
 # 2 threads. The wall time of every job is appended to WORK_DIR/timings.tsv.
-# Environment: CN_STEPS, CN_LR, PROBE_STEPS, EVAL_STEPS, NUM_SCENES, FIDELITY_SCENES; CN_INIT=DIR continues the
+# Environment: CN_STEPS, LINEART_STEPS, CN_LR, PROBE_STEPS, EVAL_STEPS, NUM_SCENES, FIDELITY_SCENES; CN_INIT=DIR continues the
 # ControlNets from DIR/controlnet-<task> (else they start from the UNet); TOY_SD=DIR uses that toy SD.
 set -euo pipefail
 WORK=${1:?usage: make_bundle.sh WORK_DIR [JOBS]}
 JOBS=${2:-2}
 CN_STEPS=${CN_STEPS:-2000}
+LINEART_STEPS=${LINEART_STEPS:-1500}
 CN_LR=${CN_LR:-5e-4}
 PROBE_STEPS=${PROBE_STEPS:-600}
 EVAL_STEPS=${EVAL_STEPS:-1000}
@@ -45,27 +49,54 @@ export WORK
 
 # ---------------------------------------------------------------- 0. the toy SD
 TOY_SD=${TOY_SD:-$WORK/toy-sd}
-if [ ! -f "$TOY_SD/model_index.json" ]; then
+if [ ! -f "$TOY_SD/README.md" ]; then  # the model card is written last
   P="$LAUNCH $HERE/pretrain_toy_sd.py"
-  [ -f "$WORK/toy-sd-a/model_index.json" ] || timed toy-sd-a $P --output_dir "$WORK/toy-sd-a" --num_train_samples 4000 \
+  # a 4-channel toy SD: its UNet and text encoder start the final one
+  [ -f "$WORK/toy-sd-a/README.md" ] || timed toy-sd-a $P --output_dir "$WORK/toy-sd-a" --num_train_samples 4000 \
     --train_batch_size 12 --vae_steps 600 --unet_steps 3000 --use_ema --beta_schedule scaled_linear --snr_gamma 0
-  [ -f "$WORK/toy-sd-b/model_index.json" ] || timed toy-sd-b $P --output_dir "$WORK/toy-sd-b" --init_from "$WORK/toy-sd-a" \
+  [ -f "$WORK/toy-sd-b/README.md" ] || timed toy-sd-b $P --output_dir "$WORK/toy-sd-b" --init_from "$WORK/toy-sd-a" \
     --num_train_samples 6000 --train_batch_size 16 --vae_steps 0 --unet_steps 4500 --use_ema --beta_schedule scaled_linear --snr_gamma 0
-  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$WORK/toy-sd-b" --num_train_samples 8000 --render_workers 1 \
-    --train_batch_size 16 --vae_steps 400 --unet_steps 4000 --use_ema --validation_steps 1000 --offset_noise 0.15
+  [ -f "$WORK/toy-sd-4ch/README.md" ] || timed toy-sd-4ch $P --output_dir "$WORK/toy-sd-4ch" --init_from "$WORK/toy-sd-b" \
+    --num_train_samples 8000 --render_workers 1 --train_batch_size 16 --vae_steps 400 --unet_steps 4000 --use_ema \
+    --validation_steps 1000 --offset_noise 0.15
+  # an 8-channel VAE (its round trip closes far more of the fidelity gap: docs/shapesworld.md)
+  [ -f "$WORK/vae8/README.md" ] || timed vae8 $P --output_dir "$WORK/vae8" --latent_channels 8 --vae_steps 1500 \
+    --unet_steps 0 --num_train_samples 8000 --render_workers 1 --train_batch_size 16
+  # the UNet on its latents, from the 4-channel UNet (conv_in / conv_out re-initialised)
+  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$WORK/vae8" --unet_init_from "$WORK/toy-sd-4ch" --vae_steps 0 \
+    --unet_steps 4000 --use_ema --beta_schedule scaled_linear --snr_gamma 0 --offset_noise 0.15 --num_train_samples 8000 \
+    --render_workers 1 --train_batch_size 16 --validation_steps 1000
 fi
 
 # ---------------------------------------------------------------- 1. rewards, evaluators, ControlNets, probes
 DATA="$WORK/shapes64"
 [ -f "$DATA/metadata.jsonl" ] || python -c "from diffusers_innercontrol.toy.shapesworld import ShapesWorld; ShapesWorld(64, seed=0).save_imagefolder('$DATA', $NUM_SCENES)"
+controlnet_job() {  # controlnet_job TASK STEPS [INIT_DIR]
+  local init=""
+  [ -z "${3:-}" ] || init="--controlnet_model_name_or_path $3"
+  echo "controlnet-$1 $LAUNCH $EX/train_innercontrol.py --task $1 $init --pretrained_model_name_or_path $TOY_SD \
+    --train_data_dir $DATA --resolution 64 --alpha 0 --beta 0 --train_batch_size 16 --max_train_steps $2 \
+    --learning_rate $CN_LR --lr_scheduler cosine --lr_warmup_steps 100 --seed 0 --checkpointing_steps 500 \
+    --validation_steps 1000 --report_to none --output_dir $WORK/controlnet-$1"
+}
+run_jobs() {  # run the named jobs whose folders hold no weights yet, JOBS at a time
+  local todo=() job name
+  for job in "$@"; do
+    name=${job%% *}
+    if ls "$WORK/$name"/*.safetensors >/dev/null 2>&1; then echo "kept: $WORK/$name"; else todo+=("$job"); fi
+  done
+  [ ${#todo[@]} -eq 0 ] || printf '%s\n' "${todo[@]}" | xargs -P "$JOBS" -I{} bash -c 'timed {}'
+}
 jobs_list=()
+second_wave=()
 for task in hed lineart depth segmentation; do
   init=""
-  [ -z "${CN_INIT:-}" ] || [ ! -d "$CN_INIT/controlnet-$task" ] || init="--controlnet_model_name_or_path $CN_INIT/controlnet-$task"
-  jobs_list+=("controlnet-$task $LAUNCH $EX/train_innercontrol.py --task $task $init --pretrained_model_name_or_path $TOY_SD \
-    --train_data_dir $DATA --resolution 64 --alpha 0 --beta 0 --train_batch_size 16 --max_train_steps $CN_STEPS \
-    --learning_rate $CN_LR --lr_scheduler cosine --lr_warmup_steps 100 --seed 0 --checkpointing_steps 500 \
-    --validation_steps 1000 --report_to none --output_dir $WORK/controlnet-$task")
+  [ -z "${CN_INIT:-}" ] || [ ! -d "$CN_INIT/controlnet-$task" ] || init="$CN_INIT/controlnet-$task"
+  if [ "$task" = lineart ] && [ -z "$init" ]; then  # LineArt starts from the HED ControlNet: a second wave
+    second_wave+=("$(controlnet_job lineart "$LINEART_STEPS" "$WORK/controlnet-hed")")
+  else
+    jobs_list+=("$(controlnet_job "$task" "$CN_STEPS" "$init")")
+  fi
   jobs_list+=("probe-$task $LAUNCH $EX/train_probe.py --task $task --pretrained_model_name_or_path $TOY_SD --train_data_dir $DATA \
     --resolution 64 --projection_dim 64 --norm_num_groups 16 --train_batch_size 16 --max_train_steps $PROBE_STEPS \
     --learning_rate 1e-3 --seed 0 --checkpointing_steps 100000 --validation_steps $PROBE_STEPS --validation_split 64 \
@@ -74,12 +105,8 @@ for task in hed lineart depth segmentation; do
   jobs_list+=("eval-$task python $HERE/train_toy_evaluators.py --task $task --model_kind eval --steps $EVAL_STEPS \
     --output_dir $WORK/eval-$task")
 done
-todo=()
-for job in "${jobs_list[@]}"; do
-  name=${job%% *}
-  if ls "$WORK/$name"/*.safetensors >/dev/null 2>&1; then echo "kept: $WORK/$name"; else todo+=("$job"); fi
-done
-[ ${#todo[@]} -eq 0 ] || printf '%s\n' "${todo[@]}" | xargs -P "$JOBS" -I{} bash -c 'timed {}'
+run_jobs "${jobs_list[@]}"
+[ ${#second_wave[@]} -eq 0 ] || run_jobs "${second_wave[@]}"
 
 # ---------------------------------------------------------------- 2. the fidelity table
 timed fidelity python "$HERE/fidelity_scale.py" --output_dir "$WORK/fidelity" --pretrained_model_name_or_path "$TOY_SD" \
