@@ -397,9 +397,6 @@ def main(args):
     validated_step = None
     last_logs = {}
 
-    def save_state():
-        checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-
     global _TRAINING_STARTED
     _TRAINING_STARTED = True
     t_start = time.perf_counter()
@@ -434,7 +431,7 @@ def main(args):
             t_start = now
             logs.update(lr=lr_scheduler.get_last_lr()[0], step_time_s=step_times[-1])
             if global_step % args.checkpointing_steps == 0:
-                save_state()
+                checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process and args.validation_prompt and global_step % args.validation_steps == 0:
                 if ema is not None:
                     ema.store(params)
