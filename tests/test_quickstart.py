@@ -121,8 +121,8 @@ def test_missing_assets_is_one_line(scripts, tmp_path, monkeypatch, capsys):
 
 def test_bad_task_is_reported_by_validation(scripts, fake_assets):
     train, _ = scripts
-    args = train.parse_args(["--task", "canny"])
-    with pytest.raises(ValueError, match="Unknown task 'canny'"):
+    args = train.parse_args(["--task", "depth", "--alignment_window", "900,100"])
+    with pytest.raises(ValueError, match=r"alignment window \[900, 100\]"):
         train.validate_args(args)
 
 

@@ -345,10 +345,43 @@ def assert_nothing_trained(out):
     assert not os.path.isdir(out) or not checkpoint_names(out)
 
 
-def test_unknown_task(script, assets, tmp_path):
-    with pytest.raises(ValueError, match="Unknown task 'canny': choose one of hed, lineart, depth, segmentation"):
-        script.main(script.parse_args(["--task", "canny", "--output_dir", str(tmp_path)]))
-    assert_nothing_trained(tmp_path)
+def test_unknown_task(script, assets, tmp_path, capsys):
+    """argparse refuses it, naming the choices, before anything is read or written."""
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(["--task", "canny", "--output_dir", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --task: invalid choice: 'canny'" in err and "segmentation" in err.rsplit("canny", 1)[1]
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["train_innercontrol", "train_probe"])
+def test_help_has_text_and_a_default_for_every_option(name):
+    """--help: the task first with its choices, every option explained, every default shown."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_help_{name}", os.path.join(os.path.dirname(SCRIPT), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parsers = []
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
+        module.parse_args(["--task", "depth", "--pretrained_model_name_or_path", "x", "--train_data_dir", "y"])
+    parser = parsers[0]
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert options[0].dest == "task" and list(options[0].choices) == ["hed", "lineart", "depth", "segmentation"]
+    assert [a.option_strings[0] for a in options if not a.help] == []
+    text = parser.format_help()
+    assert text.count("(default:") >= len([a for a in options if a.default is not None and not a.required]) - 5
+    assert "SPEC" not in text
+    assert "(default: 0)" in text.rsplit("--seed SEED", 1)[1].split("\n  --", 1)[0]
 
 
 def test_beta_without_probe(script, assets, tmp_path):

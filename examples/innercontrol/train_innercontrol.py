@@ -33,12 +33,15 @@ _TRAINING_STARTED = False  # ValueErrors before this are bad input (one line); a
 # --------------------------------------------------------------------------------------------- arguments
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     from diffusers_innercontrol import cli
+    from diffusers_innercontrol.tasks import PRESETS, TASK_NAMES
 
-    parser = argparse.ArgumentParser(description="Train a ControlNet with InnerControl's reward and alignment losses (Eq. 8).")
+    parser = argparse.ArgumentParser(description="Train a ControlNet with InnerControl's reward and alignment losses (Eq. 8).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", type=str, required=True, choices=TASK_NAMES, help="The control task: selects every default.")
+    parser.add_argument("--preset", type=str, default="paper", choices=PRESETS,
+                        help="The paper's settings, or the released InnerControl launchers'.")
     cli.add_common_args(parser, learning_rate=1e-5, train_batch_size=4, validation_steps=100)
     g = parser.add_argument_group("innercontrol")
-    g.add_argument("--task", type=str, required=True, help="hed, lineart, depth or segmentation: selects every default.")
-    g.add_argument("--preset", type=str, default="paper", help="'paper' (default) or 'released' (the released launchers).")
     g.add_argument("--alpha", type=float, default=None, help="Reward weight (default: the task's). 0 turns the reward off.")
     g.add_argument("--beta", type=float, default=None, help="Alignment weight (default: the task's). 0 turns it off.")
     g.add_argument("--reward_window", type=cli.parse_window, default=None, help="Inclusive timesteps 'lo,hi' of the reward.")
@@ -51,18 +54,18 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="ControlNet to start from (e.g. the task's ControlNet v1.1); default: initialised from the UNet.")
     g.add_argument("--probe_model_name_or_path", type=str, default=None,
                    help="The stage-1 ReadoutProbe (train_probe.py); required when beta > 0.")
-    g.add_argument("--probe_revision", type=str, default=None)
+    g.add_argument("--probe_revision", type=str, default=None, help="Hub revision of --probe_model_name_or_path.")
     g.add_argument("--reward_model_name_or_path", type=str, default=None,
                    help="Reward model id or local dir (default: the task's, listed in docs/method.md); used when alpha > 0.")
     g.add_argument("--reward_model_filename", type=str, default=None, help="Weights file inside it (HED/LineArt .pth).")
-    g.add_argument("--reward_model_revision", type=str, default=None)
-    g.add_argument("--reward_model_variant", type=str, default=None)
+    g.add_argument("--reward_model_revision", type=str, default=None, help="Hub revision of the reward model.")
+    g.add_argument("--reward_model_variant", type=str, default=None, help="Weights variant of a transformers reward model (e.g. fp16).")
     g.add_argument("--use_lora", action="store_true", help="Train LoRA adapters on the ControlNet instead of all weights.")
-    g.add_argument("--lora_rank", type=int, default=16)
+    g.add_argument("--lora_rank", type=int, default=16, help="Rank of the LoRA adapters (--use_lora).")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA scaling alpha (default: the rank).")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout of the LoRA adapters.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights; the EMA weights are saved.")
-    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="Decay of the EMA (--use_ema).")
     g.add_argument("--num_validation_readouts", type=int, default=3,
                    help="Denoising steps at which the probe's readouts are shown during validation.")
     # no model and no data: the bundled ShapesWorld (toy SD, ControlNet, probe, reward) as defaults; else SD1.5

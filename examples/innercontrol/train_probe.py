@@ -98,11 +98,12 @@ def _true_or_false(text: str) -> bool:
 
 
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train an InnerControl readout probe (stage 1).")
-    parser.add_argument("--task", type=str, required=True,
+    parser = argparse.ArgumentParser(description="Train an InnerControl readout probe (stage 1).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", type=str, required=True, choices=TASK_NAMES,
                         help=f"Control task: one of {', '.join(TASK_NAMES)}. Sets every default below.")
     parser.add_argument("--preset", type=str, default="paper", choices=PRESETS,
-                        help="Task settings of the paper (default) or of the released InnerControl launchers.")
+                        help="Task settings of the paper, or of the released InnerControl launchers.")
 
     add_model_args(parser)
     models = parser.add_argument_group("probe")

@@ -115,23 +115,25 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 1e
                    help="Seed of the data order, noise, timesteps and validation images: a run is reproducible by "
                         "default; change it for another draw.")
     g.add_argument("--train_batch_size", type=int, default=train_batch_size, help="Batch size per device.")
-    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the data (when --max_train_steps is unset).")
     g.add_argument("--max_train_steps", type=int, default=max_train_steps,
                    help="Total optimisation steps; overrides --num_train_epochs.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Batches whose gradients are summed before each optimizer step.")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
-    g.add_argument("--learning_rate", type=float, default=learning_rate)
+    g.add_argument("--learning_rate", type=float, default=learning_rate, help="AdamW learning rate (after warm-up).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by accumulation steps x batch size x number of processes.")
-    g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
+                   help="diffusers.optimization scheduler of the learning rate.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of linear warm-up from 0 to --learning_rate.")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes).")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-08)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient-norm clip (0 or less: no clipping).")
     return g
 
@@ -141,7 +143,8 @@ def add_precision_args(parser: argparse.ArgumentParser):
     g.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION,
                    help="Overrides accelerate's config. Frozen models are cast to this dtype; trained weights stay fp32.")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers' memory-efficient attention (needs xformers).")
     g.add_argument("--set_grads_to_none", action="store_true", help="optimizer.zero_grad(set_to_none=True).")
     return g
 
@@ -159,14 +162,15 @@ def add_checkpointing_args(parser: argparse.ArgumentParser):
 def add_logging_args(parser: argparse.ArgumentParser, validation_steps: int = 100):
     g = parser.add_argument_group("logging and validation")
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder (inside output_dir).")
-    g.add_argument("--report_to", type=str, default="tensorboard", choices=REPORT_TO)
+    g.add_argument("--report_to", type=str, default="tensorboard", choices=REPORT_TO,
+                   help="Where losses and validation images are logged (logs under --output_dir/--logging_dir).")
     g.add_argument("--tracker_project_name", type=str, default=None, help="Project name for the trackers.")
     g.add_argument("--validation_prompt", type=str, nargs="+", default=None,
                    help="Validation prompts; one, or as many as --validation_image.")
     g.add_argument("--validation_image", type=str, nargs="+", default=None,
                    help="Validation control images; one, or as many as --validation_prompt.")
     g.add_argument("--num_validation_images", type=int, default=2, help="Images per validation prompt.")
-    g.add_argument("--num_validation_inference_steps", type=int, default=20)
+    g.add_argument("--num_validation_inference_steps", type=int, default=20, help="Denoising steps of the validation images.")
     g.add_argument("--validation_steps", type=int, default=validation_steps, help="Validate every N steps.")
     return g
 
