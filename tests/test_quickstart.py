@@ -163,6 +163,7 @@ def test_quickstart_runs_on_the_bundled_world(task, tmp_path):
     assert proc.returncode == 0, output[-5000:]
     assert "training on ShapesWorld" in output
     assert os.path.isfile(out / "diffusion_pytorch_model.safetensors")
+    assert f"The ControlNet saved in {out}: diffusion_pytorch_model.safetensors, config.json; model card README.md" in output
     assert os.path.isfile(out / "images_0.png")
     card = (out / "README.md").read_text()
     assert quickstart.bundled_path("toy-sd") in card or "toy-sd" in card
@@ -202,6 +203,7 @@ def test_probe_trainer_runs_on_the_bundled_world(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     assert "training on ShapesWorld" in output
+    assert f"The probe saved in {out}: diffusion_pytorch_model.safetensors, config.json" in output
     from diffusers_innercontrol import ReadoutProbe
 
     probe = ReadoutProbe.from_pretrained(str(out))

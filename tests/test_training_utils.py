@@ -21,6 +21,7 @@ from diffusers_innercontrol.training_utils import (
     step_generator,
     train_batches,
     weight_dtype_of,
+    where_saved,
 )
 
 
@@ -177,3 +178,26 @@ def test_setup_accelerator_and_weight_dtype(tmp_path):
     assert weight_dtype_of(SimpleNamespace(mixed_precision="fp16")) is torch.float16
     assert weight_dtype_of(SimpleNamespace(mixed_precision="bf16")) is torch.bfloat16
     assert weight_dtype_of(SimpleNamespace(mixed_precision="no")) is torch.float32
+
+
+def test_fp16_on_a_cpu_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import diffusers_innercontrol.training_utils as tu
+
+    monkeypatch.setattr(tu, "_has_accelerator_device", lambda: False)
+    args = SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="fp16", report_to="none",
+                           output_dir=str(tmp_path / "out"), logging_dir="logs", seed=0, allow_tf32=False)
+    with pytest.raises(ValueError, match=r"^--mixed_precision fp16 needs a GPU.*--mixed_precision no"):
+        setup_accelerator(args)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_where_saved_names_what_is_there(tmp_path):
+    out = tmp_path / "run"
+    assert where_saved(str(out), "The probe") == f"The probe saved in {out}: nothing."
+    out.mkdir()
+    for name in ("diffusion_pytorch_model.safetensors", "config.json", "README.md", "images_0.png", "images_1.png"):
+        (out / name).write_text("x")
+    (out / "logs").mkdir()
+    assert where_saved(str(out), "The ControlNet", "logs") == (
+        f"The ControlNet saved in {out}: diffusion_pytorch_model.safetensors, config.json; model card README.md; "
+        f"grids images_0.png, images_1.png; logs in {out / 'logs'}.")

@@ -271,6 +271,7 @@ def main(args):
         step_generator,
         train_batches,
         weight_dtype_of,
+        where_saved,
     )
 
     prepare_default_world(args)  # renders the ShapesWorld folders of a run with no model and no data
@@ -495,6 +496,7 @@ def main(args):
             except hub.HubUploadError as err:
                 accelerator.end_training()
                 raise SystemExit(f"error: {err}")
+        accelerator.print(where_saved(args.output_dir, "The ControlNet", args.logging_dir))
     accelerator.end_training()
     return global_step
 

@@ -82,6 +82,7 @@ from diffusers_innercontrol.training_utils import (
     step_generator,
     train_batches,
     weight_dtype_of,
+    where_saved,
 )
 
 logger = get_logger(__name__)
@@ -545,6 +546,7 @@ def main(args):
         save_model_card_for_probe(args, task, final_probe, grid, errors, repo_id=repo_id)
         if args.push_to_hub:
             push_folder(args.output_dir, repo_id=repo_id, token=args.hub_token, private=args.hub_private)
+        accelerator.print(where_saved(args.output_dir, "The probe", args.logging_dir))
     accelerator.end_training()
 
 

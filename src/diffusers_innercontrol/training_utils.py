@@ -34,9 +34,20 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; training stopped (the last checkpoint is kept)."""
 
 
+FP16_ON_CPU = ("--mixed_precision fp16 needs a GPU, and this machine has none: pass --mixed_precision no (or bf16), "
+               "or launch on a GPU.")
+
+
+def _has_accelerator_device() -> bool:
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator:
     """The `Accelerator` of a training script, with logging, the seed, the output folder and TF32 set from `args`
     (`add_common_args`' options). Logging is INFO on the local main process, WARNING elsewhere."""
+    if args.mixed_precision == "fp16" and not _has_accelerator_device():
+        raise ValueError(FP16_ON_CPU)
     kwargs_handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -46,6 +57,8 @@ def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         kwargs_handlers=kwargs_handlers,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # set by accelerate's config
+        raise ValueError(FP16_ON_CPU)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     if not accelerator.is_local_main_process:
@@ -117,6 +130,22 @@ def step_generator(seed: Optional[int], device, process_index: int, epoch: int, 
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + process_index * 100_003 + epoch * 10_007 + batch_index) % (2**63 - 1))
     return g
+
+
+def where_saved(output_dir: str, what: str, logging_dir: Optional[str] = None) -> str:
+    """The run's last line: where the weights, the model card, the validation grids and the logs are (those present)."""
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    weights = [n for n in names if n.endswith(".safetensors")]
+    grids = [n for n in names if n.endswith(".png")]
+    parts = [f"{what} saved in {os.path.abspath(output_dir)}: {', '.join(weights + ['config.json'] if weights else ['nothing'])}"]
+    if "README.md" in names:
+        parts.append("model card README.md")
+    if grids:
+        parts.append(f"grids {', '.join(grids)}")
+    logs = os.path.join(output_dir, logging_dir) if logging_dir else None
+    if logs and os.path.isdir(logs):
+        parts.append(f"logs in {os.path.abspath(logs)}")
+    return "; ".join(parts) + "."
 
 
 def first_nonfinite(terms: Dict[str, Optional[torch.Tensor]]) -> Optional[str]:
