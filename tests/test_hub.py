@@ -99,3 +99,52 @@ def test_card_license_follows_a_local_base_model(tmp_path):
     assert hub.base_model_license("stable-diffusion-v1-5/stable-diffusion-v1-5") == "creativeml-openrail-m"
     explicit = hub.save_model_card(str(tmp_path / "cn2"), base_model=str(base), task=get_task("hed"), license="mit")
     assert ModelCard.load(explicit).data.license == "mit"
+
+
+def _code_blocks(text):
+    return [block.split("\n", 1)[1] for block in text.split("```py")[1:] for block in [block.split("```")[0]]]
+
+
+def test_card_of_a_toy_model_names_no_machine_path_and_its_code_runs_as_written(tmp_path):
+    """A ControlNet of the bundled toy SD: the card says it is a toy, names folders (not paths), has a
+    limitations section, valid Hub metadata, and How-to-use code in which every name is defined."""
+    import ast
+
+    from huggingface_hub import metadata_load
+
+    toy = tmp_path / "somewhere" / "toy-sd"
+    toy.mkdir(parents=True)
+    (toy / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- toy\n- shapesworld\n---\n# toy\n")
+    out = tmp_path / "out"
+    path = hub.save_model_card(str(out), base_model=str(toy), task=get_task("hed"), probe=str(tmp_path / "p" / "probe-hed"),
+                               dataset=str(tmp_path), train_args={"steps": 3, "data": str(tmp_path / "cache" / "x")})
+    text = open(path).read()
+    assert str(tmp_path) not in text  # no machine paths, anywhere
+    assert "A ShapesWorld toy." in text and "## Limitations" in text and "| base model | `toy-sd` |" in text
+    assert "| readout probe | `probe-hed` |" in text and "| data | `x` |" in text
+    meta = metadata_load(path)
+    assert meta["pipeline_tag"] == "text-to-image" and "base_model" not in meta and {"toy", "shapesworld"} <= set(meta["tags"])
+    assert ModelCard.load(path).data.license == "apache-2.0"
+    (code,) = _code_blocks(text)
+    tree = ast.parse(code)  # valid Python
+    assigned = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in ast.walk(node.targets[0])
+                if isinstance(t, ast.Name)}
+    assert {"prompt", "control_image", "pipe", "controlnet"} <= assigned
+    assert 'bundled_path("toy-sd")' in code and 'validation_pairs("hed", n=1)' in code
+
+
+def test_card_of_a_hub_base_model_has_runnable_code_and_hub_metadata(tmp_path):
+    import ast
+
+    from huggingface_hub import metadata_load
+
+    path = hub.save_model_card(str(tmp_path), base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                               task=get_task("depth"), dataset="limingcv/MultiGen-20M_depth", validation_prompts=['a "room"'])
+    text = open(path).read()
+    meta = metadata_load(path)
+    assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5" and meta["pipeline_tag"] == "text-to-image"
+    assert meta["datasets"] == ["limingcv/MultiGen-20M_depth"] and "toy" not in meta["tags"]
+    (code,) = _code_blocks(text)
+    ast.parse(code)
+    assert "prompt = \"a 'room'\"" in code and 'load_image("control.png")' in code
+    assert "A ShapesWorld toy" not in text and "## Limitations" in text

@@ -37,18 +37,33 @@ def _fmt_window(window) -> str:
     return "-" if window is None else f"[{int(window[0])}, {int(window[1])}]"
 
 
+def _local_card_data(model) -> Optional[ModelCardData]:
+    """The metadata of a local model folder's README.md, or None (a Hub id, or no card)."""
+    readme = os.path.join(str(model), "README.md")
+    return ModelCard.load(readme).data if os.path.isfile(readme) else None
+
+
 def base_model_license(base_model, default: str = "creativeml-openrail-m") -> str:
     """
     The license a model trained from `base_model` inherits: the one in the model card of a local base model folder
     (the bundled toy SD is apache-2.0), else `default` (SD1.5's CreativeML OpenRAIL-M).
     """
+    data = _local_card_data(base_model)
+    return getattr(data, "license", None) or default
 
-    readme = os.path.join(str(base_model), "README.md")
-    if os.path.isfile(readme):
-        found = getattr(ModelCard.load(readme).data, "license", None)
-        if found:
-            return found
-    return default
+
+def is_toy_model(model) -> bool:
+    """Whether a local model folder's card marks it as a ShapesWorld toy (tags `toy` / `shapesworld`)."""
+    tags = getattr(_local_card_data(model), "tags", None) or []
+    return bool({"toy", "shapesworld"} & set(tags))
+
+
+def shown_name(model) -> Optional[str]:
+    """How a card names a model: a Hub id as it is, a local folder by its name alone (no machine paths)."""
+    if model is None:
+        return None
+    text = str(model)
+    return os.path.basename(os.path.normpath(text)) if os.path.exists(text) or os.path.isabs(text) else text
 
 
 def save_model_card(
@@ -110,21 +125,30 @@ def save_model_card(
             image.save(os.path.join(output_dir, name))
             image_files.append(name)
 
+    toy = is_toy_model(base_model)
+    local_base = os.path.exists(str(base_model))
+    base = shown_name(base_model)
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "diffusers", "innercontrol"]
     tags += ["controlnet", "text-to-image"] if model_kind != "probe" else ["readout-probe", "controlnet"]
     if use_lora or model_kind == "lora":
         tags.append("lora")
     if task_name:
         tags.append(str(task_name))
+    if toy:
+        tags += ["toy", "shapesworld"]
     tags += [t for t in extra_tags if t not in tags]
     data = ModelCardData(
-        base_model=base_model if not os.path.exists(str(base_model)) else None,
+        base_model=None if local_base else base_model,  # Hub metadata takes Hub ids only; a folder is named below
         license=license or base_model_license(base_model),
         library_name="diffusers",
+        pipeline_tag="text-to-image" if model_kind != "probe" else None,
         tags=tags,
         datasets=[dataset] if dataset and not os.path.exists(str(dataset)) else None,
-        inference=True,
+        inference=not local_base,
     )
+    base_text = f"`{base}`" + (" (a local folder)" if local_base and not toy else "")
+    if toy:
+        base_text = f"`{base}`, the toy Stable Diffusion of ShapesWorld bundled with diffusers-innercontrol"
 
     name = repo_id or os.path.basename(os.path.normpath(output_dir))
     lines = []
@@ -132,7 +156,7 @@ def save_model_card(
         lines.append(f"# InnerControl readout probe - {name}\n")
         lines.append(
             f"A `ReadoutProbe` (diffusers_innercontrol) that reads the **{task_name}** control out of the decoder "
-            f"features of the UNet of `{base_model}` at any timestep (stage 1 of InnerControl). It is the frozen "
+            f"features of the UNet of {base_text} at any timestep (stage 1 of InnerControl). It is the frozen "
             "probe of the alignment loss (Eq. 7) of stage 2.\n"
         )
     else:
@@ -142,7 +166,7 @@ def save_model_card(
         )
         lines.append(f"# InnerControl ControlNet - {name}\n")
         lines.append(
-            f"{what} for `{base_model}`, task **{task_name}**, trained with InnerControl's objective (Eq. 8 of "
+            f"{what} for {base_text}, task **{task_name}**, trained with InnerControl's objective (Eq. 8 of "
             "\"Heeding the inner voice: aligning ControlNet training via intermediate features feedback\"):\n\n"
             "    L = L_diffusion + alpha * L_reward(t in reward window) + beta * L_alignment(t in alignment window)\n"
         )
@@ -150,23 +174,29 @@ def save_model_card(
             "ControlNet++ (reward, no alignment)" if not beta else (
                 "alignment only" if not alpha else "InnerControl (reward + alignment)"))
         lines.append(f"Mode: {mode}.\n")
-    rows = [("task", task_name), ("base model", base_model)]
+    if toy:
+        lines.append(
+            "**A ShapesWorld toy.** It was trained on ShapesWorld, procedural 64 px scenes of coloured shapes with "
+            "exact controls, to make InnerControl runnable and testable on a CPU; it draws nothing else.\n"
+        )
+    rows = [("task", task_name), ("base model", base)]
     if model_kind != "probe":
         rows += [("alpha (reward weight)", alpha), ("beta (alignment weight)", beta),
                  ("reward window (t)", _fmt_window(reward_window)), ("alignment window (t)", _fmt_window(alignment_window))]
         if task is not None and not isinstance(task, str):
             rows += [("reward loss", task.reward_loss), ("alignment loss", task.alignment_loss)]
-        rows += [("initial ControlNet", controlnet or "from the UNet (ControlNetModel.from_unet)"),
-                 ("readout probe", probe or "-"), ("reward model", reward_model or "-")]
+        rows += [("initial ControlNet", shown_name(controlnet) or "from the UNet (ControlNetModel.from_unet)"),
+                 ("readout probe", shown_name(probe) or "-"), ("reward model", shown_name(reward_model) or "-")]
     else:
         if task is not None and not isinstance(task, str):
             rows += [("feature kind", task.feature_kind), ("loss", task.alignment_loss)]
         if controlnet:
-            rows.append(("ControlNet conditioning", controlnet))
+            rows.append(("ControlNet conditioning", shown_name(controlnet)))
     if dataset:
-        rows.append(("dataset", dataset))
+        rows.append(("dataset", shown_name(dataset)))
     for key, value in (train_args or {}).items():
-        rows.append((key, value))
+        rows.append((key, shown_name(value) if isinstance(value, str) and os.path.isabs(value) else value))
+    lines.append("## Training\n")
     lines.append("| setting | value |\n|---|---|")
     lines += [f"| {k} | `{v}` |" for k, v in rows]
     lines.append("")
@@ -177,24 +207,56 @@ def save_model_card(
             caption = prompts[i] if i < len(prompts) else ""
             lines.append(f"![{caption or fname}](./{fname})" + (f"\n*{caption}*" if caption else "") + "\n")
     lines.append("## How to use\n")
-    if model_kind == "probe":
-        lines.append(
-            "```py\nfrom diffusers_innercontrol import ReadoutProbe\nprobe = ReadoutProbe.from_pretrained"
-            f"(\"{name}\")\n```\n"
-        )
+    lines.append(_how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts))
+    lines.append("## Limitations\n")
+    if toy:
+        lines.append("Only for ShapesWorld scenes at 64 px and the toy Stable Diffusion above: a demonstration and test "
+                     "model, not an image model for real use.\n")
+    elif model_kind == "probe":
+        lines.append("The probe reads the features of the UNet it was trained on, and no other; its readouts are "
+                     "coarse at the highest noise levels (see the error per timestep).\n")
     else:
-        lines.append(
-            "```py\nimport torch\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
-            f"controlnet = ControlNetModel.from_pretrained(\"{name}\")\n"
-            f"pipe = StableDiffusionControlNetPipeline.from_pretrained(\"{base_model}\", controlnet=controlnet)\n"
-            "image = pipe(prompt, image=control_image, num_inference_steps=20).images[0]\n```\n"
-        )
+        lines.append("The ControlNet follows its control only as well as its training data and steps allow; it "
+                     "inherits the base model's biases and license.\n")
     if extra_text:
         lines.append(extra_text)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     path = os.path.join(output_dir, "README.md")
     card.save(path)
     return path
+
+
+def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts) -> str:
+    """Code that runs as it is: every name it uses is defined (the control image is the user's file)."""
+    if model_kind == "probe":
+        return (
+            "```py\nfrom diffusers_innercontrol import ReadoutProbe\n\n"
+            f"probe = ReadoutProbe.from_pretrained(\"{name}\")\n"
+            "# with the pipeline: StableDiffusionControlNetReadoutPipeline(..., readout_probe=probe)\n```\n"
+        )
+    code = ["```py", "import torch", "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline",
+            "from diffusers.utils import load_image"]
+    if toy:
+        code += ["from diffusers_innercontrol.toy.quickstart import bundled_path, validation_pairs", "",
+                 f"controlnet = ControlNetModel.from_pretrained(\"{name}\")",
+                 "pipe = StableDiffusionControlNetPipeline.from_pretrained(bundled_path(\"toy-sd\"), controlnet=controlnet, "
+                 "safety_checker=None)",
+                 f"(prompt,), (control_path,) = validation_pairs(\"{task_name}\", n=1)  # a held-out ShapesWorld scene",
+                 "control_image = load_image(control_path)",
+                 "image = pipe(prompt, image=control_image, height=64, width=64, num_inference_steps=20,",
+                 "             generator=torch.Generator().manual_seed(0)).images[0]"]
+    else:
+        prompt = (list(validation_prompts or []) or ["a photograph"])[0].replace('"', "'")
+        base = base_model if not os.path.exists(str(base_model)) else shown_name(base_model)
+        code += ["", f"controlnet = ControlNetModel.from_pretrained(\"{name}\", torch_dtype=torch.float16)",
+                 f"pipe = StableDiffusionControlNetPipeline.from_pretrained(\"{base}\", controlnet=controlnet, "
+                 "torch_dtype=torch.float16).to(\"cuda\")",
+                 f"control_image = load_image(\"control.png\")  # your {task_name} control, as the task draws it",
+                 f"prompt = \"{prompt}\"",
+                 "image = pipe(prompt, image=control_image, num_inference_steps=20,",
+                 "             generator=torch.Generator(\"cuda\").manual_seed(0)).images[0]"]
+    code += ["image.save(\"image.png\")", "```", ""]
+    return "\n".join(code)
 
 
 def push_folder(
