@@ -499,3 +499,28 @@ def test_readout_guidance_is_sized_alike_for_every_scheduler(base, fitted_probe,
     euler = _with_scheduler(base, fitted_probe, "euler")([""] * 4, generator=_gen(), **kwargs)
     np.testing.assert_allclose(euler.images, ddim.images, atol=2e-3)
     torch.testing.assert_close(euler.readout_losses[-1], ddim.readout_losses[-1], atol=1e-4, rtol=1e-3)
+
+
+def test_call_signature_is_the_parents_then_the_readout_parameters():
+    """help(pipe), IDEs and diffusers' PipelineTesterMixin signature checks see every parameter of the parent's
+    __call__, in its order and with its defaults, then the readout parameters."""
+    import inspect
+
+    from diffusers import StableDiffusionControlNetPipeline
+
+    parent = inspect.signature(StableDiffusionControlNetPipeline.__call__).parameters
+    ours = inspect.signature(StableDiffusionControlNetReadoutPipeline.__call__).parameters
+    parent_names = [n for n, p in parent.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = list(ours)
+    assert names[: len(parent_names)] == parent_names
+    for name in parent_names:
+        assert ours[name].default == parent[name].default, name
+    assert names[len(parent_names):] == [
+        "return_readouts", "readout_steps", "readout_probe", "readout_task", "readout_control", "readout_control_index",
+        "readout_guidance_scale", "readout_guidance_window", "kwargs"]
+    assert ours["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+
+
+def test_positional_prompt_and_image_still_work(pipe, control):
+    out = pipe("a", control, num_inference_steps=2, output_type="np", return_readouts=True)
+    assert len(out.readouts) == 2 and out.images.shape[0] == 1

@@ -18,15 +18,15 @@ Without `return_readouts` and with `readout_guidance_scale=0`, nothing is regist
 parent's call.
 """
 
-import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import StableDiffusionControlNetPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
 from diffusers.models import AutoencoderKL, ControlNetModel, MultiControlNetModel, UNet2DConditionModel
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
@@ -38,7 +38,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from .features import DecoderFeatureExtractor, check_probe_fits_unet, split_guidance_batch
 from .losses import alignment_loss_per_sample
 from .models.readout_probe import ReadoutProbe
-from .palette import control_to_classes  # lazily: only segmentation needs it
+from .palette import control_to_classes
 from .render import render_readout
 from .tasks import Task, get_task
 
@@ -484,7 +484,35 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
     @torch.no_grad()
     def __call__(
         self,
-        *args,
+        prompt: Union[str, List[str]] = None,
+        image: PipelineImageInput = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        timesteps: List[int] = None,
+        sigmas: List[float] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: Optional[Union[str, List[str]]] = None,
+        num_images_per_prompt: Optional[int] = 1,
+        eta: float = 0.0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        ip_adapter_image: Optional[PipelineImageInput] = None,
+        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
+        output_type: Optional[str] = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        controlnet_conditioning_scale: Union[float, List[float]] = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: Union[float, List[float]] = 0.0,
+        control_guidance_end: Union[float, List[float]] = 1.0,
+        clip_skip: Optional[int] = None,
+        callback_on_step_end: Optional[
+            Union[Callable[[int, int, Dict], None], PipelineCallback, MultiPipelineCallbacks]
+        ] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (the parent's default)
         return_readouts: bool = False,
         readout_steps: Optional[List[int]] = None,
         readout_probe: Optional[ReadoutProbe] = None,
@@ -496,7 +524,8 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
         **kwargs,
     ) -> Union[ReadoutPipelineOutput, Tuple]:
         r"""
-        The parent's call (every argument of `StableDiffusionControlNetPipeline.__call__` works as there), plus:
+        The parent's call, with its parameters and defaults (see [`~diffusers.StableDiffusionControlNetPipeline.__call__`]
+        for `prompt` ... `callback_on_step_end_tensor_inputs`; `**kwargs` are passed on to it), then:
 
         Args:
             return_readouts (`bool`, defaults to `False`):
@@ -538,17 +567,22 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
         if readout_guidance_scale < 0:
             raise ValueError(f"readout_guidance_scale must be >= 0, got {readout_guidance_scale}.")
         parent_call = super().__call__
+        call = dict(
+            prompt=prompt, image=image, height=height, width=width, num_inference_steps=num_inference_steps,
+            timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds, output_type=output_type, return_dict=return_dict,
+            cross_attention_kwargs=cross_attention_kwargs, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            guess_mode=guess_mode, control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **kwargs,
+        )
         if not return_readouts and readout_guidance_scale == 0:
-            out = parent_call(*args, **kwargs)
+            out = parent_call(**call)
             if isinstance(out, tuple):
                 return out
             return ReadoutPipelineOutput(images=out.images, nsfw_content_detected=out.nsfw_content_detected)
-
-        # Bind to the parent's signature: positional arguments stay valid and defaults are the parent's.
-        bound = inspect.signature(parent_call).bind(*args, **kwargs)
-        bound.apply_defaults()
-        call = dict(bound.arguments)
-        call.update(call.pop("kwargs", {}) or {})
 
         # Check everything before any model runs.
         probe = readout_probe if readout_probe is not None else self.readout_probe
