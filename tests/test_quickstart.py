@@ -57,11 +57,11 @@ def test_no_model_no_data_uses_shapesworld(scripts, fake_assets, capsys):
     assert (args.resolution, args.max_train_steps, args.learning_rate) == (64, 200, 1e-4)
     with open(os.path.join(args.train_data_dir, "metadata.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert len(rows) == 6 and {"file_name", "text", "hed", "control_depth", "control_seg"} <= set(rows[0])
+    assert len(rows) == 6 and {"file_name", "text", "hed_file_name", "control_depth_file_name", "control_seg_file_name"} <= set(rows[0])
     # held-out validation controls of the task, with their captions
     assert len(args.validation_image) == len(args.validation_prompt) == 2
     assert all(os.path.isfile(p) and os.sep + "hed" + os.sep in p for p in args.validation_image)
-    assert args.validation_image[0] not in {os.path.join(args.train_data_dir, r["hed"]) for r in rows}
+    assert args.validation_image[0] not in {os.path.join(args.train_data_dir, r["hed_file_name"]) for r in rows}
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "training on ShapesWorld" in out[0] and f"--pretrained_model_name_or_path {DEFAULT_BASE_MODEL}" in out[0]
     # the script's own validation accepts the result

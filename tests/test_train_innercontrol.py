@@ -438,7 +438,7 @@ def test_unreadable_image_names_its_index(script, assets, tmp_path):
     data = write_toy_dataset(str(tmp_path / "broken"), "depth", num_samples=3, size=32, broken_index=1)
     args = base_args(assets, "depth", tmp_path / "out", steps=1)
     args[args.index("--train_data_dir") + 1] = data
-    with pytest.raises(DataError, match=r"sample 1: cannot read the image in column 'file_name' \('001.png'\)"):
+    with pytest.raises(DataError, match=r"sample 1: cannot read the image in column 'image' \('001.png'\)"):
         script.main(script.parse_args(args))
     assert_nothing_trained(tmp_path / "out")
 
@@ -449,7 +449,7 @@ def test_missing_dataset_columns_names_those_that_exist(script, assets, tmp_path
     data = write_toy_dataset(str(tmp_path / "cols"), "depth", num_samples=2, size=32, control_column="depth_map")
     args = base_args(assets, "depth", tmp_path / "out", steps=1)
     args[args.index("--train_data_dir") + 1] = data
-    with pytest.raises(DataError, match=r"no control column 'control_depth'.*columns are: 'file_name', 'text', 'depth_map'"):
+    with pytest.raises(DataError, match=r"no control column 'control_depth'.*columns are: 'image', 'text', 'depth_map'"):
         script.main(script.parse_args(args))
     with pytest.raises(DataError, match=r"--caption_column 'prompt' is not a column.*'depth_map'"):
         script.main(script.parse_args(args + ["--caption_column", "prompt"]))

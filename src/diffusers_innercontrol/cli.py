@@ -84,8 +84,10 @@ def add_data_args(parser: argparse.ArgumentParser):
     g.add_argument("--dataset_split", type=str, default="train", help="Split to train on.")
     g.add_argument(
         "--train_data_dir", type=str, default=None,
-        help="A local folder with metadata.jsonl: one JSON object per line with the image file name ('file_name' "
-             "or the image column), the caption, and the control's file name; file names are relative to the folder.",
+        help="A local folder with metadata.jsonl (datasets' imagefolder layout, as diffusers' train_controlnet.py reads "
+             "it): one JSON object per line with 'file_name' (the image column 'image'), '<name>_file_name' for more "
+             "images (e.g. conditioning_image_file_name -> conditioning_image) and the caption; file names are "
+             "relative to the folder.",
     )
     g.add_argument("--streaming", action="store_true",
                    help="Stream the Hub dataset instead of downloading it (MultiGen-20M is over 1 TB); needs --max_train_steps.")

@@ -82,7 +82,7 @@ def validation_pairs(task_name: str, n: int = 2, resolution: int = RESOLUTION, s
     prompts, images = [], []
     with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    key = get_task(task_name).conditioning_column  # ShapesWorld's columns carry the tasks' MultiGen names
+    key = get_task(task_name).conditioning_column + "_file_name"  # ShapesWorld's columns carry the tasks' names
     for row in rows[:n]:
         prompts.append(row["text"])
         images.append(os.path.join(folder, row[key]))
