@@ -34,6 +34,7 @@ def fake_assets(tmp_path, monkeypatch):
     assets = tmp_path / "assets"
     for name in ["toy-sd"] + [f"{kind}-{t}" for kind in ("controlnet", "probe", "reward") for t in ("hed", "depth")]:
         (assets / name).mkdir(parents=True)
+        (assets / name / "config.json").write_text("{}")
     monkeypatch.setattr(quickstart, "ASSETS_DIR", str(assets))
     monkeypatch.setattr(quickstart, "NUM_SCENES", 6)
     monkeypatch.setenv(quickstart.CACHE_ENV, str(tmp_path / "cache"))

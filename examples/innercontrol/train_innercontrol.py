@@ -113,11 +113,12 @@ def validate_args(args):
     check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", revision=args.revision)
     if args.tokenizer_name:
         check_model_available(args.tokenizer_name, "--tokenizer_name")
-    check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path")
+    check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path", required="config.json")
     if args.annotator_model_name_or_path:
         check_model_available(args.annotator_model_name_or_path, "--annotator_model_name_or_path")
     if task.beta > 0:
-        check_model_available(args.probe_model_name_or_path, "--probe_model_name_or_path", revision=args.probe_revision)
+        check_model_available(args.probe_model_name_or_path, "--probe_model_name_or_path", revision=args.probe_revision,
+                              required="config.json")
     if task.alpha > 0:
         check_model_available(
             args.reward_model_name_or_path or task.reward_model_id, "--reward_model_name_or_path",
@@ -260,8 +261,11 @@ def main(args):
     from transformers import AutoTokenizer, CLIPTextModel
 
     from diffusers_innercontrol import checkpointing, cli, data, hub
+    from diffusers_innercontrol.hub_utils import load_pretrained
 
     # ---- everything that can be checked without training, first
+    global _TRAINING_STARTED
+    _TRAINING_STARTED = False
     from diffusers_innercontrol.toy.quickstart import prepare_default_world
     from diffusers_innercontrol.training import conditioning_channels_for, controlnet_step, encode_images
     from diffusers_innercontrol.training_utils import (
@@ -304,12 +308,13 @@ def main(args):
     if task.beta > 0:
         from diffusers_innercontrol.models.readout_probe import ReadoutProbe
 
-        probe = ReadoutProbe.from_pretrained(args.probe_model_name_or_path, revision=args.probe_revision,
-                                             cache_dir=args.cache_dir)
+        probe = load_pretrained(ReadoutProbe, args.probe_model_name_or_path, "--probe_model_name_or_path",
+                                revision=args.probe_revision, cache_dir=args.cache_dir)
         check_probe(probe, unet, task)
     if args.controlnet_model_name_or_path:
         logger.info(f"Loading the ControlNet {args.controlnet_model_name_or_path}")
-        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+        controlnet = load_pretrained(ControlNetModel, args.controlnet_model_name_or_path, "--controlnet_model_name_or_path",
+                                     cache_dir=args.cache_dir)
     else:
         logger.info("Initialising the ControlNet from the UNet")
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor))
@@ -401,7 +406,6 @@ def main(args):
     validated_step = None
     last_logs = {}
 
-    global _TRAINING_STARTED
     _TRAINING_STARTED = True
     t_start = time.perf_counter()
     batches = train_batches(accelerator, train_dataloader, plan, state, args.gradient_accumulation_steps)

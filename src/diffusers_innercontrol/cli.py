@@ -29,6 +29,7 @@ API (stable; `train_probe.py` imports it):
 
 import argparse
 import os
+import shutil
 import sys
 from typing import Optional, Sequence, Tuple
 
@@ -289,13 +290,26 @@ def run_main(main, args, training_started=None, extra_errors=()):
     """
 
 
+    output_dir = getattr(args, "output_dir", None)
+    existed = output_dir is None or os.path.exists(output_dir)
     try:
         return main(args)
     except (OfflineModelError, DataError, *extra_errors) as err:
+        _remove_if_empty(output_dir, existed, training_started)
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     except ValueError as err:
         if training_started is None or training_started():
             raise
+        _remove_if_empty(output_dir, existed, training_started)
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1)
+
+
+def _remove_if_empty(output_dir, existed: bool, training_started) -> None:
+    """A run that failed before training leaves no output folder it created (only empty folders are removed)."""
+    if existed or (training_started is not None and training_started()) or not os.path.isdir(output_dir):
+        return
+    if any(files for _, _, files in os.walk(output_dir)):
+        return
+    shutil.rmtree(output_dir, ignore_errors=True)
