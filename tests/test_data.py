@@ -356,3 +356,17 @@ def test_diffusers_controlnet_folder_layout_trains_unchanged(tmp_path, tokenizer
                                 "text": f"circle {i}"}) + "\n")
     ds, cols = data.build_train_dataset(parse(["--train_data_dir", str(folder), "--resolution", "8"]), get_task("hed"), tokenizer)
     assert cols == DataColumns("image", "text", "hed")
+
+
+def test_a_missing_training_dependency_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("datasets", "peft") else real(name, *a))
+    with pytest.raises(ValueError, match=r"^This run needs datasets, which is not installed: pip install "
+                                         r"'diffusers-innercontrol\[train\]' \(or pip install datasets\)\.$"):
+        cli.check_training_dependencies(parse_args(["--report_to", "none"]))
+    with pytest.raises(ValueError, match=r"needs datasets, peft, which are not installed.*pip install datasets peft"):
+        cli.check_training_dependencies(argparse.Namespace(report_to="none", use_lora=True))
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    cli.check_training_dependencies(parse_args([]))

@@ -266,6 +266,7 @@ def main(args):
     # ---- everything that can be checked without training, first
     global _TRAINING_STARTED
     _TRAINING_STARTED = False
+    cli.check_training_dependencies(args)  # before the ShapesWorld folders are rendered
     from diffusers_innercontrol.toy.quickstart import prepare_default_world
     from diffusers_innercontrol.training import conditioning_channels_for, controlnet_step, encode_images
     from diffusers_innercontrol.training_utils import (

@@ -402,6 +402,7 @@ def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(args):
+    cli.check_training_dependencies(args)  # before the ShapesWorld folders are rendered
     prepare_default_world(args)  # renders the ShapesWorld folders of a run with no model and no data
     validate_args(args)
     task = resolve_task(args)

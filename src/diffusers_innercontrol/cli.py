@@ -28,6 +28,7 @@ API (stable; `train_probe.py` imports it):
 """
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -220,6 +221,21 @@ def _pair(prompts: Optional[Sequence[str]], images: Optional[Sequence[str]]):
 def pair_validation(args) -> Tuple[list, list]:
     """The (prompt, control image) pairs of validation; raises `ValueError` if they do not pair."""
     return _pair(getattr(args, "validation_prompt", None), getattr(args, "validation_image", None))
+
+
+def check_training_dependencies(args) -> None:
+    """The optional packages this run needs (the `train` extra), checked before anything is rendered or loaded."""
+    needed = ["datasets"]
+    if getattr(args, "report_to", None) in ("tensorboard", "all"):
+        needed.append("tensorboard")
+    if getattr(args, "use_lora", False):
+        needed.append("peft")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"This run needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            f"pip install 'diffusers-innercontrol[train]' (or pip install {' '.join(missing)})."
+        )
 
 
 def validate_common_args(args):
