@@ -223,3 +223,11 @@ def test_bundled_models_record_no_local_paths():
                 if "/work/" in text or '"_name_or_path": "/' in text:
                     found.append(os.path.relpath(os.path.join(folder, name), root))
     assert found == []
+
+
+def test_a_resolution_shapesworld_cannot_render_names_the_option(scripts, fake_assets):
+    train, _ = scripts
+    args = train.parse_args(["--task", "hed", "--resolution", "63"])
+    with pytest.raises(ValueError, match=r"^--resolution 63: ShapesWorld renders multiples of 8 from 32 px; pass --resolution 64"):
+        quickstart.prepare_default_world(args)
+    assert not os.path.exists(tmp_cache(fake_assets))

@@ -176,7 +176,13 @@ def prepare_default_world(args) -> List[str]:
     In `main`: render the ShapesWorld folders the defaults point at (once, into the cache) and say in one line
     what the run trains on. Returns the folders; nothing happens for a run with a model or data of its own.
     """
-    folders = [shapesworld_folder(*spec) for spec in getattr(args, "shapesworld_folders", None) or []]
+    specs = getattr(args, "shapesworld_folders", None) or []
+    if specs and (args.resolution % 8 or args.resolution < 32):
+        raise ValueError(
+            f"--resolution {args.resolution}: ShapesWorld renders multiples of 8 from 32 px; pass --resolution 64 (the "
+            "bundled toy SD's size) or leave it out."
+        )
+    folders = [shapesworld_folder(*spec) for spec in specs]
     if folders and os.environ.get("LOCAL_RANK", "0") == "0":
         print(
             f"No model or data given: training on ShapesWorld (bundled toy SD at {args.pretrained_model_name_or_path}, "
