@@ -132,7 +132,7 @@ def shapesworld_defaults(task, script: str = "controlnet", resolution: int = RES
     defaults.update({option: bundled_path(name) for option, name in wanted.items() if bundled_path(name)})
     defaults["train_data_dir"] = _folder_path(NUM_SCENES, resolution)
     folders = [(NUM_SCENES, resolution, 0, 0)]
-    if script == "controlnet" and validation_pairs:
+    if script == "controlnet" and validation_pairs and resolution % 8 == 0 and resolution >= 32:  # else main says why
         n = 2
         folder = _folder_path(n, resolution, 0, VALIDATION_START)
         world = ShapesWorld(size=resolution, seed=0)
