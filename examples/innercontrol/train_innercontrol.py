@@ -270,6 +270,7 @@ def main(args):
     from diffusers_innercontrol.toy.quickstart import prepare_default_world
     from diffusers_innercontrol.training import conditioning_channels_for, controlnet_step, encode_images
     from diffusers_innercontrol.training_utils import (
+        move_frozen,
         optimizer_step,
         plan_steps,
         setup_accelerator,
@@ -375,9 +376,8 @@ def main(args):
     controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, train_dataloader, lr_scheduler)
 
     weight_dtype = weight_dtype_of(accelerator)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for frozen in (vae, unet, text_encoder):
+        move_frozen(frozen, accelerator.device, weight_dtype)
     if probe is not None:
         probe.to(accelerator.device)  # fp32; autocast handles the fp16/bf16 features
     if ema is not None:

@@ -76,6 +76,7 @@ from diffusers_innercontrol.tasks import PRESETS, TASK_NAMES
 from diffusers_innercontrol.toy.quickstart import parse_with_default_world, prepare_default_world
 from diffusers_innercontrol.training import encode_images, probe_step
 from diffusers_innercontrol.training_utils import (
+    move_frozen,
     optimizer_step,
     plan_steps,
     setup_accelerator,
@@ -431,7 +432,7 @@ def main(args):
 
     for model in (unet, vae, text_encoder, models["controlnet"]):
         if model is not None:
-            model.to(accelerator.device, dtype=weight_dtype)
+            move_frozen(model, accelerator.device, weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
