@@ -167,7 +167,8 @@ def test_quickstart_runs_on_the_bundled_world(task, tmp_path):
     assert f"The ControlNet saved in {out}: diffusion_pytorch_model.safetensors, config.json; model card README.md" in output
     assert os.path.isfile(out / "images_0.png")
     card = (out / "README.md").read_text()
-    assert quickstart.bundled_path("toy-sd") in card or "toy-sd" in card
+    assert quickstart.bundled_path("toy-sd") not in card and "`toy-sd`, the toy Stable Diffusion of ShapesWorld" in card
+    assert "A ShapesWorld toy." in card and 'bundled_path("toy-sd")' in card
 
 
 @pytest.mark.e2e

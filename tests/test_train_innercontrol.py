@@ -133,7 +133,8 @@ def assert_card(output_dir, task, alpha, beta, probe=None):
     assert f"| beta (alignment weight) | `{beta}` |" in text
     assert "| reward window (t) | `[0, 999]` |" in text and "| alignment window (t) | `[0, 999]` |" in text
     if probe:
-        assert f"| readout probe | `{probe}` |" in text
+        assert f"| readout probe | `{os.path.basename(os.path.normpath(probe))}` |" in text
+        assert str(probe) not in text  # no machine paths
     return card
 
 
