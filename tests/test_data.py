@@ -187,7 +187,7 @@ def test_folder_dataset_end_to_end_and_max_train_samples(tmp_path, tokenizer):
     argv = ["--train_data_dir", folder, "--resolution", "16", "--max_train_samples", "3", "--seed", "1"]
     cli.validate_common_args(parse_args(argv))
     ds, cols = data.build_train_dataset(parse(argv), get_task("segmentation"), tokenizer)
-    assert cols == DataColumns("file_name", "prompt", "control_seg") and len(ds) == 3
+    assert cols == DataColumns("image", "prompt", "control_seg") and len(ds) == 3  # imagefolder: file_name -> image
     batch = data.collate_fn([ds[0], ds[1]])
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["conditioning_pixel_values"].shape == (2, 3, 16, 16)
     assert batch["control_classes"].shape == (2, 16, 16) and batch["input_ids"].shape == (2, 77)
@@ -218,7 +218,7 @@ def test_check_samples_finds_a_bad_sample_before_training(tmp_path, tokenizer):
     args = parse(["--train_data_dir", folder, "--resolution", "8"])
     ds, _ = data.build_train_dataset(args, get_task("depth"), tokenizer)
     data.check_samples(ds, 2)  # the first two are fine
-    with pytest.raises(DataError, match=r"sample 2: cannot read the image in column 'file_name' \('002.png'\)"):
+    with pytest.raises(DataError, match=r"sample 2: cannot read the image in column 'image' \('002.png'\): cannot identify image file '002.png'"):
         data.check_samples(ds, 4)
 
 
@@ -318,10 +318,55 @@ def test_split_held_out_is_seeded_and_disjoint(tmp_path, tokenizer):
     train, held = data.split_held_out(ds, 2, seed=0)
     again_train, again_held = data.split_held_out(ds, 2, seed=0)
     assert len(train) == 4 and len(held) == 2 and not held.shuffle
-    names = lambda d: [d.data[i]["file_name"] for i in range(len(d))]  # noqa: E731
+    names = lambda d: [d.data[i][d.transform.columns.caption] for i in range(len(d))]  # noqa: E731
     assert names(held) == names(again_held) and not set(names(held)) & set(names(train))
     assert set(names(held)) | set(names(train)) == set(names(ds))
     assert len(data.split_held_out(ds, 0.5, seed=0)[1]) == 3
     assert names(data.split_held_out(ds, 2, seed=1)[1]) != names(held) or names(data.split_held_out(ds, 2, seed=2)[1]) != names(held)
     with pytest.raises(DataError, match="leaves no training or no held-out sample out of 6"):
         data.split_held_out(ds, 6)
+
+
+def test_diffusers_controlnet_folder_layout_trains_unchanged(tmp_path, tokenizer):
+    """diffusers' train_controlnet.py layout: `file_name`, `conditioning_image_file_name`, `text`, with its
+    command line (`--image_column image --conditioning_image_column conditioning_image --caption_column text`)."""
+    import json
+
+    folder = tmp_path / "fill50k"
+    (folder / "images").mkdir(parents=True)
+    (folder / "conditioning_images").mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(3):
+            Image.new("RGB", (16, 16), (10 * i, 0, 0)).save(folder / "images" / f"{i}.png")
+            Image.new("RGB", (16, 16), (0, 0, 255 - i)).save(folder / "conditioning_images" / f"{i}.png")
+            f.write(json.dumps({"file_name": f"images/{i}.png", "conditioning_image_file_name": f"conditioning_images/{i}.png",
+                                "text": f"circle {i}"}) + "\n")
+    argv = ["--train_data_dir", str(folder), "--resolution", "8", "--image_column", "image",
+            "--conditioning_image_column", "conditioning_image", "--caption_column", "text"]
+    ds, cols = data.build_train_dataset(parse(argv), get_task("hed"), tokenizer)
+    assert cols == DataColumns("image", "text", "conditioning_image") and len(ds) == 3
+    i = ds.index_of(0)
+    sample = ds[0]
+    assert torch.allclose(sample["conditioning_pixel_values"][2], torch.full((8, 8), (255 - i) / 255))
+    assert torch.allclose(sample["pixel_values"][0], torch.full((8, 8), 10 * i / 127.5 - 1))
+    # the task's default columns need no flags when the layout names them (`hed_file_name` -> `hed`)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"file_name": f"images/{i}.png", "hed_file_name": f"conditioning_images/{i}.png",
+                                "text": f"circle {i}"}) + "\n")
+    ds, cols = data.build_train_dataset(parse(["--train_data_dir", str(folder), "--resolution", "8"]), get_task("hed"), tokenizer)
+    assert cols == DataColumns("image", "text", "hed")
+
+
+def test_a_missing_training_dependency_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("datasets", "peft") else real(name, *a))
+    with pytest.raises(ValueError, match=r"^This run needs datasets, which is not installed: pip install "
+                                         r"'diffusers-innercontrol\[train\]' \(or pip install datasets\)\.$"):
+        cli.check_training_dependencies(parse_args(["--report_to", "none"]))
+    with pytest.raises(ValueError, match=r"needs datasets, peft, which are not installed.*pip install datasets peft"):
+        cli.check_training_dependencies(argparse.Namespace(report_to="none", use_lora=True))
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    cli.check_training_dependencies(parse_args([]))

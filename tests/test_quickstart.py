@@ -34,6 +34,7 @@ def fake_assets(tmp_path, monkeypatch):
     assets = tmp_path / "assets"
     for name in ["toy-sd"] + [f"{kind}-{t}" for kind in ("controlnet", "probe", "reward") for t in ("hed", "depth")]:
         (assets / name).mkdir(parents=True)
+        (assets / name / "config.json").write_text("{}")
     monkeypatch.setattr(quickstart, "ASSETS_DIR", str(assets))
     monkeypatch.setattr(quickstart, "NUM_SCENES", 6)
     monkeypatch.setenv(quickstart.CACHE_ENV, str(tmp_path / "cache"))
@@ -57,11 +58,11 @@ def test_no_model_no_data_uses_shapesworld(scripts, fake_assets, capsys):
     assert (args.resolution, args.max_train_steps, args.learning_rate) == (64, 200, 1e-4)
     with open(os.path.join(args.train_data_dir, "metadata.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert len(rows) == 6 and {"file_name", "text", "hed", "control_depth", "control_seg"} <= set(rows[0])
+    assert len(rows) == 6 and {"file_name", "text", "hed_file_name", "control_depth_file_name", "control_seg_file_name"} <= set(rows[0])
     # held-out validation controls of the task, with their captions
     assert len(args.validation_image) == len(args.validation_prompt) == 2
     assert all(os.path.isfile(p) and os.sep + "hed" + os.sep in p for p in args.validation_image)
-    assert args.validation_image[0] not in {os.path.join(args.train_data_dir, r["hed"]) for r in rows}
+    assert args.validation_image[0] not in {os.path.join(args.train_data_dir, r["hed_file_name"]) for r in rows}
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "training on ShapesWorld" in out[0] and f"--pretrained_model_name_or_path {DEFAULT_BASE_MODEL}" in out[0]
     # the script's own validation accepts the result
@@ -166,7 +167,8 @@ def test_quickstart_runs_on_the_bundled_world(task, tmp_path):
     assert f"The ControlNet saved in {out}: diffusion_pytorch_model.safetensors, config.json; model card README.md" in output
     assert os.path.isfile(out / "images_0.png")
     card = (out / "README.md").read_text()
-    assert quickstart.bundled_path("toy-sd") in card or "toy-sd" in card
+    assert quickstart.bundled_path("toy-sd") not in card and "`toy-sd`, the toy Stable Diffusion of ShapesWorld" in card
+    assert "A ShapesWorld toy." in card and 'bundled_path("toy-sd")' in card
 
 
 @pytest.mark.e2e
@@ -222,3 +224,11 @@ def test_bundled_models_record_no_local_paths():
                 if "/work/" in text or '"_name_or_path": "/' in text:
                     found.append(os.path.relpath(os.path.join(folder, name), root))
     assert found == []
+
+
+def test_a_resolution_shapesworld_cannot_render_names_the_option(scripts, fake_assets):
+    train, _ = scripts
+    args = train.parse_args(["--task", "hed", "--resolution", "63"])
+    with pytest.raises(ValueError, match=r"^--resolution 63: ShapesWorld renders multiples of 8 from 32 px; pass --resolution 64"):
+        quickstart.prepare_default_world(args)
+    assert not os.path.exists(tmp_cache(fake_assets))

@@ -248,13 +248,11 @@ def test_imagefolder_loads(world, tmp_path):
         row, ref = ds[i], world.sample(i)
         assert row["text"] == ref["text"]
         assert np.array_equal(_arr(row["image"].convert("RGB")), _arr(ref["image"]))
-        from PIL import Image
-
-        for c in ("hed", "lineart", "control_depth", "control_seg"):
-            assert np.array_equal(_arr(Image.open(os.path.join(folder, row[c])).convert("RGB")), _arr(ref[c])), c
+        for c in ("hed", "lineart", "control_depth", "control_seg"):  # `<c>_file_name` -> an image column `c`
+            assert np.array_equal(_arr(row[c].convert("RGB")), _arr(ref[c])), c
     with open(os.path.join(folder, "metadata.jsonl")) as f:
         meta = [json.loads(line) for line in f]
-    assert meta[0]["file_name"] == "images/000000.png" and meta[0]["hed"] == "hed/000000.png"
+    assert meta[0]["file_name"] == "images/000000.png" and meta[0]["hed_file_name"] == "hed/000000.png"
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

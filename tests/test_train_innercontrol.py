@@ -3,6 +3,7 @@ task (e2e), 2 CPU processes, SIGKILL + resume, NaN stop; and every bad input, in
 
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -132,7 +133,8 @@ def assert_card(output_dir, task, alpha, beta, probe=None):
     assert f"| beta (alignment weight) | `{beta}` |" in text
     assert "| reward window (t) | `[0, 999]` |" in text and "| alignment window (t) | `[0, 999]` |" in text
     if probe:
-        assert f"| readout probe | `{probe}` |" in text
+        assert f"| readout probe | `{os.path.basename(os.path.normpath(probe))}` |" in text
+        assert str(probe) not in text  # no machine paths
     return card
 
 
@@ -438,7 +440,7 @@ def test_unreadable_image_names_its_index(script, assets, tmp_path):
     data = write_toy_dataset(str(tmp_path / "broken"), "depth", num_samples=3, size=32, broken_index=1)
     args = base_args(assets, "depth", tmp_path / "out", steps=1)
     args[args.index("--train_data_dir") + 1] = data
-    with pytest.raises(DataError, match=r"sample 1: cannot read the image in column 'file_name' \('001.png'\)"):
+    with pytest.raises(DataError, match=r"sample 1: cannot read the image in column 'image' \('001.png'\)"):
         script.main(script.parse_args(args))
     assert_nothing_trained(tmp_path / "out")
 
@@ -449,7 +451,7 @@ def test_missing_dataset_columns_names_those_that_exist(script, assets, tmp_path
     data = write_toy_dataset(str(tmp_path / "cols"), "depth", num_samples=2, size=32, control_column="depth_map")
     args = base_args(assets, "depth", tmp_path / "out", steps=1)
     args[args.index("--train_data_dir") + 1] = data
-    with pytest.raises(DataError, match=r"no control column 'control_depth'.*columns are: 'file_name', 'text', 'depth_map'"):
+    with pytest.raises(DataError, match=r"no control column 'control_depth'.*columns are: 'image', 'text', 'depth_map'"):
         script.main(script.parse_args(args))
     with pytest.raises(DataError, match=r"--caption_column 'prompt' is not a column.*'depth_map'"):
         script.main(script.parse_args(args + ["--caption_column", "prompt"]))
@@ -565,3 +567,29 @@ def test_logged_losses_match_a_recomputation_of_the_first_step(assets, tmp_path)
     for key, value in out.logs().items():
         if key in logged:
             assert logged[key] == pytest.approx(value, rel=1e-4, abs=2e-6), key
+
+
+@pytest.mark.parametrize("broken", ["no_config", "truncated"])
+def test_a_broken_probe_is_one_line_and_leaves_no_output_folder(script, assets, tmp_path, capsys, broken):
+    """A probe folder without config.json, or with truncated weights: one line naming the option and the fix, no
+    traceback, and no output folder left behind (the run created it before loading the models)."""
+    import shutil
+
+    probe = tmp_path / "probe"
+    shutil.copytree(assets["depth"]["probe"], probe)
+    if broken == "no_config":
+        os.remove(probe / "config.json")
+        expected = r"--probe_model_name_or_path '.*probe' is a folder without config.json: it is not a saved model"
+    else:
+        weights = probe / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = r"--probe_model_name_or_path '.*probe' could not be loaded as a ReadoutProbe \(.*\)\. Its weights may be truncated"
+    args = base_args(assets, "depth", tmp_path / "out", steps=1)
+    args[args.index("--probe_model_name_or_path") + 1] = str(probe)
+    with pytest.raises(SystemExit) as info:
+        script.cli_main(args)
+    assert info.value.code == 1
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and re.match(r"error: " + expected, err[0]) and "Traceback" not in stderr, err
+    assert not os.path.exists(tmp_path / "out")

@@ -243,7 +243,8 @@ def test_train_probe_every_task(task_name, tmp_path, tiny_pipeline_path, data_ro
     assert grid.size[0] == 5 * (32 + 3) + 3 and grid.size[1] > 2 * 32  # image, control, 3 timesteps (labelled); 2 rows
 
     card = (out / "README.md").read_text()
-    for needle in (task_name, TASK_KIND[task_name], task.alignment_loss, tiny_pipeline_path, "| 0-499 |",
+    assert tiny_pipeline_path not in card  # no machine paths: the folder's name
+    for needle in (task_name, TASK_KIND[task_name], task.alignment_loss, os.path.basename(tiny_pipeline_path), "| 0-499 |",
                    "images_0.png", "feature channels"):
         assert needle in card, needle
     assert os.path.isfile(out / "images_0.png")

@@ -14,6 +14,7 @@ from diffusers_innercontrol.training_utils import (
     NonFiniteLossError,
     StepPlan,
     first_nonfinite,
+    move_frozen,
     nonfinite_message,
     optimizer_step,
     plan_steps,
@@ -201,3 +202,14 @@ def test_where_saved_names_what_is_there(tmp_path):
     assert where_saved(str(out), "The ControlNet", "logs") == (
         f"The ControlNet saved in {out}: diffusion_pytorch_model.safetensors, config.json; model card README.md; "
         f"grids images_0.png, images_1.png; logs in {out / 'logs'}.")
+
+
+def test_move_frozen_casts_only_when_the_dtype_differs(tiny_components, caplog):
+    import copy
+
+    vae = copy.deepcopy(tiny_components["vae"])
+    with caplog.at_level("WARNING"):
+        assert move_frozen(vae, "cpu", torch.float32) is vae and vae.dtype == torch.float32
+    assert "should be kept in float32" not in caplog.text
+    move_frozen(vae, "cpu", torch.bfloat16)
+    assert vae.dtype == torch.bfloat16

@@ -113,11 +113,12 @@ def validate_args(args):
     check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", revision=args.revision)
     if args.tokenizer_name:
         check_model_available(args.tokenizer_name, "--tokenizer_name")
-    check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path")
+    check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path", required="config.json")
     if args.annotator_model_name_or_path:
         check_model_available(args.annotator_model_name_or_path, "--annotator_model_name_or_path")
     if task.beta > 0:
-        check_model_available(args.probe_model_name_or_path, "--probe_model_name_or_path", revision=args.probe_revision)
+        check_model_available(args.probe_model_name_or_path, "--probe_model_name_or_path", revision=args.probe_revision,
+                              required="config.json")
     if task.alpha > 0:
         check_model_available(
             args.reward_model_name_or_path or task.reward_model_id, "--reward_model_name_or_path",
@@ -260,11 +261,16 @@ def main(args):
     from transformers import AutoTokenizer, CLIPTextModel
 
     from diffusers_innercontrol import checkpointing, cli, data, hub
+    from diffusers_innercontrol.hub_utils import load_pretrained
 
     # ---- everything that can be checked without training, first
+    global _TRAINING_STARTED
+    _TRAINING_STARTED = False
+    cli.check_training_dependencies(args)  # before the ShapesWorld folders are rendered
     from diffusers_innercontrol.toy.quickstart import prepare_default_world
     from diffusers_innercontrol.training import conditioning_channels_for, controlnet_step, encode_images
     from diffusers_innercontrol.training_utils import (
+        move_frozen,
         optimizer_step,
         plan_steps,
         setup_accelerator,
@@ -304,12 +310,13 @@ def main(args):
     if task.beta > 0:
         from diffusers_innercontrol.models.readout_probe import ReadoutProbe
 
-        probe = ReadoutProbe.from_pretrained(args.probe_model_name_or_path, revision=args.probe_revision,
-                                             cache_dir=args.cache_dir)
+        probe = load_pretrained(ReadoutProbe, args.probe_model_name_or_path, "--probe_model_name_or_path",
+                                revision=args.probe_revision, cache_dir=args.cache_dir)
         check_probe(probe, unet, task)
     if args.controlnet_model_name_or_path:
         logger.info(f"Loading the ControlNet {args.controlnet_model_name_or_path}")
-        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+        controlnet = load_pretrained(ControlNetModel, args.controlnet_model_name_or_path, "--controlnet_model_name_or_path",
+                                     cache_dir=args.cache_dir)
     else:
         logger.info("Initialising the ControlNet from the UNet")
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor))
@@ -369,9 +376,8 @@ def main(args):
     controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, train_dataloader, lr_scheduler)
 
     weight_dtype = weight_dtype_of(accelerator)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for frozen in (vae, unet, text_encoder):
+        move_frozen(frozen, accelerator.device, weight_dtype)
     if probe is not None:
         probe.to(accelerator.device)  # fp32; autocast handles the fp16/bf16 features
     if ema is not None:
@@ -401,7 +407,6 @@ def main(args):
     validated_step = None
     last_logs = {}
 
-    global _TRAINING_STARTED
     _TRAINING_STARTED = True
     t_start = time.perf_counter()
     batches = train_batches(accelerator, train_dataloader, plan, state, args.gradient_accumulation_steps)

@@ -65,7 +65,7 @@ from diffusers_innercontrol.data import (
 )
 from diffusers_innercontrol.features import check_probe_fits_unet
 from diffusers_innercontrol.hub import push_folder, save_model_card
-from diffusers_innercontrol.hub_utils import check_model_available
+from diffusers_innercontrol.hub_utils import check_model_available, load_pretrained
 from diffusers_innercontrol.probe_eval import (
     DEFAULT_GRID_TIMESTEPS,
     evaluate_probe,
@@ -76,6 +76,7 @@ from diffusers_innercontrol.tasks import PRESETS, TASK_NAMES
 from diffusers_innercontrol.toy.quickstart import parse_with_default_world, prepare_default_world
 from diffusers_innercontrol.training import encode_images, probe_step
 from diffusers_innercontrol.training_utils import (
+    move_frozen,
     optimizer_step,
     plan_steps,
     setup_accelerator,
@@ -216,9 +217,9 @@ def load_models(args, weight_dtype):
     check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", subfolder="unet",
                           revision=args.revision)
     if args.controlnet_model_name_or_path:
-        check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path")
+        check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path", required="config.json")
     if args.init_probe:
-        check_model_available(args.init_probe, "--init_probe")
+        check_model_available(args.init_probe, "--init_probe", required="config.json")
     path, common = args.pretrained_model_name_or_path, dict(revision=args.revision, cache_dir=args.cache_dir)
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or path, subfolder=None if args.tokenizer_name else "tokenizer", **common)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
@@ -227,7 +228,8 @@ def load_models(args, weight_dtype):
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
     controlnet = None
     if args.controlnet_model_name_or_path:
-        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+        controlnet = load_pretrained(ControlNetModel, args.controlnet_model_name_or_path, "--controlnet_model_name_or_path",
+                                     cache_dir=args.cache_dir)
     for model in (text_encoder, vae, unet, controlnet):
         if model is not None:
             model.requires_grad_(False)
@@ -261,7 +263,7 @@ def check_models(args, task, models) -> None:
 def build_probe(args, task, unet) -> ReadoutProbe:
     """A new probe for `unet`'s features (the task's configuration), or `--init_probe`, checked against the UNet."""
     if args.init_probe:
-        probe = ReadoutProbe.from_pretrained(args.init_probe, cache_dir=args.cache_dir)
+        probe = load_pretrained(ReadoutProbe, args.init_probe, "--init_probe", cache_dir=args.cache_dir)
         cfg = probe.config
         for option, field, wanted in (("feature_kind", "feature_kind", args.feature_kind),
                                       ("feature_scale", "feature_scale", args.feature_scale),
@@ -401,6 +403,7 @@ def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(args):
+    cli.check_training_dependencies(args)  # before the ShapesWorld folders are rendered
     prepare_default_world(args)  # renders the ShapesWorld folders of a run with no model and no data
     validate_args(args)
     task = resolve_task(args)
@@ -429,7 +432,7 @@ def main(args):
 
     for model in (unet, vae, text_encoder, models["controlnet"]):
         if model is not None:
-            model.to(accelerator.device, dtype=weight_dtype)
+            move_frozen(model, accelerator.device, weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:

@@ -28,7 +28,9 @@ API (stable; `train_probe.py` imports it):
 """
 
 import argparse
+import importlib.util
 import os
+import shutil
 import sys
 from typing import Optional, Sequence, Tuple
 
@@ -84,8 +86,10 @@ def add_data_args(parser: argparse.ArgumentParser):
     g.add_argument("--dataset_split", type=str, default="train", help="Split to train on.")
     g.add_argument(
         "--train_data_dir", type=str, default=None,
-        help="A local folder with metadata.jsonl: one JSON object per line with the image file name ('file_name' "
-             "or the image column), the caption, and the control's file name; file names are relative to the folder.",
+        help="A local folder with metadata.jsonl (datasets' imagefolder layout, as diffusers' train_controlnet.py reads "
+             "it): one JSON object per line with 'file_name' (the image column 'image'), '<name>_file_name' for more "
+             "images (e.g. conditioning_image_file_name -> conditioning_image) and the caption; file names are "
+             "relative to the folder.",
     )
     g.add_argument("--streaming", action="store_true",
                    help="Stream the Hub dataset instead of downloading it (MultiGen-20M is over 1 TB); needs --max_train_steps.")
@@ -219,6 +223,21 @@ def pair_validation(args) -> Tuple[list, list]:
     return _pair(getattr(args, "validation_prompt", None), getattr(args, "validation_image", None))
 
 
+def check_training_dependencies(args) -> None:
+    """The optional packages this run needs (the `train` extra), checked before anything is rendered or loaded."""
+    needed = ["datasets"]
+    if getattr(args, "report_to", None) in ("tensorboard", "all"):
+        needed.append("tensorboard")
+    if getattr(args, "use_lora", False):
+        needed.append("peft")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"This run needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            f"pip install 'diffusers-innercontrol[train]' (or pip install {' '.join(missing)})."
+        )
+
+
 def validate_common_args(args):
     """Checks that need no model or data. Raises `ValueError` naming the problem and the fix."""
     if getattr(args, "dataset_name", None) and getattr(args, "train_data_dir", None):
@@ -287,13 +306,26 @@ def run_main(main, args, training_started=None, extra_errors=()):
     """
 
 
+    output_dir = getattr(args, "output_dir", None)
+    existed = output_dir is None or os.path.exists(output_dir)
     try:
         return main(args)
     except (OfflineModelError, DataError, *extra_errors) as err:
+        _remove_if_empty(output_dir, existed, training_started)
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     except ValueError as err:
         if training_started is None or training_started():
             raise
+        _remove_if_empty(output_dir, existed, training_started)
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1)
+
+
+def _remove_if_empty(output_dir, existed: bool, training_started) -> None:
+    """A run that failed before training leaves no output folder it created (only empty folders are removed)."""
+    if existed or (training_started is not None and training_started()) or not os.path.isdir(output_dir):
+        return
+    if any(files for _, _, files in os.walk(output_dir)):
+        return
+    shutil.rmtree(output_dir, ignore_errors=True)

@@ -132,6 +132,15 @@ def step_generator(seed: Optional[int], device, process_index: int, epoch: int, 
     return g
 
 
+def move_frozen(model, device, dtype: torch.dtype):
+    """Move a frozen model to `device`, casting it only when its dtype differs (diffusers warns at every cast to a
+    dtype, even to the one a model already has)."""
+    model.to(device)
+    if model.dtype != dtype:
+        model.to(dtype=dtype)
+    return model
+
+
 def where_saved(output_dir: str, what: str, logging_dir: Optional[str] = None) -> str:
     """The run's last line: where the weights, the model card, the validation grids and the logs are (those present)."""
     names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []

@@ -82,7 +82,7 @@ def validation_pairs(task_name: str, n: int = 2, resolution: int = RESOLUTION, s
     prompts, images = [], []
     with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    key = get_task(task_name).conditioning_column  # ShapesWorld's columns carry the tasks' MultiGen names
+    key = get_task(task_name).conditioning_column + "_file_name"  # ShapesWorld's columns carry the tasks' names
     for row in rows[:n]:
         prompts.append(row["text"])
         images.append(os.path.join(folder, row[key]))
@@ -132,7 +132,7 @@ def shapesworld_defaults(task, script: str = "controlnet", resolution: int = RES
     defaults.update({option: bundled_path(name) for option, name in wanted.items() if bundled_path(name)})
     defaults["train_data_dir"] = _folder_path(NUM_SCENES, resolution)
     folders = [(NUM_SCENES, resolution, 0, 0)]
-    if script == "controlnet" and validation_pairs:
+    if script == "controlnet" and validation_pairs and resolution % 8 == 0 and resolution >= 32:  # else main says why
         n = 2
         folder = _folder_path(n, resolution, 0, VALIDATION_START)
         world = ShapesWorld(size=resolution, seed=0)
@@ -176,7 +176,13 @@ def prepare_default_world(args) -> List[str]:
     In `main`: render the ShapesWorld folders the defaults point at (once, into the cache) and say in one line
     what the run trains on. Returns the folders; nothing happens for a run with a model or data of its own.
     """
-    folders = [shapesworld_folder(*spec) for spec in getattr(args, "shapesworld_folders", None) or []]
+    specs = getattr(args, "shapesworld_folders", None) or []
+    if specs and (args.resolution % 8 or args.resolution < 32):
+        raise ValueError(
+            f"--resolution {args.resolution}: ShapesWorld renders multiples of 8 from 32 px; pass --resolution 64 (the "
+            "bundled toy SD's size) or leave it out."
+        )
+    folders = [shapesworld_folder(*spec) for spec in specs]
     if folders and os.environ.get("LOCAL_RANK", "0") == "0":
         print(
             f"No model or data given: training on ShapesWorld (bundled toy SD at {args.pretrained_model_name_or_path}, "

@@ -566,10 +566,10 @@ class ShapesWorld:
         """
         Write samples `start .. start + n - 1` as PNGs plus `metadata.jsonl` (a `--train_data_dir` folder).
 
-        The images go to `path/images/`, each control to `path/<column>/`; each metadata row holds
-        `file_name` (the image), `text`, `prompt` and each control column as a file name relative to `path`
-        (e.g. `"hed": "hed/000007.png"`). `datasets.load_dataset("imagefolder", data_dir=path)` loads it
-        (controls as file-name strings), and so does the project's `--train_data_dir`.
+        The images go to `path/images/`, each control to `path/<column>/`; each metadata row holds `file_name` (the
+        image), `text`, `prompt` and `<column>_file_name` for each control, relative to `path` (e.g.
+        `"hed_file_name": "hed/000007.png"`): diffusers' ControlNet layout, which `datasets`' `imagefolder` builder
+        loads as the image columns `image`, `hed`, ... (the project's `--train_data_dir` reads it that way).
         """
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}.")
@@ -588,7 +588,7 @@ class ShapesWorld:
                         continue
                     rel = f"{'images' if c == 'image' else c}/{name}"
                     row[c].save(os.path.join(path, rel))
-                    meta["file_name" if c == "image" else c] = rel
+                    meta["file_name" if c == "image" else f"{c}_file_name"] = rel
                 f.write(json.dumps(meta) + "\n")
         return path
 
