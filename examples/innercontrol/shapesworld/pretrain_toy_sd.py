@@ -384,9 +384,16 @@ def log_validation(vae, text_encoder, tokenizer, unet, scheduler, args, accelera
     return grid, [r["text"] for r in refs]
 
 
-def save_model_card(args, path, captions, sizes_mb, timings):
+def save_model_card(args, path, captions, sizes_mb, timings, latent_channels: int = 4):
     """README.md for the toy pipeline (written after save_pretrained, which would not keep it)."""
     caption_lines = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
+    name = lambda folder: os.path.basename(os.path.normpath(folder))  # noqa: E731  (no machine paths in the card)
+    origin = "trained from scratch"
+    if args.init_from:
+        origin = f"continued from `{name(args.init_from)}`"
+        if args.unet_init_from:
+            origin += (f" (its VAE), the UNet and text encoder started from `{name(args.unet_init_from)}`'s (the UNet's "
+                       "conv_in and conv_out re-initialised for the latent channels),")
     text = f"""---
 license: apache-2.0
 library_name: diffusers
@@ -401,11 +408,11 @@ tags:
 # Toy Stable Diffusion for ShapesWorld
 
 A Stable Diffusion pipeline with SD1.5's classes (`AutoencoderKL`, `UNet2DConditionModel`, `CLIPTextModel`)
-scaled down and trained from scratch on ShapesWorld ({args.resolution} px; `diffusers_innercontrol.toy.shapesworld`)
+scaled down and {origin} on ShapesWorld ({args.resolution} px; `diffusers_innercontrol.toy.shapesworld`)
 by `examples/innercontrol/shapesworld/pretrain_toy_sd.py`. It exists to make the InnerControl scripts
 runnable and testable on a CPU; it knows nothing but coloured shapes.
 
-- VAE: block widths {list(args.vae_channels)}, scale factor {2 ** (len(args.vae_channels) - 1)}, latent scaling factor measured on the data.
+- VAE: block widths {list(args.vae_channels)}, scale factor {2 ** (len(args.vae_channels) - 1)}, {latent_channels} latent channels, latent scaling factor measured on the data.
 - UNet: block widths {list(args.unet_channels)}, {args.layers_per_block} layers per block, cross-attention dim {args.text_hidden_size}.
 - Text encoder: CLIP, {args.text_layers} layers, width {args.text_hidden_size}; word-level tokenizer (one token per caption word).
 - Training: VAE {args.vae_steps} steps, then UNet + text encoder {args.unet_steps} steps, batch {args.train_batch_size},
@@ -625,7 +632,7 @@ def main(args):
         )
         pipe.save_pretrained(args.output_dir, safe_serialization=True)
         saved_mb = folder_megabytes(args.output_dir)
-        save_model_card(args, args.output_dir, captions, saved_mb, timings)
+        save_model_card(args, args.output_dir, captions, saved_mb, timings, latent_channels=vae.config.latent_channels)
         print(f"Saved the toy Stable Diffusion to {args.output_dir}: total size of the weights {saved_mb:.2f} MB "
               f"(limit {args.max_size_mb} MB); timings {timings}")
         if saved_mb > args.max_size_mb:
