@@ -4,9 +4,9 @@
 #
 #   bash examples/innercontrol/shapesworld/make_bundle.sh WORK_DIR [JOBS]
 #
-#   0. toy-sd            pretrain_toy_sd.py: a 4-channel toy SD (three runs), an 8-channel VAE, and the toy SD's UNet
-#                        on the 8-channel latents, warm-started from the 4-channel UNet (skipped when WORK_DIR/toy-sd
-#                        or TOY_SD=DIR exists)
+#   0. toy-sd            pretrain_toy_sd.py, three runs (skipped when WORK_DIR/toy-sd or TOY_SD=DIR exists); with
+#                        TOY_SD_8CH=1 also the 8-channel candidate toy-sd-8ch (an 8-channel VAE, then the UNet on its
+#                        latents started from toy-sd's)
 #   1. reward-<task>     train_toy_evaluators.py --model_kind reward   (the models the reward loss uses)
 #      eval-<task>       train_toy_evaluators.py --model_kind eval     (wider, another seed: the evaluators)
 #      controlnet-<task> train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone; LineArt continues
@@ -51,21 +51,21 @@ export WORK
 TOY_SD=${TOY_SD:-$WORK/toy-sd}
 if [ ! -f "$TOY_SD/README.md" ]; then  # the model card is written last
   P="$LAUNCH $HERE/pretrain_toy_sd.py"
-  # a 4-channel toy SD: its UNet and text encoder start the final one
   [ -f "$WORK/toy-sd-a/README.md" ] || timed toy-sd-a $P --output_dir "$WORK/toy-sd-a" --num_train_samples 4000 \
     --train_batch_size 12 --vae_steps 600 --unet_steps 3000 --use_ema --beta_schedule scaled_linear --snr_gamma 0
   [ -f "$WORK/toy-sd-b/README.md" ] || timed toy-sd-b $P --output_dir "$WORK/toy-sd-b" --init_from "$WORK/toy-sd-a" \
     --num_train_samples 6000 --train_batch_size 16 --vae_steps 0 --unet_steps 4500 --use_ema --beta_schedule scaled_linear --snr_gamma 0
-  [ -f "$WORK/toy-sd-4ch/README.md" ] || timed toy-sd-4ch $P --output_dir "$WORK/toy-sd-4ch" --init_from "$WORK/toy-sd-b" \
-    --num_train_samples 8000 --render_workers 1 --train_batch_size 16 --vae_steps 400 --unet_steps 4000 --use_ema \
-    --validation_steps 1000 --offset_noise 0.15
-  # an 8-channel VAE (its round trip closes far more of the fidelity gap: docs/shapesworld.md)
-  [ -f "$WORK/vae8/README.md" ] || timed vae8 $P --output_dir "$WORK/vae8" --latent_channels 8 --vae_steps 1500 \
-    --unet_steps 0 --num_train_samples 8000 --render_workers 1 --train_batch_size 16
-  # the UNet on its latents, from the 4-channel UNet (conv_in / conv_out re-initialised)
-  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$WORK/vae8" --unet_init_from "$WORK/toy-sd-4ch" --vae_steps 0 \
-    --unet_steps 4000 --use_ema --beta_schedule scaled_linear --snr_gamma 0 --offset_noise 0.15 --num_train_samples 8000 \
-    --render_workers 1 --train_batch_size 16 --validation_steps 1000
+  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$WORK/toy-sd-b" --num_train_samples 8000 --render_workers 1 \
+    --train_batch_size 16 --vae_steps 400 --unet_steps 4000 --use_ema --validation_steps 1000 --offset_noise 0.15
+  # the 8-channel candidate (docs/shapesworld.md; not shipped yet), with TOY_SD_8CH=1: an 8-channel VAE and the UNet
+  # on its latents, started from this 4-channel UNet
+  if [ -n "${TOY_SD_8CH:-}" ]; then
+    [ -f "$WORK/vae8/README.md" ] || timed vae8 $P --output_dir "$WORK/vae8" --latent_channels 8 --vae_steps 1500 \
+      --unet_steps 0 --num_train_samples 8000 --render_workers 1 --train_batch_size 16
+    [ -f "$WORK/toy-sd-8ch/README.md" ] || timed toy-sd-8ch $P --output_dir "$WORK/toy-sd-8ch" --init_from "$WORK/vae8" \
+      --unet_init_from "$TOY_SD" --vae_steps 0 --unet_steps 4000 --use_ema --beta_schedule scaled_linear --snr_gamma 0 \
+      --offset_noise 0.15 --num_train_samples 8000 --render_workers 1 --train_batch_size 16 --validation_steps 1000
+  fi
 fi
 
 # ---------------------------------------------------------------- 1. rewards, evaluators, ControlNets, probes
