@@ -292,7 +292,6 @@ def build_optimizer(params, args, accelerator=None):
 
         optimizer_cls = bnb.optim.AdamW8bit
     else:
-
         optimizer_cls = torch.optim.AdamW
     return optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -304,7 +303,6 @@ def run_main(main, args, training_started=None, extra_errors=()):
     a model id that needs the network offline, unusable data, and (until `training_started()` says otherwise) the
     `ValueError`s of the argument checks, each of which names the problem and the fix.
     """
-
 
     output_dir = getattr(args, "output_dir", None)
     existed = output_dir is None or os.path.exists(output_dir)

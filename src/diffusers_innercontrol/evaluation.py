@@ -171,7 +171,6 @@ def load_eval_dataset(args, task, annotator: Optional[Callable] = None) -> EvalD
     HED/LineArt controls when the data has no control column.
     """
 
-
     default_name, default_split = EVAL_DATASETS[task.name]
     name = getattr(args, "dataset_name", None) or default_name
     split = getattr(args, "dataset_split", None) or (default_split if name == default_name else "train")
@@ -338,7 +337,6 @@ class DepthEvaluator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, option: str = "--depth_model_name_or_path") -> "DepthEvaluator":
-
         check_model_available(name_or_path, option)
         return cls(DPTForDepthEstimation.from_pretrained(name_or_path), _auto_image_processor(name_or_path))
 
@@ -376,7 +374,6 @@ class SegmentationEvaluator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, option: str = "--seg_model_name_or_path") -> "SegmentationEvaluator":
-
         check_model_available(name_or_path, option)
         config = AutoConfig.from_pretrained(name_or_path)
         universal = config.model_type in UNIVERSAL_SEGMENTATION_TYPES
@@ -522,7 +519,6 @@ def probe_bucket_errors(task, pipe, probe, dataset, indices: Sequence[int], batc
     Returns:
         `probe_eval.BucketErrors` (`.to_dict()`, `.to_markdown()`).
     """
-
 
     device = device or pipe.unet.device
     dtype = pipe.unet.dtype

@@ -284,7 +284,6 @@ class PretrainedImageFeatures(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str) -> "PretrainedImageFeatures":
-
         config = AutoConfig.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
         try:
