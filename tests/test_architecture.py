@@ -2,10 +2,13 @@
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+REPO = os.path.join(os.path.dirname(__file__), "..")
 PACKAGE = "diffusers_innercontrol"
 
 
@@ -110,3 +113,40 @@ def test_the_checks_can_fail(tmp_path):
     assert toy_importers(g) == {f"{PACKAGE}.a": [f"{PACKAGE}.toy.world"]}
     assert init_importers(g) == [f"{PACKAGE}.b"]
     assert cycles(g) == [[f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.a"]]
+
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "datasets")
+_RUN_AND_LIST_IMPORTS = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--task", "canny"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    print("exit", exit.code, "heavy:", sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("script", ["train_innercontrol.py", "train_probe.py"])
+def test_bad_task_is_refused_before_the_heavy_imports(script):
+    """argparse refuses `--task canny` before torch, diffusers, transformers, accelerate or datasets load (the
+    package's __init__ and the scripts import them on first use)."""
+    path = os.path.join(REPO, "examples", "innercontrol", script)
+    code = _RUN_AND_LIST_IMPORTS.format(heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "argument --task: invalid choice: 'canny'" in done.stderr, done.stderr[-2000:]
+    assert done.stdout.strip() == "exit 2 heavy: []", done.stdout + done.stderr[-2000:]
+
+
+def test_package_names_load_on_first_use():
+    """The lazy __init__ still gives every public name (and diffusers' loader its `ModelMixin`), and refuses others."""
+    import diffusers_innercontrol as pkg
+
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None
+    from diffusers.models.modeling_utils import ModelMixin
+
+    assert pkg.ModelMixin is ModelMixin and pkg.ReadoutProbe.__module__ == "diffusers_innercontrol.models.readout_probe"
+    assert set(pkg.__all__) <= set(dir(pkg))
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
+        pkg.NoSuchThing

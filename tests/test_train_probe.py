@@ -13,7 +13,7 @@ import torch
 from _data_fixtures import write_toy_dataset
 from PIL import Image
 
-from diffusers_innercontrol import ReadoutProbe, get_task
+from diffusers_innercontrol import ReadoutProbe, get_task, training
 from diffusers_innercontrol.training import probe_step
 from diffusers_innercontrol.training_utils import NonFiniteLossError
 
@@ -139,7 +139,7 @@ def test_nan_loss_stops_and_names_the_loss(script, tmp_path, tiny_pipeline_path,
     def nan_step(**kwargs):
         return torch.tensor(float("nan"), requires_grad=True)
 
-    monkeypatch.setattr(script, "probe_step", nan_step)
+    monkeypatch.setattr(training, "probe_step", nan_step)  # main imports it from there when it runs
     argv = _base("depth", tiny_pipeline_path, data_root, tmp_path) + ["--max_train_steps", "2"]
     with pytest.raises(NonFiniteLossError, match=r"^The probe \(mse\) loss is nan at step 1 \(epoch 0\); training stopped\. No checkpoint"):
         _run_main(script, argv)

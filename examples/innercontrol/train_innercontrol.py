@@ -17,7 +17,8 @@ import statistics
 import time
 from typing import List, Optional
 
-import torch
+# torch, diffusers, transformers and the models are imported inside the functions: argparse checks the arguments
+# (and --task) before those heavy imports.
 
 logger = logging.getLogger("train_innercontrol")
 
@@ -165,6 +166,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, 
     Images from the ControlNet for each (prompt, control) pair and, with a probe, what it reads out of the UNet at
     a few denoising steps of the first image (`StableDiffusionControlNetReadoutPipeline`, rendered per task).
     """
+    import torch
     from diffusers import UniPCMultistepScheduler
 
     from diffusers_innercontrol.cli import pair_validation
@@ -255,6 +257,7 @@ def validation_grid(logs, tile: int = 128):
 
 # --------------------------------------------------------------------------------------------- training
 def main(args):
+    import torch
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -513,10 +516,12 @@ def unwrap(accelerator, model, keep_fp32_wrapper=True):
 
 def cli_main(argv=None):
     """Entry point: bad input ends with one line on stderr and exit status 1, before any training."""
-    from diffusers_innercontrol import cli, training_utils
+    from diffusers_innercontrol import cli
 
-    return cli.run_main(main, parse_args(argv), training_started=lambda: _TRAINING_STARTED,
-                        extra_errors=(training_utils.NonFiniteLossError,))
+    args = parse_args(argv)  # argparse first: nothing heavy is imported before the arguments are checked
+    from diffusers_innercontrol.training_utils import NonFiniteLossError
+
+    return cli.run_main(main, args, training_started=lambda: _TRAINING_STARTED, extra_errors=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

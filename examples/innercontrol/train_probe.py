@@ -34,16 +34,13 @@ probe_error.json, validation_grid.png, README.md (model card), checkpoint-N/, va
 """
 
 import argparse
+import logging
 import os
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
-import torch
-from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
-from tqdm.auto import tqdm
-
-from diffusers_innercontrol import ReadoutProbe, cli, decoder_feature_channels, get_task
-from diffusers_innercontrol.checkpointing import resume_from_checkpoint, save_checkpoint
+# Only light imports here: argparse checks the arguments (and --task) before torch, diffusers and the models load,
+# which happens in the functions below.
+from diffusers_innercontrol import cli
 from diffusers_innercontrol.cli import (
     add_checkpointing_args,
     add_data_args,
@@ -54,39 +51,15 @@ from diffusers_innercontrol.cli import (
     add_training_args,
     validate_common_args,
 )
-from diffusers_innercontrol.data import (
-    DataConfig,
-    build_train_dataset,
-    check_resolution,
-    check_samples,
-    collate_fn,
-    split_held_out,
-    vae_scale_factor_of,
-)
-from diffusers_innercontrol.features import check_probe_fits_unet
-from diffusers_innercontrol.hub import push_folder, save_model_card
-from diffusers_innercontrol.hub_utils import check_model_available, load_pretrained
-from diffusers_innercontrol.probe_eval import (
-    DEFAULT_GRID_TIMESTEPS,
-    evaluate_probe,
-    predict_at_timesteps,
-    validation_grid,
-)
-from diffusers_innercontrol.tasks import PRESETS, TASK_NAMES
-from diffusers_innercontrol.toy.quickstart import parse_with_default_world, prepare_default_world
-from diffusers_innercontrol.training import encode_images, probe_step
-from diffusers_innercontrol.training_utils import (
-    move_frozen,
-    optimizer_step,
-    plan_steps,
-    setup_accelerator,
-    step_generator,
-    train_batches,
-    weight_dtype_of,
-    where_saved,
-)
+from diffusers_innercontrol.tasks import DEFAULT_GRID_TIMESTEPS, PRESETS, TASK_NAMES, get_task
+from diffusers_innercontrol.toy.quickstart import parse_with_default_world
 
-logger = get_logger(__name__)
+if TYPE_CHECKING:
+    import torch
+
+    from diffusers_innercontrol import ReadoutProbe
+
+logger = logging.getLogger("train_probe")
 
 PROBE_ERROR_FILE = "probe_error.json"
 GRID_FILE = "validation_grid.png"
@@ -214,6 +187,8 @@ def load_models(args, weight_dtype):
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from diffusers_innercontrol.hub_utils import check_model_available, load_pretrained
+
     check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", subfolder="unet",
                           revision=args.revision)
     if args.controlnet_model_name_or_path:
@@ -240,6 +215,9 @@ def load_models(args, weight_dtype):
 
 def check_models(args, task, models) -> None:
     """Shapes that must fit before anything is trained: resolution vs VAE/UNet, ControlNet vs UNet."""
+    from diffusers_innercontrol import decoder_feature_channels
+    from diffusers_innercontrol.data import check_resolution, vae_scale_factor_of
+
     unet = models["unet"]
     check_resolution(args.resolution, vae_scale_factor_of(models["vae"].config))
     controlnet = models["controlnet"]
@@ -260,8 +238,12 @@ def check_models(args, task, models) -> None:
         raise ValueError(f"{err} Pass --feature_kind {'resnet' if task.feature_kind == 'attention' else 'attention'}.") from None
 
 
-def build_probe(args, task, unet) -> ReadoutProbe:
+def build_probe(args, task, unet) -> "ReadoutProbe":
     """A new probe for `unet`'s features (the task's configuration), or `--init_probe`, checked against the UNet."""
+    from diffusers_innercontrol import ReadoutProbe
+    from diffusers_innercontrol.features import check_probe_fits_unet
+    from diffusers_innercontrol.hub_utils import load_pretrained
+
     if args.init_probe:
         probe = load_pretrained(ReadoutProbe, args.init_probe, "--init_probe", cache_dir=args.cache_dir)
         cfg = probe.config
@@ -287,6 +269,8 @@ def build_probe(args, task, unet) -> ReadoutProbe:
 # ------------------------------------------------------------------------------------------------ data
 def build_datasets(args, task, tokenizer):
     """(train dataset, held-out dataset or None) from the shared data module."""
+    from diffusers_innercontrol.data import DataConfig, build_train_dataset, split_held_out
+
     config = DataConfig.from_args(args)
     train_dataset, columns = build_train_dataset(config, task, tokenizer)
     val_dataset = None
@@ -303,6 +287,10 @@ def build_datasets(args, task, tokenizer):
 
 def first_samples(dataset, n: int):
     """The first `n` samples of a dataset, collated (the rows of the validation grid)."""
+    import torch
+
+    from diffusers_innercontrol.data import collate_fn
+
     if isinstance(dataset, torch.utils.data.IterableDataset):
         examples = []
         for example in dataset:
@@ -318,6 +306,10 @@ def first_samples(dataset, n: int):
 def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_dataloader, accelerator, step,
                    weight_dtype, final: bool = False):
     """Grid of predictions at several t (PNG + trackers) and the error per t bucket on held-out data (JSON)."""
+    import torch
+
+    from diffusers_innercontrol.probe_eval import evaluate_probe, predict_at_timesteps, validation_grid
+
     logger.info(f"Running validation at step {step}")
     probe = accelerator.unwrap_model(probe)
     out_dir = os.path.join(args.output_dir, "validation")
@@ -369,6 +361,8 @@ def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_d
 # ------------------------------------------------------------------------------------------------ card
 def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
     """The probe's card: task, feature kind, channels, base model, loss, error per t bucket, the grid."""
+    from diffusers_innercontrol.hub import save_model_card
+
     cfg = probe.config
     train_args = {  # the task, base model, feature kind and loss rows are written by hub.save_model_card
         "feature channels": list(cfg.feature_channels),
@@ -403,6 +397,26 @@ def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(args):
+    import torch
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from diffusers_innercontrol.checkpointing import resume_from_checkpoint, save_checkpoint
+    from diffusers_innercontrol.data import check_samples, collate_fn
+    from diffusers_innercontrol.hub import push_folder
+    from diffusers_innercontrol.toy.quickstart import prepare_default_world
+    from diffusers_innercontrol.training import encode_images, probe_step
+    from diffusers_innercontrol.training_utils import (
+        move_frozen,
+        optimizer_step,
+        plan_steps,
+        setup_accelerator,
+        step_generator,
+        train_batches,
+        weight_dtype_of,
+        where_saved,
+    )
+
     cli.check_training_dependencies(args)  # before the ShapesWorld folders are rendered
     prepare_default_world(args)  # renders the ShapesWorld folders of a run with no model and no data
     validate_args(args)
@@ -411,7 +425,7 @@ def main(args):
         args.max_train_steps = task.probe_train_steps
 
     accelerator = setup_accelerator(args)
-    logger.info(accelerator.state, main_process_only=False)
+    logger.info(accelerator.state)
     weight_dtype = weight_dtype_of(accelerator)
 
     # Models, then every shape check, then the data (decoded up front): all before any training.
@@ -445,7 +459,7 @@ def main(args):
         ).input_ids.to(accelerator.device)
         empty_embedding = text_encoder(empty_ids, return_dict=False)[0]
 
-    def batch_inputs(batch, generator=None) -> Dict[str, torch.Tensor]:
+    def batch_inputs(batch, generator=None) -> Dict[str, "torch.Tensor"]:
         """Latents, text embeddings and controls of a collated batch (frozen models, no_grad)."""
         with torch.no_grad():
             pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)

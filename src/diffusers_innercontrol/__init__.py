@@ -4,42 +4,62 @@ reward and alignment losses (Eq. 8 of "Heeding the inner voice")."""
 
 __version__ = "0.1.0"
 
-# diffusers' loader looks up `ModelMixin` in the top-level namespace of a pipeline component's library
-# (model_index.json records ["diffusers_innercontrol", "ReadoutProbe"]): keep it exported here.
-from diffusers.models.modeling_utils import ModelMixin
+import importlib
+from typing import TYPE_CHECKING
 
-from .annotators import load_annotator
-from .convert import load_readout_guidance_checkpoint
-from .features import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch
-from .models.readout_probe import ReadoutProbe, ReadoutProbeOutput
-from .palette import ade20k_palette, classes_to_control, control_to_classes
-from .pipeline_readout import ReadoutPipelineOutput, StableDiffusionControlNetReadoutPipeline
-from .probe_eval import BucketErrors, evaluate_probe
-from .rewards import load_reward_model
-from .tasks import Task, get_task, list_tasks
-from .toy import ShapesWorld, save_tiny_reward_model, write_word_tokenizer  # the toy world, re-exported
+# Every public name is imported on first use (PEP 562), so that `diffusers_innercontrol.tasks` or `.cli` load
+# without torch and diffusers: the training scripts check `--task` with argparse before those heavy imports.
+# diffusers' loader looks up `ModelMixin` on this module (model_index.json records
+# ["diffusers_innercontrol", "ReadoutProbe"]); `getattr` finds it here like every other name.
+_EXPORTS = {
+    "ModelMixin": "diffusers.models.modeling_utils",
+    "ReadoutProbe": ".models.readout_probe",
+    "ReadoutProbeOutput": ".models.readout_probe",
+    "DecoderFeatureExtractor": ".features",
+    "decoder_feature_channels": ".features",
+    "split_guidance_batch": ".features",
+    "Task": ".tasks",
+    "get_task": ".tasks",
+    "list_tasks": ".tasks",
+    "load_readout_guidance_checkpoint": ".convert",
+    "load_annotator": ".annotators",
+    "ade20k_palette": ".palette",
+    "classes_to_control": ".palette",
+    "control_to_classes": ".palette",
+    "load_reward_model": ".rewards",
+    "save_tiny_reward_model": ".toy",
+    "StableDiffusionControlNetReadoutPipeline": ".pipeline_readout",
+    "ReadoutPipelineOutput": ".pipeline_readout",
+    "BucketErrors": ".probe_eval",
+    "evaluate_probe": ".probe_eval",
+    "ShapesWorld": ".toy",  # the toy world, re-exported
+    "write_word_tokenizer": ".toy",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "ModelMixin",
-    "ReadoutProbe",
-    "ReadoutProbeOutput",
-    "DecoderFeatureExtractor",
-    "decoder_feature_channels",
-    "split_guidance_batch",
-    "Task",
-    "get_task",
-    "list_tasks",
-    "load_readout_guidance_checkpoint",
-    "load_annotator",
-    "ade20k_palette",
-    "classes_to_control",
-    "control_to_classes",
-    "load_reward_model",
-    "save_tiny_reward_model",
-    "StableDiffusionControlNetReadoutPipeline",
-    "ReadoutPipelineOutput",
-    "BucketErrors",
-    "evaluate_probe",
-    "ShapesWorld",
-    "write_word_tokenizer",
-]
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # once imported, a plain module attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what IDEs and type checkers see
+    from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+
+    from .annotators import load_annotator  # noqa: F401
+    from .convert import load_readout_guidance_checkpoint  # noqa: F401
+    from .features import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch  # noqa: F401
+    from .models.readout_probe import ReadoutProbe, ReadoutProbeOutput  # noqa: F401
+    from .palette import ade20k_palette, classes_to_control, control_to_classes  # noqa: F401
+    from .pipeline_readout import ReadoutPipelineOutput, StableDiffusionControlNetReadoutPipeline  # noqa: F401
+    from .probe_eval import BucketErrors, evaluate_probe  # noqa: F401
+    from .rewards import load_reward_model  # noqa: F401
+    from .tasks import Task, get_task, list_tasks  # noqa: F401
+    from .toy import ShapesWorld, save_tiny_reward_model, write_word_tokenizer  # noqa: F401

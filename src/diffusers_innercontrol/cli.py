@@ -34,9 +34,6 @@ import shutil
 import sys
 from typing import Optional, Sequence, Tuple
 
-import torch
-
-from .data import DataError
 from .hub_utils import OfflineModelError
 
 # bitsandbytes (--use_8bit_adam) is imported where it is used: an optional dependency.
@@ -292,6 +289,8 @@ def build_optimizer(params, args, accelerator=None):
 
         optimizer_cls = bnb.optim.AdamW8bit
     else:
+        import torch  # here, not at the top: parsing the arguments must not load torch (scripts check --task first)
+
         optimizer_cls = torch.optim.AdamW
     return optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -303,6 +302,8 @@ def run_main(main, args, training_started=None, extra_errors=()):
     a model id that needs the network offline, unusable data, and (until `training_started()` says otherwise) the
     `ValueError`s of the argument checks, each of which names the problem and the fix.
     """
+
+    from .data import DataError  # loads torch: after the arguments are parsed
 
     output_dir = getattr(args, "output_dir", None)
     existed = output_dir is None or os.path.exists(output_dir)

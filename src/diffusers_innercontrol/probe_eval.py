@@ -23,9 +23,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .render import labeled_grid, render_readout, to_pil
+from .tasks import DEFAULT_GRID_TIMESTEPS
 from .training import probe_features, probe_step
-
-DEFAULT_GRID_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 # --- buckets -----------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ ALIGNMENT_RESIZE = ("nearest", "area", "readout")
 # How a regression probe's channels meet the (grey, one-channel) control: "mean" compares their mean with it; "each"
 # compares every channel with it (the released HED alignment, a per-channel MSE against the 3-channel grey control).
 ALIGNMENT_CHANNELS = ("mean", "each")
+# the timesteps at which a probe's readouts are shown by default (validation grids)
+DEFAULT_GRID_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 @dataclass(frozen=True)

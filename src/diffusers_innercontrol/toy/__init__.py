@@ -3,7 +3,26 @@
 quickstart's defaults (`quickstart`, `assets/shapesworld`), the tiny offline models and reward models for tests
 and demos (`tiny`), and the demo (`demo`). The core package imports nothing from here."""
 
-from .shapesworld import ShapesWorld, write_word_tokenizer
-from .tiny import build_tiny_components, save_tiny_pipeline, save_tiny_reward_model
+import importlib
 
-__all__ = ["ShapesWorld", "write_word_tokenizer", "build_tiny_components", "save_tiny_pipeline", "save_tiny_reward_model"]
+# imported on first use (PEP 562): the quickstart's argument defaults load without torch and diffusers
+_EXPORTS = {
+    "ShapesWorld": ".shapesworld",
+    "write_word_tokenizer": ".shapesworld",
+    "build_tiny_components": ".tiny",
+    "save_tiny_pipeline": ".tiny",
+    "save_tiny_reward_model": ".tiny",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
