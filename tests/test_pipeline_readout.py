@@ -521,6 +521,30 @@ def test_call_signature_is_the_parents_then_the_readout_parameters():
     assert ours["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
 
 
+# The parameter sets that diffusers' own ControlNet pipeline tests give `PipelineTesterMixin` (its test suite is not
+# part of the installed package, so its two signature checks are restated here with the same sets).
+TEXT_TO_IMAGE_PARAMS = {"prompt", "height", "width", "guidance_scale", "negative_prompt", "prompt_embeds",
+                        "negative_prompt_embeds", "cross_attention_kwargs"}
+REQUIRED_OPTIONAL_PARAMS = {"num_inference_steps", "num_images_per_prompt", "generator", "latents", "output_type",
+                            "return_dict"}
+
+
+def test_passes_the_pipeline_tester_mixins_signature_checks():
+    """`PipelineTesterMixin.test_pipeline_call_signature` (every `params` entry is a parameter of __call__, every
+    `required_optional_params` entry one with a default) and `IPAdapterTesterMixin.test_pipeline_signature`."""
+    import inspect
+
+    from diffusers.loaders import IPAdapterMixin
+
+    parameters = inspect.signature(StableDiffusionControlNetReadoutPipeline.__call__).parameters
+    optional = {name for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    names = set(parameters) - {"self", "kwargs"}
+    assert TEXT_TO_IMAGE_PARAMS | {"image"} <= names
+    assert REQUIRED_OPTIONAL_PARAMS | {"callback_on_step_end", "callback_on_step_end_tensor_inputs"} <= optional
+    assert issubclass(StableDiffusionControlNetReadoutPipeline, IPAdapterMixin)
+    assert {"ip_adapter_image", "ip_adapter_image_embeds"} <= names
+
+
 def test_positional_prompt_and_image_still_work(pipe, control):
     out = pipe("a", control, num_inference_steps=2, output_type="np", return_readouts=True)
     assert len(out.readouts) == 2 and out.images.shape[0] == 1
