@@ -4,8 +4,9 @@ reward and alignment losses (Eq. 8 of "Heeding the inner voice")."""
 
 __version__ = "0.1.0"
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 # Every public name is imported on first use (PEP 562), so that `diffusers_innercontrol.tasks` or `.cli` load
 # without torch and diffusers: the training scripts check `--task` with argparse before those heavy imports.
@@ -38,17 +39,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value  # once imported, a plain module attribute
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:  # what IDEs and type checkers see
     from diffusers.models.modeling_utils import ModelMixin  # noqa: F401

@@ -165,12 +165,17 @@ def reward_loss_per_sample(task, prediction: torch.Tensor, control: torch.Tensor
     return per_sample_mse(prediction, target)
 
 
+def window_mean(losses: torch.Tensor, window, timesteps: Optional[torch.Tensor] = None, mask=None) -> torch.Tensor:
+    """The mean of per-sample `losses` over the samples whose timestep lies in `window` (or over `mask`; over all
+    samples when neither `mask` nor `timesteps` is given)."""
+    if mask is None:
+        mask = timestep_mask(timesteps, window) if timesteps is not None else torch.ones_like(losses)
+    return masked_mean(losses, mask.to(losses.device))
+
+
 def reward_loss(task, prediction, control, timesteps: Optional[torch.Tensor] = None, mask=None) -> torch.Tensor:
     """Eq. 6, averaged over the samples inside the reward window (pass `mask`, or `timesteps` to compute it)."""
-    losses = reward_loss_per_sample(task, prediction, control)
-    if mask is None:
-        mask = timestep_mask(timesteps, task.reward_window) if timesteps is not None else torch.ones_like(losses)
-    return masked_mean(losses, mask.to(losses.device))
+    return window_mean(reward_loss_per_sample(task, prediction, control), task.reward_window, timesteps, mask)
 
 
 # --- Eq. 7: alignment ---------------------------------------------------------------------------
@@ -233,10 +238,7 @@ def alignment_loss_per_sample(task, probe_output: torch.Tensor, control: torch.T
 
 def alignment_loss(task, probe_output, control, timesteps: Optional[torch.Tensor] = None, mask=None) -> torch.Tensor:
     """Eq. 7, averaged over the samples inside the alignment window (pass `mask`, or `timesteps` to compute it)."""
-    losses = alignment_loss_per_sample(task, probe_output, control)
-    if mask is None:
-        mask = timestep_mask(timesteps, task.alignment_window) if timesteps is not None else torch.ones_like(losses)
-    return masked_mean(losses, mask.to(losses.device))
+    return window_mean(alignment_loss_per_sample(task, probe_output, control), task.alignment_window, timesteps, mask)
 
 
 # --- Eq. 8 --------------------------------------------------------------------------------------

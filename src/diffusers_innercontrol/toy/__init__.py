@@ -3,7 +3,7 @@
 quickstart's defaults (`quickstart`, `assets/shapesworld`), the tiny offline models and reward models for tests
 and demos (`tiny`), and the demo (`demo`). The core package imports nothing from here."""
 
-import importlib
+from .._lazy import lazy_exports
 
 # imported on first use (PEP 562): the quickstart's argument defaults load without torch and diffusers
 _EXPORTS = {
@@ -16,13 +16,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
