@@ -400,14 +400,47 @@ def test_bad_input_fails_before_sampling(base, pipe, control):
         (dict(readout_guidance_window=(500, 100)), ValueError, "readout_guidance_window"),
         (dict(readout_control_index=1), ValueError, "readout_control_index"),
         (dict(readout_control=torch.full((1, 3, 8, 8), 2.0)), ValueError, r"\[0, 1\]"),
+        (dict(readout_guidance_scale=float("nan")), ValueError, "readout_guidance_scale must be a finite number"),
+        (dict(readout_guidance_scale=float("inf")), ValueError, "readout_guidance_scale must be a finite number"),
+        # two controls for one image are not an (unconditional, conditional) pair
+        (dict(readout_control=torch.zeros(2, 3, 32, 32)), ValueError, r"readout_control holds 2 controls for 1 prompt"),
+        (dict(readout_control=torch.zeros(3, 3, 32, 32), prompt=["a", "b"], num_images_per_prompt=2), ValueError,
+         r"holds 3 controls for 2 prompt\(s\) x 2 image\(s\) per prompt: pass 1 or 2 or 4"),
     ]
     pipe.unet.forward = must_not_run  # an instance attribute shadowing the class's forward
     try:
         for extra, error, message in cases:
+            extra = {"prompt": "a", **extra}
             with pytest.raises(error, match=message):
-                pipe("a", image=control, num_inference_steps=2, return_readouts=True, **extra)
+                pipe(image=control, num_inference_steps=2, return_readouts=True, **extra)
     finally:
         del pipe.unet.forward
+
+
+def test_a_probe_that_records_its_task_reads_out_that_task_only(pipe, probe, control):
+    recorded = copy.deepcopy(probe)
+    recorded.register_to_config(task="depth", task_preset="paper")
+    out = pipe("a", image=control, num_inference_steps=2, return_readouts=True, readout_probe=recorded)
+    assert out.readout_task == "depth"  # its own task by default
+    with pytest.raises(ValueError, match="The probe was trained for the 'depth' task, not 'hed'"):
+        pipe("a", image=control, num_inference_steps=2, return_readouts=True, readout_probe=recorded, readout_task="hed")
+
+
+def test_readout_steps_count_the_schedulers_own_loop(base, probe, control):
+    """PNDM runs 21 loop steps for 20 inference steps: index 20 (= -1) is the last one, and an error names the count."""
+    from diffusers import PNDMScheduler
+
+    p = StableDiffusionControlNetReadoutPipeline.from_pipe(base, readout_probe=probe)
+    p.scheduler = PNDMScheduler.from_config(base.scheduler.config, skip_prk_steps=True)
+    p.set_progress_bar_config(disable=True)
+    kwargs = dict(image=control, num_inference_steps=4, return_readouts=True, output_type="np")
+    last = p("a", generator=_gen(), readout_steps=[4], **kwargs)
+    from_end = p("a", generator=_gen(), readout_steps=[-1], **kwargs)
+    assert len(p.scheduler.timesteps) == 5 and last.readout_step_indices == from_end.readout_step_indices == [4]
+    assert last.readout_timesteps == [int(p.scheduler.timesteps[-1])]
+    torch.testing.assert_close(last.readouts[0], from_end.readouts[0])
+    with pytest.raises(ValueError, match=r"PNDMScheduler's denoising loop has 5 steps here \(indices 0..4, or -5..-1"):
+        p("a", readout_steps=[5], **kwargs)
 
 
 # --- readout guidance -------------------------------------------------------------------------------

@@ -183,7 +183,10 @@ def test_readme_readout_snippet_runs(tmp_path, monkeypatch):
     assert len(blocks) == 1 and "bundled_path" in blocks[0]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(quickstart.CACHE_ENV, str(tmp_path / "cache"))
-    exec(compile(blocks[0], "README.md", "exec"), {})
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    out, pipe = namespace["out"], namespace["pipe"]
+    assert out.readout_step_indices[-1] == len(pipe.scheduler.timesteps) - 1  # it reads out the final step
     from PIL import Image
 
     grid = Image.open(tmp_path / "readouts.png")

@@ -18,6 +18,8 @@ Without `return_readouts` and with `readout_guidance_scale=0`, nothing is regist
 parent's call.
 """
 
+import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -28,6 +30,7 @@ from diffusers import StableDiffusionControlNetPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.models import AutoencoderKL, ControlNetModel, MultiControlNetModel, UNet2DConditionModel
+from diffusers.pipelines.controlnet.pipeline_controlnet import retrieve_timesteps
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -40,7 +43,7 @@ from .losses import alignment_loss_per_sample
 from .models.readout_probe import ReadoutProbe
 from .palette import control_to_classes
 from .render import render_readout
-from .tasks import Task, get_task
+from .tasks import Task, check_probe_task, get_task
 
 logger = logging.get_logger(__name__)
 
@@ -99,6 +102,8 @@ def resolve_readout_task(task: Union[None, str, Task], probe: ReadoutProbe) -> T
         task = get_task(task, (getattr(probe.config, "task_preset", None) if same else None) or "paper")
     if not isinstance(task, Task):
         raise TypeError(f"readout_task must be a task name or a `Task`, got {type(task).__name__}.")
+    if getattr(probe.config, "task", None) is not None:
+        check_probe_task(probe.config, task)  # a probe that records its task reads out that task only
     wants_logits = task.is_segmentation
     has_logits = probe.config.output_activation == "none"
     if wants_logits != has_logits:
@@ -108,6 +113,23 @@ def resolve_readout_task(task: Union[None, str, Task], probe: ReadoutProbe) -> T
             "others tanh values. Pass the task the probe was trained for."
         )
     return task
+
+
+def _num_prompts(prompt, prompt_embeds) -> int:
+    if prompt is not None:
+        return 1 if isinstance(prompt, str) else len(prompt)
+    return prompt_embeds.shape[0] if prompt_embeds is not None else 1
+
+
+def _check_control_batch(n: int, prompts: int, per_prompt: int) -> None:
+    """A `readout_control` holds one control, one per prompt, or one per generated image."""
+    images = prompts * per_prompt
+    if n not in (1, prompts, images):
+        allowed = sorted({1, prompts, images})
+        raise ValueError(
+            f"readout_control holds {n} controls for {prompts} prompt(s) x {per_prompt} image(s) per prompt: pass "
+            f"{' or '.join(map(str, allowed))} (one for all, one per prompt, or one per image)."
+        )
 
 
 def _map_batch(value, full: int, keep: int):
@@ -237,7 +259,7 @@ class _ReadoutSession:
                 control = control[self.control_index]
         target = None
         if control is not None:
-            target = self._match_batch(control, batch)
+            target = self._match_batch(control, batch, from_controlnet=self.control is None)
             if self.task.is_segmentation and target.is_floating_point():
 
                 target = control_to_classes(target)
@@ -245,11 +267,11 @@ class _ReadoutSession:
         return target
 
     @staticmethod
-    def _match_batch(control: torch.Tensor, batch: int) -> torch.Tensor:
+    def _match_batch(control: torch.Tensor, batch: int, from_controlnet: bool = False) -> torch.Tensor:
         n = control.shape[0]
         if n == batch:
             return control
-        if n == 2 * batch:  # [uncond, cond] of classifier-free guidance: both halves hold the same control
+        if from_controlnet and n == 2 * batch:  # the ControlNet's [uncond, cond] input: both halves hold the same control
             return control[batch:]
         if batch % n == 0:  # one control per prompt, several images per prompt (as the parent repeats it)
             return control.repeat_interleave(batch // n, dim=0)
@@ -471,14 +493,16 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
         # PIL images / numpy arrays / lists of them: the ControlNet's own preprocessing ([0, 1], no resize)
         return self.control_image_processor.preprocess(control).to(device=device, dtype=torch.float32)
 
-    def _expected_num_steps(self, call: Dict[str, Any]) -> Optional[int]:
-        if getattr(self.scheduler, "order", 1) != 1:
-            return None  # multi-stage schedulers run more loop iterations than inference steps
-        if call.get("timesteps") is not None:
-            return len(call["timesteps"])
-        if call.get("sigmas") is not None:
-            return len(call["sigmas"])
-        return call.get("num_inference_steps")
+    def _num_loop_steps(self, call: Dict[str, Any]) -> int:
+        """
+        How many steps the denoising loop will run for this call: the length of the timesteps that a copy of the
+        scheduler sets (the parent's own `retrieve_timesteps`). It differs from `num_inference_steps` for some
+        schedulers: PNDM repeats a timestep (21 steps for 20), Heun evaluates twice per step.
+        """
+        scheduler = copy.deepcopy(self.scheduler)
+        timesteps, _ = retrieve_timesteps(scheduler, call.get("num_inference_steps"), "cpu",
+                                          call.get("timesteps"), call.get("sigmas"))
+        return len(timesteps)
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -531,8 +555,11 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
             return_readouts (`bool`, defaults to `False`):
                 Run the probe on the UNet's decoder features at the chosen steps and return its readouts.
             readout_steps (`List[int]`, *optional*):
-                Indices of the denoising steps to read out (negative indices count from the end, `[-1]` is the
-                last step); `None` reads every step.
+                Indices of the steps of the denoising loop to read out, `0 .. N - 1` where `N` is the number of
+                timesteps the scheduler runs (`len(pipe.scheduler.timesteps)` after the call: `num_inference_steps`
+                for most schedulers, one more for PNDM, about twice as many for Heun); negative indices count from
+                the end, `[-1]` is the last step. `None` reads every step. The output lists each step's index and
+                timestep (`readout_step_indices`, `readout_timesteps`).
             readout_probe ([`ReadoutProbe`], *optional*): A probe for this call; defaults to the pipeline's.
             readout_task (`str` or `Task`, *optional*):
                 The probe's task (`"hed"`, `"lineart"`, `"depth"`, `"segmentation"` or a `Task`, e.g. a
@@ -564,8 +591,8 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
             and, with `return_readouts=True`, also `(readouts, readout_images, readout_timesteps)`.
         """
         readout_guidance_scale = float(readout_guidance_scale)
-        if readout_guidance_scale < 0:
-            raise ValueError(f"readout_guidance_scale must be >= 0, got {readout_guidance_scale}.")
+        if not math.isfinite(readout_guidance_scale) or readout_guidance_scale < 0:
+            raise ValueError(f"readout_guidance_scale must be a finite number >= 0, got {readout_guidance_scale}.")
         parent_call = super().__call__
         call = dict(
             prompt=prompt, image=image, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -596,11 +623,12 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
         if readout_steps is not None:
             if isinstance(readout_steps, int) or not all(isinstance(s, (int, np.integer)) for s in readout_steps):
                 raise TypeError(f"readout_steps must be a list of step indices, got {readout_steps!r}.")
-            n = self._expected_num_steps(call)
+            n = self._num_loop_steps(call)
             for s in readout_steps:
-                if n is not None and not -n <= s < n:
+                if not -n <= s < n:
                     raise ValueError(
-                        f"readout_steps holds {s}, but there are {n} denoising steps (indices {-n}..{n - 1})."
+                        f"readout_steps holds {s}, but {type(self.scheduler).__name__}'s denoising loop has {n} steps "
+                        f"here (indices 0..{n - 1}, or {-n}..-1 from the end; -1 is the last step)."
                     )
         window = tuple(readout_guidance_window) if readout_guidance_window is not None else task.alignment_window
         if len(window) != 2 or window[0] > window[1]:
@@ -614,6 +642,8 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
         elif readout_control_index != 0:
             raise ValueError("readout_control_index only applies to several ControlNets; leave it at 0.")
         control = self._prepare_readout_control(readout_control)
+        if control is not None:
+            _check_control_batch(control.shape[0], _num_prompts(prompt, prompt_embeds), num_images_per_prompt or 1)
         if not hasattr(probe, "_hf_hook") and probe.device != self._execution_device:
             probe.to(self._execution_device)  # a per-call probe follows the pipeline (offloaded ones move themselves)
 
