@@ -229,6 +229,32 @@ def test_bottleneck_runs_1x1_convs_before_the_resize_without_changing_the_result
     assert torch.allclose(out, reference, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("in_size, out_size", [((4, 4), (32, 32)), ((8, 8), (16, 16)), ((5, 7), (13, 9)),
+                                               ((16, 16), (8, 8)), ((3, 3), (3, 3)), ((1, 4), (2, 8))])
+def test_bilinear_resize_equals_interpolate_forward_and_backward(in_size, out_size):
+    """The probe's resize (two matrix products) is F.interpolate(bilinear, align_corners=False), values and input
+    gradients, up and down, square or not (float64: equal to rounding)."""
+    from diffusers_innercontrol.models.readout_probe import bilinear_resize
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *in_size, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 3, *out_size, dtype=torch.float64)
+    ours = bilinear_resize(x, out_size)
+    (grad_ours,) = torch.autograd.grad((ours * upstream).sum(), x)
+    reference = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+    (grad_ref,) = torch.autograd.grad((reference * upstream).sum(), x)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_ours, grad_ref, atol=1e-12, rtol=0)
+
+
+def test_bilinear_resize_weights_by_hand():
+    """2 -> 4 pixels, align_corners=False: outputs sample the input at -0.25 (clamped to 0), 0.25, 0.75, 1.25."""
+    from diffusers_innercontrol.models.readout_probe import bilinear_resize
+
+    x = torch.tensor([[[[0.0, 4.0]]]])  # (1, 1, 1, 2)
+    assert bilinear_resize(x, (1, 4)).flatten().tolist() == [0.0, 1.0, 3.0, 4.0]
+
+
 def test_probe_gradient_checkpointing_gives_the_same_gradients():
     """Per-block activation checkpointing (stage 2 with --gradient_checkpointing) changes memory, not gradients."""
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ of one UNet forward. Architecture: docs/method.md, "The probe". Written from the
 """
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -34,6 +35,34 @@ class ReadoutProbeOutput(BaseOutput):
     """
 
     sample: torch.Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrix_cpu(in_size: int, out_size: int) -> torch.Tensor:
+    """`(out_size, in_size)` weights of 1-D linear interpolation with `align_corners=False`: row `i` samples the
+    input at `(i + 0.5) * in_size / out_size - 0.5` (clamped at 0), as `F.interpolate(mode="bilinear")` does."""
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        source = max((i + 0.5) * scale - 0.5, 0.0)
+        lo = min(int(source), in_size - 1)
+        hi = min(lo + 1, in_size - 1)
+        frac = source - lo
+        matrix[i, lo] += 1.0 - frac
+        matrix[i, hi] += frac
+    return matrix
+
+
+def bilinear_resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """
+    `F.interpolate(x, size, mode="bilinear", align_corners=False)` as two small matrix products,
+    `A_h @ x @ A_w^T` (bilinear interpolation is separable and linear). Equal within float rounding; its
+    backward is two matrix products too, instead of the scatter of `upsample_bilinear2d_backward` (slow on the
+    CPU, atomics on CUDA).
+    """
+    rows = _bilinear_matrix_cpu(x.shape[-2], size[0]).to(device=x.device, dtype=x.dtype)
+    cols = _bilinear_matrix_cpu(x.shape[-1], size[1]).to(device=x.device, dtype=x.dtype)
+    return torch.matmul(torch.matmul(rows, x), cols.t())
 
 
 class ProbeBottleneckBlock(nn.Module):
@@ -90,7 +119,7 @@ class ProbeBottleneckBlock(nn.Module):
         resize = size is not None and tuple(hidden_states.shape[-2:]) != tuple(size)
 
         def up(x):
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False) if resize else x
+            return bilinear_resize(x, size) if resize else x
 
         h = F.relu(self.norm1(up(self.conv1(hidden_states))))
         h = h + F.relu(self.time_emb_proj(temb))[:, :, None, None]
