@@ -444,6 +444,51 @@ def test_readout_steps_count_the_schedulers_own_loop(base, probe, control):
 
 
 # --- readout guidance -------------------------------------------------------------------------------
+def _readout_pipe_with(base, probe, cls, **config):
+    p = StableDiffusionControlNetReadoutPipeline.from_pipe(base, readout_probe=probe)
+    p.scheduler = cls.from_config(base.scheduler.config, **config)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_guidance_after_the_step_is_what_ddim_integrates(base, probe, control, monkeypatch):
+    """The PNDM scheme (the term added to the latents after the step, times the DDIM response) gives DDIM's own
+    result: under DDIM it equals adding the term to the noise prediction."""
+    from diffusers import DDIMScheduler
+
+    from diffusers_innercontrol import pipeline_readout
+
+    p = _readout_pipe_with(base, probe, DDIMScheduler)
+    kwargs = dict(image=control, num_inference_steps=4, output_type="latent", readout_guidance_scale=0.5,
+                  readout_task="depth", readout_guidance_window=(0, 999))
+    in_output = p("a", generator=_gen(), **kwargs).images
+    monkeypatch.setattr(pipeline_readout, "_guides_after_step", lambda scheduler: True)
+    after_step = p("a", generator=_gen(), **kwargs).images
+    plain = p("a", generator=_gen(), **{**kwargs, "readout_guidance_scale": 0.0}).images
+    assert (in_output - plain).abs().max() > 1e-2  # the guidance acted
+    torch.testing.assert_close(after_step, in_output, atol=1e-4, rtol=1e-4)
+
+
+def test_pndm_takes_one_guided_step_as_ddim_does(base, probe, control):
+    """Guidance on PNDM's last step only: the final latents move by scale * |response| / factor (RMS per sample),
+    what one DDIM step gives, not the 55/24 x that PNDM's extrapolation would apply to a guided noise prediction."""
+    from diffusers import PNDMScheduler
+
+    from diffusers_innercontrol.pipeline_readout import _clean_latent_factor, _ddim_response
+
+    p = _readout_pipe_with(base, probe, PNDMScheduler, skip_prk_steps=True)
+    p.scheduler.set_timesteps(4)
+    last = int(p.scheduler.timesteps[-1])
+    scale = 0.3
+    kwargs = dict(image=control, num_inference_steps=4, output_type="latent", readout_task="depth",
+                  readout_guidance_window=(last, last))
+    guided = p("a", generator=_gen(), readout_guidance_scale=scale, **kwargs).images
+    plain = p("a", generator=_gen(), **kwargs).images
+    moved = (guided - plain).pow(2).flatten(1).mean(1).sqrt()
+    expected = scale * abs(_ddim_response(p.scheduler, last, None)) / _clean_latent_factor(p.scheduler, last)
+    torch.testing.assert_close(moved, torch.full_like(moved, expected), rtol=1e-3, atol=0)
+
+
 def test_guidance_window_is_inclusive_and_without_readouts(base, pipe, control):
     ref = base("a", image=control, num_inference_steps=STEPS, generator=_gen(), output_type="np")
     ts = [int(t) for t in pipe.scheduler.timesteps]

@@ -12,7 +12,8 @@ attached to it for one call only, with
   with, and what readout guidance needs to run the ControlNet again),
 - `callback_on_step_end`, chained with the user's own callback, where the probe reads the features of the
   step (the conditional half under classifier-free guidance),
-- for readout guidance, a forward hook on the UNet that adds the guidance term to its noise prediction.
+- for readout guidance, a forward hook on the UNet that adds the guidance term to its noise prediction (under
+  PNDM, `callback_on_step_end` adds it to the latents after the step instead).
 
 Without `return_readouts` and with `readout_guidance_scale=0`, nothing is registered and the call is the
 parent's call.
@@ -34,7 +35,7 @@ from diffusers.pipelines.controlnet.pipeline_controlnet import retrieve_timestep
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.schedulers import KarrasDiffusionSchedulers, PNDMScheduler
 from diffusers.utils import logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
@@ -174,6 +175,29 @@ def _clean_latent_factor(scheduler, timestep) -> float:
     return max(((1.0 - abar) / abar) ** 0.5, 1e-4)
 
 
+def _guides_after_step(scheduler) -> bool:
+    """
+    PNDM extrapolates its last four noise predictions (`(55 e_k - 59 e_k-1 + 37 e_k-2 - 9 e_k-3) / 24`), so a
+    correction added to one prediction reaches the latents up to 55/24 times, and echoes with alternating signs in
+    the next steps. For it, readout guidance is added to the latents after the step instead, as DDIM integrates it.
+    """
+    return isinstance(scheduler, PNDMScheduler)
+
+
+def _ddim_response(scheduler, timestep, next_timestep) -> float:
+    """
+    How much one DDIM step (eta 0) from `timestep` to `next_timestep` (`None`: the end) moves the latents per unit
+    change of the noise prediction: `sqrt(1 - abar_prev) - sqrt(abar_prev) * sqrt((1 - abar_t) / abar_t)`.
+    """
+    alphas_cumprod = scheduler.alphas_cumprod
+    abar = float(alphas_cumprod[int(round(_timestep_value(timestep)))])
+    if next_timestep is None:
+        abar_prev = float(getattr(scheduler, "final_alpha_cumprod", alphas_cumprod[0]))
+    else:
+        abar_prev = float(alphas_cumprod[int(round(_timestep_value(next_timestep)))])
+    return (1.0 - abar_prev) ** 0.5 - abar_prev ** 0.5 * ((1.0 - abar) / abar) ** 0.5
+
+
 class _ReadoutSession:
     """The hooks and the step callback of one pipeline call (see the module docstring)."""
 
@@ -214,6 +238,9 @@ class _ReadoutSession:
         self.step_indices: List[int] = []
         self.losses: List[torch.Tensor] = []
         self.guided_timesteps: List[int] = []
+        # PNDM: the guidance term of the current step, added to the latents after the scheduler's step
+        self.after_step = guidance_scale > 0 and _guides_after_step(pipe.scheduler)
+        self._pending: Optional[Tuple[Any, torch.Tensor]] = None
 
     # registration --------------------------------------------------------------------------------
     def register(self) -> "_ReadoutSession":
@@ -343,6 +370,9 @@ class _ReadoutSession:
         self.guided_timesteps.append(int(round(_timestep_value(timestep))))
         factor = _clean_latent_factor(self.pipe.scheduler, timestep)
         delta = (self.guidance_scale / factor) * _normalise_per_sample(grad.detach())
+        if self.after_step:
+            self._pending = (timestep, delta)  # added to the latents after the scheduler's step (`__call__`)
+            return None
         if isinstance(output, tuple):
             noise_pred = output[0]
             delta = delta.to(noise_pred.dtype).repeat(full // batch, 1, 1, 1)
@@ -366,7 +396,21 @@ class _ReadoutSession:
             self._selected = {s % num_steps for s in self.steps}
         return i in self._selected
 
+    def _guide_after_step(self, pipe, i, callback_kwargs) -> Dict[str, torch.Tensor]:
+        """PNDM: the latents after the step move by the guidance term times the DDIM response of this step."""
+        if self._pending is None:
+            return {}
+        timestep, delta = self._pending
+        self._pending = None
+        timesteps = pipe.scheduler.timesteps
+        next_timestep = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        latents = callback_kwargs["latents"]
+        response = _ddim_response(pipe.scheduler, timestep, next_timestep)
+        return {"latents": latents + response * delta.to(latents.dtype).repeat(latents.shape[0] // delta.shape[0], 1, 1, 1)}
+
     def __call__(self, pipe, i, t, callback_kwargs):
+        guided = self._guide_after_step(pipe, i, callback_kwargs) if self.after_step else {}
+        callback_kwargs = {**callback_kwargs, **guided}
         if self.record and self._is_selected(i, pipe.num_timesteps):
             features = self._features
             if features is None:
@@ -382,8 +426,8 @@ class _ReadoutSession:
                 self.losses.append(alignment_loss_per_sample(self.task, readout, target).float().cpu())
         self._features = None
         if self.user_callback is not None:
-            return self.user_callback(pipe, i, t, callback_kwargs)
-        return {}
+            return {**guided, **(self.user_callback(pipe, i, t, callback_kwargs) or {})}
+        return guided
 
 
 class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline):
@@ -575,14 +619,15 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
                 Readout guidance: at every step whose timestep lies in `readout_guidance_window`, the gradient
                 of the probe's disagreement with the control (the task's alignment loss, summed over samples)
                 w.r.t. the latents is taken through one extra ControlNet + UNet forward and backward on the
-                conditional batch, normalised to unit RMS per sample, and added to the noise prediction (the
-                classifier-guidance form, which every scheduler integrates: multistep solvers such as UniPC
-                recompute the current sample in their corrector, so an edit of the latents between steps
-                would be partly undone). The term is sized so that the one-step estimate of the clean latent
-                moves by `readout_guidance_scale` (RMS) along the negative gradient at every guided step,
-                whatever the timestep; SD latents have an RMS of about 1, so 0.05 to 0.2 are moderate values.
-                Cost: one extra ControlNet + UNet forward and backward per guided step, on the conditional
-                half of the batch.
+                conditional batch, normalised to unit RMS per sample, and sized so that the one-step estimate of
+                the clean latent moves by `readout_guidance_scale` (RMS) along the negative gradient. The term is
+                added to the noise prediction (the classifier-guidance form: DDIM, Euler, UniPC and DPM-Solver++
+                integrate it; a multistep solver's corrector would undo an edit of the latents between steps).
+                PNDM is the exception: it extrapolates its last four noise predictions, which would amplify the
+                term up to 55/24 times and echo it with alternating signs, so under PNDM the same term is added
+                to the latents after each step, as one DDIM step integrates it. Measured scale ranges per
+                scheduler: `examples/innercontrol/README.md` ("Readout guidance"). Cost: one extra ControlNet +
+                UNet forward and backward per guided step, on the conditional half of the batch.
             readout_guidance_window (`Tuple[int, int]`, *optional*):
                 Inclusive timestep window of readout guidance; defaults to the task's alignment window.
 
@@ -666,9 +711,9 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
             control_index=readout_control_index,
             user_callback=user_callback,
         )
-        if return_readouts:
+        if return_readouts or session.after_step:
             call["callback_on_step_end"] = session
-            call["callback_on_step_end_tensor_inputs"] = user_inputs
+            call["callback_on_step_end_tensor_inputs"] = user_inputs + (["latents"] if "latents" not in user_inputs else [])
         return_dict = call.pop("return_dict", True)
         call["return_dict"] = True
 
