@@ -137,3 +137,28 @@ def test_bench_train_step_drops_a_mode_that_runs_out_of_memory(tmp_path, monkeyp
 def test_quantile_timesteps_by_hand():
     # strata of 125: middles 62.5, 187.5, ... floored
     assert bench_train_step.quantile_timesteps(8, 1000).tolist() == [62, 187, 312, 437, 562, 687, 812, 937]
+
+
+def test_profile_step_tiny_lists_the_extra_operators(tmp_path, one_thread):
+    import profile_step
+
+    out = tmp_path / "profile.json"
+    profile_step.main(["--preset", "tiny", "--iters", "1", "--warmup", "0", "--batch_size", "4", "--device", "cpu",
+                       "--json", str(out), "--markdown", str(tmp_path / "profile.md"), *one_thread])
+    data = json.loads(out.read_text())
+    base, mode = data["ms_per_step"]["controlnet"], data["ms_per_step"]["alignment_only"]
+    assert "aten::convolution_backward" in base and all(v >= 0 for v in mode.values())
+    assert any(key not in base for key in mode)  # the probe brings operators the ControlNet step does not run
+    table = (tmp_path / "profile.md").read_text()
+    assert "| operator | ControlNet (ms/step) | alignment only (ms/step) |" in table and "**all operators**" in table
+
+
+def test_profile_difference_table_by_hand():
+    import profile_step
+
+    table = profile_step.difference_table({"a": 20.0, "b": 4.0}, {"a": 26.0, "b": 4.0, "c": 2.0}, steps=2,
+                                          labels=("base", "mode"), top=3)
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| `a` | 10.0 | 13.0 | +3.0 | 75 % |"  # 8 ms/step more in all, 3 of them in a
+    assert rows[1] == "| `c` | 0.0 | 1.0 | +1.0 | 25 % |"
+    assert rows[-1] == "| **all operators** | 12.0 | 16.0 | +4.0 | 100 % |"
