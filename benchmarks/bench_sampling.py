@@ -9,6 +9,7 @@ Benchmark of sampling with `StableDiffusionControlNetReadoutPipeline` against di
 | readouts_off | the readout pipeline without `return_readouts` (must cost nothing) |
 | readouts_every_step | `return_readouts=True` (the probe on every step, readouts rendered) |
 | readouts_every_5th | `return_readouts=True, readout_steps=[0, 5, 10, ...]` |
+| guidance_every_step | readouts on every step and readout guidance on every step (scale 0.1, window [0, 999]): its cost against `readouts_every_step` is one extra ControlNet + UNet forward and backward per step |
 
 The modes run interleaved (one call of each per iteration, the order rotated), with the same seed, after
 warm-up; reported: the median time per call (wall time on CUDA; the process's CPU time on the CPU by
@@ -41,6 +42,7 @@ MODES = {
     "readouts_off": "readout pipeline, readouts off",
     "readouts_every_step": "readouts on every step",
     "readouts_every_5th": "readouts on every fifth step",
+    "guidance_every_step": "readout guidance on every step (scale 0.1), readouts on",
 }
 TARGETS = (("readouts_off", 1.02), ("readouts_every_step", 1.15))
 
@@ -144,6 +146,9 @@ def main(argv=None):
             return readout(**common)
         if mode == "readouts_every_step":
             return readout(**common, return_readouts=True, readout_task=task)
+        if mode == "guidance_every_step":  # one extra ControlNet + UNet forward and backward per step
+            return readout(**common, return_readouts=True, readout_task=task, readout_guidance_scale=0.1,
+                           readout_guidance_window=(0, 999))
         return readout(**common, return_readouts=True, readout_steps=every_5th, readout_task=task)
 
     def sync():

@@ -108,6 +108,7 @@ def test_bench_sampling_tiny_writes_json(tmp_path, one_thread):
     assert modes["plain"]["ratio_to_plain"] == pytest.approx(1.0)
     # 2 steps: every step -> 2 readouts, every fifth step (step 0) -> 1, off -> 0
     assert modes["readouts_every_step"]["readouts_per_call"] == 2
+    assert modes["guidance_every_step"]["readouts_per_call"] == 2
     assert modes["readouts_every_5th"]["readouts_per_call"] == 1
     assert modes["readouts_off"]["readouts_per_call"] == 0
     assert modes["plain"]["readouts_per_call"] == 0
