@@ -469,6 +469,17 @@ def test_guidance_after_the_step_is_what_ddim_integrates(base, probe, control, m
     torch.testing.assert_close(after_step, in_output, atol=1e-4, rtol=1e-4)
 
 
+def test_guidance_runs_under_bf16_autocast_on_the_cpu(pipe, control):
+    """Readout guidance in bf16 autocast (the CPU stand-in for a bf16 / fp16 GPU run): finite, and it acts."""
+    kwargs = dict(image=control, num_inference_steps=STEPS, output_type="np", readout_task="depth",
+                  readout_guidance_window=(0, 999))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        guided = pipe("a", generator=_gen(), readout_guidance_scale=0.5, return_readouts=True, **kwargs)
+        plain = pipe("a", generator=_gen(), **kwargs)
+    assert np.isfinite(guided.images).all() and all(torch.isfinite(r).all() for r in guided.readouts)
+    assert np.abs(guided.images - plain.images).max() > 1e-3
+
+
 def test_pndm_takes_one_guided_step_as_ddim_does(base, probe, control):
     """Guidance on PNDM's last step only: the final latents move by scale * |response| / factor (RMS per sample),
     what one DDIM step gives, not the 55/24 x that PNDM's extrapolation would apply to a guided noise prediction."""
