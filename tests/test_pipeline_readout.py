@@ -480,6 +480,19 @@ def test_guidance_runs_under_bf16_autocast_on_the_cpu(pipe, control):
     assert np.abs(guided.images - plain.images).max() > 1e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_guidance_in_half_precision_on_cuda(tiny_pipeline_path, probe, control, dtype):
+    p = StableDiffusionControlNetReadoutPipeline.from_pretrained(
+        tiny_pipeline_path, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+    )
+    p.register_modules(readout_probe=copy.deepcopy(probe).to(dtype))
+    p.to("cuda").set_progress_bar_config(disable=True)
+    out = p("a", image=control, num_inference_steps=STEPS, output_type="np", readout_task="depth", return_readouts=True,
+            readout_guidance_scale=0.5, readout_guidance_window=(0, 999), generator=torch.Generator("cuda").manual_seed(0))
+    assert np.isfinite(out.images).all() and all(torch.isfinite(r).all() for r in out.readouts)
+
+
 def test_pndm_takes_one_guided_step_as_ddim_does(base, probe, control):
     """Guidance on PNDM's last step only: the final latents move by scale * |response| / factor (RMS per sample),
     what one DDIM step gives, not the 55/24 x that PNDM's extrapolation would apply to a guided noise prediction."""
