@@ -37,6 +37,47 @@ SD15_UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 
+# SDXL's UNet (stabilityai/stable-diffusion-xl-base-1.0): three levels, 1/2/10 transformer layers, the pooled text
+# embedding and the size/crop ids added to the timestep embedding ("text_time")
+SDXL_UNET_CONFIG = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    attention_head_dim=(5, 10, 20),
+    block_out_channels=(320, 640, 1280),
+    cross_attention_dim=2048,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
+    transformer_layers_per_block=(1, 2, 10),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+)
+
+# SDXL's layout scaled down for tests (random weights): the same block types, "text_time" conditioning with
+# 2 x 32 text channels + 6 size/crop ids of 8 channels each (6 * 8 + 32 = 80), 1 and 2 transformer layers
+TINY_SDXL_UNET_CONFIG = dict(
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    attention_head_dim=(2, 4),
+    block_out_channels=(32, 64),
+    cross_attention_dim=64,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    layers_per_block=2,
+    norm_num_groups=8,
+    projection_class_embeddings_input_dim=80,
+    sample_size=16,
+    transformer_layers_per_block=(1, 2),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+)
+
 TINY_UNET_CONFIG = dict(
     block_out_channels=(32, 64),
     layers_per_block=2,
@@ -154,6 +195,16 @@ def build_sd15_unet(device="meta"):
 
     with torch.device(device):
         return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
+
+def build_sdxl_unet(device="meta", tiny: bool = False, seed: int = 0):
+    """SDXL's UNet (or, with `tiny`, its layout scaled down) from the config: on 'meta' shapes only, elsewhere
+    random weights drawn with `seed`. No download."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return UNet2DConditionModel(**(TINY_SDXL_UNET_CONFIG if tiny else SDXL_UNET_CONFIG))
 
 
 def main():  # `python -m diffusers_innercontrol.toy.tiny PATH`

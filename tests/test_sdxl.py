@@ -1,0 +1,60 @@
+"""SDXL in the package (issue "SDXL", part 1): decoder features, channel lists and the probe's timestep embedding on
+SDXL's UNet (built from its config on 'meta') and on its layout scaled down (random weights)."""
+
+import pytest
+import torch
+
+from diffusers_innercontrol import DecoderFeatureExtractor, ReadoutProbe, decoder_feature_channels
+from diffusers_innercontrol.toy.tiny import TINY_SDXL_UNET_CONFIG, build_sdxl_unet
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return build_sdxl_unet("meta")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    return build_sdxl_unet("cpu", tiny=True).eval()
+
+
+def test_channel_lists_of_sdxl(sdxl):
+    # up blocks: 1280 (3 resnets, 3 attentions of 10 layers), 640 (3 and 3, 2 layers), 320 (3 resnets, no attention)
+    assert decoder_feature_channels(sdxl, "resnet") == [1280] * 3 + [640] * 3 + [320] * 3
+    assert decoder_feature_channels(sdxl, "attention") == [1280] * 3 + [640] * 3
+
+
+@pytest.mark.parametrize("kind", ["resnet", "attention"])
+def test_probe_from_sdxl_unet(sdxl, kind):
+    probe = ReadoutProbe.from_unet(sdxl, kind)
+    assert list(probe.config.feature_channels) == decoder_feature_channels(sdxl, kind)
+    # SDXL embeds t like SD1.5: sinusoids of width 320 into a 1280-wide MLP
+    assert (probe.config.timestep_input_dim, probe.config.time_embed_dim) == (320, 1280)
+
+
+def _added_cond(batch):
+    text = TINY_SDXL_UNET_CONFIG["projection_class_embeddings_input_dim"] - 6 * TINY_SDXL_UNET_CONFIG["addition_time_embed_dim"]
+    return {"text_embeds": torch.randn(batch, text), "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * batch)}
+
+
+@pytest.mark.parametrize("kind", ["resnet", "attention"])
+def test_features_of_a_tiny_sdxl_forward(tiny_sdxl, kind):
+    """One forward with SDXL's added conditioning: one map per hooked layer, with the listed channels."""
+    torch.manual_seed(0)
+    latents, hidden = torch.randn(2, 4, 16, 16), torch.randn(2, 7, TINY_SDXL_UNET_CONFIG["cross_attention_dim"])
+    with torch.no_grad(), DecoderFeatureExtractor(tiny_sdxl, kind) as extractor:
+        tiny_sdxl(latents, torch.tensor([10, 900]), hidden, added_cond_kwargs=_added_cond(2))
+    assert [f.shape[1] for f in extractor.features] == decoder_feature_channels(tiny_sdxl, kind)
+    assert all(f.shape[0] == 2 and f.ndim == 4 for f in extractor.features)
+    probe = ReadoutProbe.from_unet(tiny_sdxl, kind, projection_dim=16, norm_num_groups=4)
+    assert probe(extractor.features, torch.tensor([10, 900])).sample.shape[:2] == (2, 3)
+
+
+def test_probe_embeds_t_as_the_sdxl_unet(tiny_sdxl):
+    """The probe's copy of the timestep embedding equals the UNet's own (before SDXL adds the text/size term)."""
+    probe = ReadoutProbe.from_unet(tiny_sdxl, "resnet", projection_dim=16, norm_num_groups=4)
+    t = torch.tensor([0, 37, 999])
+    with torch.no_grad():
+        expected = tiny_sdxl.time_embedding(tiny_sdxl.time_proj(t))
+        ours = probe.embed_timesteps(t, 3, "cpu", torch.float32)
+    torch.testing.assert_close(ours, expected)
