@@ -58,3 +58,21 @@ def test_probe_embeds_t_as_the_sdxl_unet(tiny_sdxl):
         expected = tiny_sdxl.time_embedding(tiny_sdxl.time_proj(t))
         ours = probe.embed_timesteps(t, 3, "cpu", torch.float32)
     torch.testing.assert_close(ours, expected)
+
+
+def test_readout_guidance_sdxl_checkpoint_imports(tiny_sdxl, tmp_path):
+    """A checkpoint in Readout Guidance's format for an SDXL UNet (its up-block resnets' channels) converts into a
+    ReadoutProbe that reads the SDXL UNet's features and computes what the original network computes."""
+    from test_convert import _features, _reference_forward, _rg_checkpoint, _save
+
+    from diffusers_innercontrol import load_readout_guidance_checkpoint
+
+    dims = decoder_feature_channels(tiny_sdxl, "resnet")
+    checkpoint = _rg_checkpoint(dims=dims)
+    checkpoint["config"]["model_id"] = "stabilityai/stable-diffusion-xl-base-1.0"
+    probe = load_readout_guidance_checkpoint(_save(tmp_path, checkpoint), tiny_sdxl)
+    assert list(probe.config.feature_channels) == dims
+    feats, t = _features(), torch.tensor([30, 870])
+    with torch.no_grad():
+        expected = _reference_forward(checkpoint, feats, tiny_sdxl.time_embedding(tiny_sdxl.time_proj(999 - t)))
+        torch.testing.assert_close(probe(feats, t).sample, expected, atol=1e-5, rtol=0)
