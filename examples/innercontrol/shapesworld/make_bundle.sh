@@ -4,13 +4,14 @@
 #
 #   bash examples/innercontrol/shapesworld/make_bundle.sh WORK_DIR [JOBS]
 #
-#   0. toy-sd            pretrain_toy_sd.py, three runs (skipped when WORK_DIR/toy-sd or TOY_SD=DIR exists); with
-#                        TOY_SD_8CH=1 also the 8-channel candidate toy-sd-8ch (an 8-channel VAE, then the UNet on its
-#                        latents started from toy-sd's)
+#   0. toy-sd            pretrain_toy_sd.py (skipped when WORK_DIR/toy-sd or TOY_SD=DIR exists): a 4-channel toy SD in
+#                        three runs (toy-sd-4ch), an 8-channel VAE (vae8), then the UNet and text encoder on its latents,
+#                        started from the 4-channel ones (toy-sd)
 #   1. reward-<task>     train_toy_evaluators.py --model_kind reward   (the models the reward loss uses)
 #      eval-<task>       train_toy_evaluators.py --model_kind eval     (wider, another seed: the evaluators)
-#      controlnet-<task> train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone; LineArt continues
-#                        from the HED ControlNet, in a second wave)
+#      controlnet-<task> train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone), in segments of
+#                        STEPS_<TASK> steps, each a cosine schedule with seed 0, 1, 2 ...; LineArt starts from the
+#                        first HED segment, in a second wave
 #      probe-<task>      train_probe.py                                (stage 1 on the toy UNet's decoder features)
 #   2. fidelity/         fidelity_scale.py: floor, VAE round trip, no-ControlNet ceiling, ControlNet, closure
 #   3. the models are copied to the package's assets (ASSETS_DIR overrides where)
@@ -18,13 +19,18 @@
 # Every stage keeps what is already in WORK_DIR (weights present), so the script resumes after an interruption.
 # JOBS (default 2) trainings run at once, each single-threaded: on a 2-core CPU that is faster than one job with
 # 2 threads. The wall time of every job is appended to WORK_DIR/timings.tsv.
-# Environment: CN_STEPS, LINEART_STEPS, CN_LR, PROBE_STEPS, EVAL_STEPS, NUM_SCENES, FIDELITY_SCENES; CN_INIT=DIR continues the
-# ControlNets from DIR/controlnet-<task> (else they start from the UNet); TOY_SD=DIR uses that toy SD.
+# Environment: STEPS_HED, STEPS_LINEART, STEPS_DEPTH, STEPS_SEGMENTATION (the segments, e.g. "2000 1500 3500"), CN_LR,
+# PROBE_STEPS, EVAL_STEPS, NUM_SCENES, FIDELITY_SCENES; CN_INIT=DIR continues the ControlNets from
+# DIR/controlnet-<task> (else they start from the UNet); TOY_SD=DIR uses that toy SD.
 set -euo pipefail
 WORK=${1:?usage: make_bundle.sh WORK_DIR [JOBS]}
 JOBS=${2:-2}
-CN_STEPS=${CN_STEPS:-2000}
-LINEART_STEPS=${LINEART_STEPS:-1500}
+# the shipped ControlNets' segments (docs/shapesworld.md): HED 7000 steps, LineArt 5500 after HED's first 2000,
+# depth 2000, segmentation 5500
+STEPS_HED=${STEPS_HED:-2000 1500 3500}
+STEPS_LINEART=${STEPS_LINEART:-1500 1500 2500}
+STEPS_DEPTH=${STEPS_DEPTH:-2000}
+STEPS_SEGMENTATION=${STEPS_SEGMENTATION:-2000 3500}
 CN_LR=${CN_LR:-5e-4}
 PROBE_STEPS=${PROBE_STEPS:-600}
 EVAL_STEPS=${EVAL_STEPS:-1000}
@@ -55,29 +61,43 @@ if [ ! -f "$TOY_SD/README.md" ]; then  # the model card is written last
     --train_batch_size 12 --vae_steps 600 --unet_steps 3000 --use_ema --beta_schedule scaled_linear --snr_gamma 0
   [ -f "$WORK/toy-sd-b/README.md" ] || timed toy-sd-b $P --output_dir "$WORK/toy-sd-b" --init_from "$WORK/toy-sd-a" \
     --num_train_samples 6000 --train_batch_size 16 --vae_steps 0 --unet_steps 4500 --use_ema --beta_schedule scaled_linear --snr_gamma 0
-  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$WORK/toy-sd-b" --num_train_samples 8000 --render_workers 1 \
-    --train_batch_size 16 --vae_steps 400 --unet_steps 4000 --use_ema --validation_steps 1000 --offset_noise 0.15
-  # the 8-channel candidate (docs/shapesworld.md; not shipped yet), with TOY_SD_8CH=1: an 8-channel VAE and the UNet
-  # on its latents, started from this 4-channel UNet
-  if [ -n "${TOY_SD_8CH:-}" ]; then
-    [ -f "$WORK/vae8/README.md" ] || timed vae8 $P --output_dir "$WORK/vae8" --latent_channels 8 --vae_steps 1500 \
-      --unet_steps 0 --num_train_samples 8000 --render_workers 1 --train_batch_size 16
-    [ -f "$WORK/toy-sd-8ch/README.md" ] || timed toy-sd-8ch $P --output_dir "$WORK/toy-sd-8ch" --init_from "$WORK/vae8" \
-      --unet_init_from "$TOY_SD" --vae_steps 0 --unet_steps 4000 --use_ema --beta_schedule scaled_linear --snr_gamma 0 \
-      --offset_noise 0.15 --num_train_samples 8000 --render_workers 1 --train_batch_size 16 --validation_steps 1000
-  fi
+  [ -f "$WORK/toy-sd-4ch/README.md" ] || timed toy-sd-4ch $P --output_dir "$WORK/toy-sd-4ch" --init_from "$WORK/toy-sd-b" \
+    --num_train_samples 8000 --render_workers 1 --train_batch_size 16 --vae_steps 400 --unet_steps 4000 --use_ema \
+    --validation_steps 1000 --offset_noise 0.15
+  # 8 latent channels at the same 16 x 16: the VAE alone, then the UNet on its latents, warm-started from the 4-channel
+  # UNet (conv_in re-initialised, conv_out zeroed)
+  [ -f "$WORK/vae8/README.md" ] || timed vae8 $P --output_dir "$WORK/vae8" --latent_channels 8 --vae_steps 1500 \
+    --unet_steps 0 --num_train_samples 8000 --render_workers 1 --train_batch_size 16
+  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$WORK/vae8" --unet_init_from "$WORK/toy-sd-4ch" --vae_steps 0 \
+    --unet_steps 4000 --use_ema --beta_schedule scaled_linear --snr_gamma 0 --offset_noise 0.15 --num_train_samples 8000 \
+    --render_workers 1 --train_batch_size 16 --validation_steps 1000
 fi
 
 # ---------------------------------------------------------------- 1. rewards, evaluators, ControlNets, probes
 DATA="$WORK/shapes64"
 [ -f "$DATA/metadata.jsonl" ] || python -c "from diffusers_innercontrol.toy.shapesworld import ShapesWorld; ShapesWorld(64, seed=0).save_imagefolder('$DATA', $NUM_SCENES)"
-controlnet_job() {  # controlnet_job TASK STEPS [INIT_DIR]
-  local init=""
-  [ -z "${3:-}" ] || init="--controlnet_model_name_or_path $3"
-  echo "controlnet-$1 $LAUNCH $EX/train_innercontrol.py --task $1 $init --pretrained_model_name_or_path $TOY_SD \
-    --train_data_dir $DATA --resolution 64 --alpha 0 --beta 0 --train_batch_size 16 --max_train_steps $2 \
-    --learning_rate $CN_LR --lr_scheduler cosine --lr_warmup_steps 100 --seed 0 --checkpointing_steps 500 \
-    --validation_steps 1000 --report_to none --output_dir $WORK/controlnet-$1"
+controlnet_chain() {  # controlnet_chain TASK SEGMENTS [INIT_DIR]: one run per segment (comma-separated), each continuing the last
+  local task=$1 init=${3:-} seed=0 steps out name
+  for steps in ${2//,/ }; do
+    out="$WORK/controlnet-$task-s$seed"
+    name="controlnet-$task-s$seed"
+    if ! ls "$out"/*.safetensors >/dev/null 2>&1; then
+      timed "$name" $LAUNCH "$EX/train_innercontrol.py" --task "$task" ${init:+--controlnet_model_name_or_path "$init"} \
+        --pretrained_model_name_or_path "$TOY_SD" --train_data_dir "$DATA" --resolution 64 --alpha 0 --beta 0 \
+        --train_batch_size 16 --max_train_steps "$steps" --learning_rate "$CN_LR" --lr_scheduler cosine \
+        --lr_warmup_steps 100 --seed "$seed" --checkpointing_steps 500 --validation_steps 1000 --report_to none \
+        --output_dir "$out" || return 255
+    fi
+    init=$out
+    seed=$((seed + 1))
+  done
+  rm -rf "$WORK/controlnet-$task" && cp -r "$init" "$WORK/controlnet-$task"
+}
+export -f controlnet_chain
+export LAUNCH EX TOY_SD DATA CN_LR
+controlnet_job() {  # controlnet_job TASK "SEGMENTS" [INIT_DIR]: the job line for run_jobs (xargs strips quotes: commas)
+  local segments=$2
+  echo "controlnet-$1 controlnet_chain $1 ${segments// /,} ${3:-}"
 }
 run_jobs() {  # run the named jobs whose folders hold no weights yet, JOBS at a time
   local todo=() job name
@@ -92,10 +112,11 @@ second_wave=()
 for task in hed lineart depth segmentation; do
   init=""
   [ -z "${CN_INIT:-}" ] || [ ! -d "$CN_INIT/controlnet-$task" ] || init="$CN_INIT/controlnet-$task"
-  if [ "$task" = lineart ] && [ -z "$init" ]; then  # LineArt starts from the HED ControlNet: a second wave
-    second_wave+=("$(controlnet_job lineart "$LINEART_STEPS" "$WORK/controlnet-hed")")
+  segments_var="STEPS_${task^^}"
+  if [ "$task" = lineart ] && [ -z "$init" ]; then  # LineArt starts from HED's first segment: a second wave
+    second_wave+=("$(controlnet_job lineart "${!segments_var}" "$WORK/controlnet-hed-s0")")
   else
-    jobs_list+=("$(controlnet_job "$task" "$CN_STEPS" "$init")")
+    jobs_list+=("$(controlnet_job "$task" "${!segments_var}" "$init")")
   fi
   jobs_list+=("probe-$task $LAUNCH $EX/train_probe.py --task $task --pretrained_model_name_or_path $TOY_SD --train_data_dir $DATA \
     --resolution 64 --projection_dim 64 --norm_num_groups 16 --train_batch_size 16 --max_train_steps $PROBE_STEPS \
