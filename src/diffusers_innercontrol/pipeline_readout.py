@@ -625,9 +625,12 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
                 integrate it; a multistep solver's corrector would undo an edit of the latents between steps).
                 PNDM is the exception: it extrapolates its last four noise predictions, which would amplify the
                 term up to 55/24 times and echo it with alternating signs, so under PNDM the same term is added
-                to the latents after each step, as one DDIM step integrates it. Measured scale ranges per
-                scheduler: `examples/innercontrol/README.md` ("Readout guidance"). Cost: one extra ControlNet +
-                UNet forward and backward per guided step, on the conditional half of the batch.
+                to the latents after each step, as one DDIM step integrates it. Measured on ShapesWorld's depth
+                models (64 held-out scenes, paired by seed, an independent depth evaluator): 0.05 and 0.1 lower the
+                depth error under PNDM, DDIM, UniPC, Euler and DPM-Solver++ (p < 0.05 each) without more clipped
+                pixels; 0.2 still does under PNDM and DDIM only (the table: `examples/innercontrol/README.md`,
+                "Readout guidance"). Cost: one extra ControlNet + UNet forward and backward per guided step, on the
+                conditional half of the batch.
             readout_guidance_window (`Tuple[int, int]`, *optional*):
                 Inclusive timestep window of readout guidance; defaults to the task's alignment window.
 
