@@ -30,6 +30,7 @@ _EXPORTS = {
     "load_reward_model": ".rewards",
     "save_tiny_reward_model": ".toy",
     "StableDiffusionControlNetReadoutPipeline": ".pipeline_readout",
+    "StableDiffusionXLControlNetReadoutPipeline": ".pipeline_readout",
     "ReadoutPipelineOutput": ".pipeline_readout",
     "BucketErrors": ".probe_eval",
     "evaluate_probe": ".probe_eval",
@@ -49,7 +50,11 @@ if TYPE_CHECKING:  # what IDEs and type checkers see
     from .features import DecoderFeatureExtractor, decoder_feature_channels, split_guidance_batch  # noqa: F401
     from .models.readout_probe import ReadoutProbe, ReadoutProbeOutput  # noqa: F401
     from .palette import ade20k_palette, classes_to_control, control_to_classes  # noqa: F401
-    from .pipeline_readout import ReadoutPipelineOutput, StableDiffusionControlNetReadoutPipeline  # noqa: F401
+    from .pipeline_readout import (  # noqa: F401
+        ReadoutPipelineOutput,
+        StableDiffusionControlNetReadoutPipeline,
+        StableDiffusionXLControlNetReadoutPipeline,
+    )
     from .probe_eval import BucketErrors, evaluate_probe  # noqa: F401
     from .rewards import load_reward_model  # noqa: F401
     from .tasks import Task, get_task, list_tasks  # noqa: F401

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import StableDiffusionControlNetPipeline
+from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.models import AutoencoderKL, ControlNetModel, MultiControlNetModel, UNet2DConditionModel
@@ -37,7 +37,13 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers, PNDMScheduler
 from diffusers.utils import logging
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from .features import DecoderFeatureExtractor, check_probe_fits_unet, split_guidance_batch
 from .losses import alignment_loss_per_sample
@@ -430,59 +436,15 @@ class _ReadoutSession:
         return guided
 
 
-class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline):
-    r"""
-    `StableDiffusionControlNetPipeline` with a readout probe: returns what the probe reads out of the UNet's
-    decoder features at every (or a chosen) denoising step, and optionally steers sampling with it (readout
-    guidance).
-
-    All arguments of the parent are kept (same type hints, so `from_pipe` carries every module over):
-
-    ```py
-    >>> pipe = StableDiffusionControlNetPipeline.from_pretrained(...)
-    >>> readout_pipe = StableDiffusionControlNetReadoutPipeline.from_pipe(pipe, readout_probe=probe)
-    >>> out = readout_pipe(prompt, image=control, return_readouts=True, readout_task="depth")
-    >>> grid = make_readout_grid(out, control, sample_index=0)
-    ```
-
-    Args:
-        vae, text_encoder, tokenizer, unet, controlnet, scheduler, safety_checker, feature_extractor,
-        image_encoder, requires_safety_checker: As [`~diffusers.StableDiffusionControlNetPipeline`].
-        readout_probe ([`ReadoutProbe`], *optional*):
-            The probe used when a call passes no probe of its own. Saved with `save_pretrained` (recorded as
-            `["diffusers_innercontrol", "ReadoutProbe"]` in `model_index.json`) and loaded back by
-            `from_pretrained`.
+class ReadoutPipelineMixin:
+    """
+    The readout machinery shared by the readout pipelines (SD1.5 and SDXL): the probe as an optional component
+    recorded in `model_index.json`, the checks that run before any model, and `_readout_call`, which runs the
+    parent pipeline's `__call__` once with a `_ReadoutSession` attached. A pipeline class lists it before the
+    diffusers pipeline it extends and writes out that pipeline's `__call__` signature, then the readout parameters.
     """
 
-    _optional_components = StableDiffusionControlNetPipeline._optional_components + ["readout_probe"]
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
-        scheduler: KarrasDiffusionSchedulers,
-        safety_checker: StableDiffusionSafetyChecker,
-        feature_extractor: CLIPImageProcessor,
-        image_encoder: CLIPVisionModelWithProjection = None,
-        requires_safety_checker: bool = True,
-        readout_probe: Optional[ReadoutProbe] = None,
-    ):
-        super().__init__(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-            requires_safety_checker=requires_safety_checker,
-        )
-        self.register_modules(readout_probe=readout_probe)
+    _returns_nsfw_flags = True  # the parent returns (images, nsfw_content_detected) with return_dict=False
 
     # model_index.json ------------------------------------------------------------------------------
     @staticmethod
@@ -547,6 +509,179 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
         timesteps, _ = retrieve_timesteps(scheduler, call.get("num_inference_steps"), "cpu",
                                           call.get("timesteps"), call.get("sigmas"))
         return len(timesteps)
+
+    def _readout_call(
+        self,
+        parent_call: Callable,
+        call: Dict[str, Any],
+        return_readouts: bool,
+        readout_steps: Optional[List[int]],
+        readout_probe: Optional[ReadoutProbe],
+        readout_task: Union[None, str, Task],
+        readout_control,
+        readout_control_index: int,
+        readout_guidance_scale: float,
+        readout_guidance_window: Optional[Tuple[int, int]],
+    ) -> Union[ReadoutPipelineOutput, Tuple]:
+        """`parent_call(**call)` with readouts and / or readout guidance (the parameters of `__call__`)."""
+        prompt, prompt_embeds = call.get("prompt"), call.get("prompt_embeds")
+        num_images_per_prompt = call.get("num_images_per_prompt")
+        readout_guidance_scale = float(readout_guidance_scale)
+        if not math.isfinite(readout_guidance_scale) or readout_guidance_scale < 0:
+            raise ValueError(f"readout_guidance_scale must be a finite number >= 0, got {readout_guidance_scale}.")
+        if not return_readouts and readout_guidance_scale == 0:
+            out = parent_call(**call)
+            if isinstance(out, tuple):
+                return out
+            return ReadoutPipelineOutput(images=out.images, nsfw_content_detected=getattr(out, "nsfw_content_detected", None))
+
+        # Check everything before any model runs.
+        probe = readout_probe if readout_probe is not None else self.readout_probe
+        if probe is None:
+            raise ValueError(
+                "return_readouts / readout guidance need a readout probe: pass `readout_probe=` to the call, or "
+                "build the pipeline with one (`from_pipe(pipe, readout_probe=probe)`)."
+            )
+        self._check_probe(probe)
+        task = resolve_readout_task(readout_task, probe)
+        if readout_steps is not None:
+            if isinstance(readout_steps, int) or not all(isinstance(s, (int, np.integer)) for s in readout_steps):
+                raise TypeError(f"readout_steps must be a list of step indices, got {readout_steps!r}.")
+            n = self._num_loop_steps(call)
+            for s in readout_steps:
+                if not -n <= s < n:
+                    raise ValueError(
+                        f"readout_steps holds {s}, but {type(self.scheduler).__name__}'s denoising loop has {n} steps "
+                        f"here (indices 0..{n - 1}, or {-n}..-1 from the end; -1 is the last step)."
+                    )
+        window = tuple(readout_guidance_window) if readout_guidance_window is not None else task.alignment_window
+        if len(window) != 2 or window[0] > window[1]:
+            raise ValueError(f"readout_guidance_window must be (lo, hi) timesteps with lo <= hi, got {window}.")
+        if isinstance(self.controlnet, MultiControlNetModel):
+            if not 0 <= readout_control_index < len(self.controlnet.nets):
+                raise ValueError(
+                    f"readout_control_index {readout_control_index} is out of range for "
+                    f"{len(self.controlnet.nets)} ControlNets."
+                )
+        elif readout_control_index != 0:
+            raise ValueError("readout_control_index only applies to several ControlNets; leave it at 0.")
+        control = self._prepare_readout_control(readout_control)
+        if control is not None:
+            _check_control_batch(control.shape[0], _num_prompts(prompt, prompt_embeds), num_images_per_prompt or 1)
+        if not hasattr(probe, "_hf_hook") and probe.device != self._execution_device:
+            probe.to(self._execution_device)  # a per-call probe follows the pipeline (offloaded ones move themselves)
+
+        # The user's callback stays in the chain, with the tensor inputs it asked for.
+        user_callback = call.get("callback_on_step_end")
+        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
+            user_inputs = list(user_callback.tensor_inputs)
+        else:
+            user_inputs = list(call.get("callback_on_step_end_tensor_inputs") or ["latents"])
+
+        session = _ReadoutSession(
+            self,
+            probe,
+            task,
+            record=return_readouts,
+            steps=readout_steps,
+            guidance_scale=readout_guidance_scale,
+            guidance_window=window,
+            control=control,
+            control_index=readout_control_index,
+            user_callback=user_callback,
+        )
+        if return_readouts or session.after_step:
+            call["callback_on_step_end"] = session
+            call["callback_on_step_end_tensor_inputs"] = user_inputs + (["latents"] if "latents" not in user_inputs else [])
+        return_dict = call.pop("return_dict", True)
+        call["return_dict"] = True
+
+        session.register()
+        try:
+            out = parent_call(**call)
+        finally:
+            session.remove()
+        if readout_guidance_scale > 0 and not session.guided_timesteps:
+            logger.warning(
+                f"Readout guidance was on, but no timestep fell in readout_guidance_window {window}: no step "
+                "was guided."
+            )
+
+        fields = {}
+        if return_readouts:
+
+            fields = dict(
+                readouts=session.readouts,
+                readout_images=[render_readout(r, task) for r in session.readouts],
+                readout_timesteps=session.timesteps,
+                readout_step_indices=session.step_indices,
+                readout_losses=session.losses if len(session.losses) == len(session.readouts) else None,
+                readout_task=task.name,
+            )
+        output = ReadoutPipelineOutput(images=out.images, nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
+                                        **fields)
+        if not return_dict:
+            # the parent's tuple (SD1.5: images and the safety checker's flags; SDXL: images), then the readouts
+            result = (output.images, output.nsfw_content_detected) if self._returns_nsfw_flags else (output.images,)
+            if return_readouts:
+                result += (output.readouts, output.readout_images, output.readout_timesteps)
+            return result
+        return output
+
+
+class StableDiffusionControlNetReadoutPipeline(ReadoutPipelineMixin, StableDiffusionControlNetPipeline):
+    r"""
+    `StableDiffusionControlNetPipeline` with a readout probe: returns what the probe reads out of the UNet's
+    decoder features at every (or a chosen) denoising step, and optionally steers sampling with it (readout
+    guidance).
+
+    All arguments of the parent are kept (same type hints, so `from_pipe` carries every module over):
+
+    ```py
+    >>> pipe = StableDiffusionControlNetPipeline.from_pretrained(...)
+    >>> readout_pipe = StableDiffusionControlNetReadoutPipeline.from_pipe(pipe, readout_probe=probe)
+    >>> out = readout_pipe(prompt, image=control, return_readouts=True, readout_task="depth")
+    >>> grid = make_readout_grid(out, control, sample_index=0)
+    ```
+
+    Args:
+        vae, text_encoder, tokenizer, unet, controlnet, scheduler, safety_checker, feature_extractor,
+        image_encoder, requires_safety_checker: As [`~diffusers.StableDiffusionControlNetPipeline`].
+        readout_probe ([`ReadoutProbe`], *optional*):
+            The probe used when a call passes no probe of its own. Saved with `save_pretrained` (recorded as
+            `["diffusers_innercontrol", "ReadoutProbe"]` in `model_index.json`) and loaded back by
+            `from_pretrained`.
+    """
+
+    _optional_components = StableDiffusionControlNetPipeline._optional_components + ["readout_probe"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        requires_safety_checker: bool = True,
+        readout_probe: Optional[ReadoutProbe] = None,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.register_modules(readout_probe=readout_probe)
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -638,10 +773,6 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
             [`ReadoutPipelineOutput`] or `tuple`: with `return_dict=False`, `(images, nsfw_content_detected)`
             and, with `return_readouts=True`, also `(readouts, readout_images, readout_timesteps)`.
         """
-        readout_guidance_scale = float(readout_guidance_scale)
-        if not math.isfinite(readout_guidance_scale) or readout_guidance_scale < 0:
-            raise ValueError(f"readout_guidance_scale must be a finite number >= 0, got {readout_guidance_scale}.")
-        parent_call = super().__call__
         call = dict(
             prompt=prompt, image=image, height=height, width=width, num_inference_steps=num_inference_steps,
             timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
@@ -653,99 +784,149 @@ class StableDiffusionControlNetReadoutPipeline(StableDiffusionControlNetPipeline
             control_guidance_end=control_guidance_end, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **kwargs,
         )
-        if not return_readouts and readout_guidance_scale == 0:
-            out = parent_call(**call)
-            if isinstance(out, tuple):
-                return out
-            return ReadoutPipelineOutput(images=out.images, nsfw_content_detected=out.nsfw_content_detected)
-
-        # Check everything before any model runs.
-        probe = readout_probe if readout_probe is not None else self.readout_probe
-        if probe is None:
-            raise ValueError(
-                "return_readouts / readout guidance need a readout probe: pass `readout_probe=` to the call, or "
-                "build the pipeline with one (`from_pipe(pipe, readout_probe=probe)`)."
-            )
-        self._check_probe(probe)
-        task = resolve_readout_task(readout_task, probe)
-        if readout_steps is not None:
-            if isinstance(readout_steps, int) or not all(isinstance(s, (int, np.integer)) for s in readout_steps):
-                raise TypeError(f"readout_steps must be a list of step indices, got {readout_steps!r}.")
-            n = self._num_loop_steps(call)
-            for s in readout_steps:
-                if not -n <= s < n:
-                    raise ValueError(
-                        f"readout_steps holds {s}, but {type(self.scheduler).__name__}'s denoising loop has {n} steps "
-                        f"here (indices 0..{n - 1}, or {-n}..-1 from the end; -1 is the last step)."
-                    )
-        window = tuple(readout_guidance_window) if readout_guidance_window is not None else task.alignment_window
-        if len(window) != 2 or window[0] > window[1]:
-            raise ValueError(f"readout_guidance_window must be (lo, hi) timesteps with lo <= hi, got {window}.")
-        if isinstance(self.controlnet, MultiControlNetModel):
-            if not 0 <= readout_control_index < len(self.controlnet.nets):
-                raise ValueError(
-                    f"readout_control_index {readout_control_index} is out of range for "
-                    f"{len(self.controlnet.nets)} ControlNets."
-                )
-        elif readout_control_index != 0:
-            raise ValueError("readout_control_index only applies to several ControlNets; leave it at 0.")
-        control = self._prepare_readout_control(readout_control)
-        if control is not None:
-            _check_control_batch(control.shape[0], _num_prompts(prompt, prompt_embeds), num_images_per_prompt or 1)
-        if not hasattr(probe, "_hf_hook") and probe.device != self._execution_device:
-            probe.to(self._execution_device)  # a per-call probe follows the pipeline (offloaded ones move themselves)
-
-        # The user's callback stays in the chain, with the tensor inputs it asked for.
-        user_callback = call.get("callback_on_step_end")
-        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
-            user_inputs = list(user_callback.tensor_inputs)
-        else:
-            user_inputs = list(call.get("callback_on_step_end_tensor_inputs") or ["latents"])
-
-        session = _ReadoutSession(
-            self,
-            probe,
-            task,
-            record=return_readouts,
-            steps=readout_steps,
-            guidance_scale=readout_guidance_scale,
-            guidance_window=window,
-            control=control,
-            control_index=readout_control_index,
-            user_callback=user_callback,
+        return self._readout_call(
+            super().__call__, call, return_readouts, readout_steps, readout_probe, readout_task, readout_control,
+            readout_control_index, readout_guidance_scale, readout_guidance_window,
         )
-        if return_readouts or session.after_step:
-            call["callback_on_step_end"] = session
-            call["callback_on_step_end_tensor_inputs"] = user_inputs + (["latents"] if "latents" not in user_inputs else [])
-        return_dict = call.pop("return_dict", True)
-        call["return_dict"] = True
 
-        session.register()
-        try:
-            out = parent_call(**call)
-        finally:
-            session.remove()
-        if readout_guidance_scale > 0 and not session.guided_timesteps:
-            logger.warning(
-                f"Readout guidance was on, but no timestep fell in readout_guidance_window {window}: no step "
-                "was guided."
-            )
 
-        fields = {}
-        if return_readouts:
+class StableDiffusionXLControlNetReadoutPipeline(ReadoutPipelineMixin, StableDiffusionXLControlNetPipeline):
+    r"""
+    `StableDiffusionXLControlNetPipeline` with a readout probe: the SDXL counterpart of
+    [`StableDiffusionControlNetReadoutPipeline`], with the same readout and guidance parameters. The parent's
+    denoising loop runs unchanged (SDXL's pooled text embeddings and size / crop ids included: readout guidance
+    runs the ControlNet and the UNet again with the recorded inputs of the conditional half).
 
-            fields = dict(
-                readouts=session.readouts,
-                readout_images=[render_readout(r, task) for r in session.readouts],
-                readout_timesteps=session.timesteps,
-                readout_step_indices=session.step_indices,
-                readout_losses=session.losses if len(session.losses) == len(session.readouts) else None,
-                readout_task=task.name,
-            )
-        output = ReadoutPipelineOutput(images=out.images, nsfw_content_detected=out.nsfw_content_detected, **fields)
-        if not return_dict:
-            result = (output.images, output.nsfw_content_detected)
-            if return_readouts:
-                result += (output.readouts, output.readout_images, output.readout_timesteps)
-            return result
-        return output
+    ```py
+    >>> pipe = StableDiffusionXLControlNetPipeline.from_pretrained(...)
+    >>> readout_pipe = StableDiffusionXLControlNetReadoutPipeline.from_pipe(pipe, readout_probe=probe)
+    >>> out = readout_pipe(prompt, image=control, return_readouts=True, readout_task="depth")
+    ```
+
+    Args:
+        vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
+        force_zeros_for_empty_prompt, add_watermarker, feature_extractor, image_encoder:
+            As [`~diffusers.StableDiffusionXLControlNetPipeline`].
+        readout_probe ([`ReadoutProbe`], *optional*): As in [`StableDiffusionControlNetReadoutPipeline`].
+    """
+
+    _optional_components = StableDiffusionXLControlNetPipeline._optional_components + ["readout_probe"]
+    _returns_nsfw_flags = False  # SDXL's pipelines return (images,) with return_dict=False
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: Optional[bool] = None,
+        feature_extractor: CLIPImageProcessor = None,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        readout_probe: Optional[ReadoutProbe] = None,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_modules(readout_probe=readout_probe)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[str]] = None,
+        prompt_2: Optional[Union[str, List[str]]] = None,
+        image: PipelineImageInput = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        timesteps: List[int] = None,
+        sigmas: List[float] = None,
+        denoising_end: Optional[float] = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: Optional[Union[str, List[str]]] = None,
+        negative_prompt_2: Optional[Union[str, List[str]]] = None,
+        num_images_per_prompt: Optional[int] = 1,
+        eta: float = 0.0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        ip_adapter_image: Optional[PipelineImageInput] = None,
+        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
+        output_type: Optional[str] = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        controlnet_conditioning_scale: Union[float, List[float]] = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: Union[float, List[float]] = 0.0,
+        control_guidance_end: Union[float, List[float]] = 1.0,
+        original_size: Tuple[int, int] = None,
+        crops_coords_top_left: Tuple[int, int] = (0, 0),
+        target_size: Tuple[int, int] = None,
+        negative_original_size: Optional[Tuple[int, int]] = None,
+        negative_crops_coords_top_left: Tuple[int, int] = (0, 0),
+        negative_target_size: Optional[Tuple[int, int]] = None,
+        clip_skip: Optional[int] = None,
+        callback_on_step_end: Optional[
+            Union[Callable[[int, int, Dict], None], PipelineCallback, MultiPipelineCallbacks]
+        ] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (the parent's default)
+        return_readouts: bool = False,
+        readout_steps: Optional[List[int]] = None,
+        readout_probe: Optional[ReadoutProbe] = None,
+        readout_task: Union[None, str, Task] = None,
+        readout_control: Union[None, torch.Tensor, PIL.Image.Image, np.ndarray, List] = None,
+        readout_control_index: int = 0,
+        readout_guidance_scale: float = 0.0,
+        readout_guidance_window: Optional[Tuple[int, int]] = None,
+        **kwargs,
+    ) -> Union[ReadoutPipelineOutput, Tuple]:
+        r"""
+        The parent's call, with its parameters and defaults (see
+        [`~diffusers.StableDiffusionXLControlNetPipeline.__call__`] for `prompt` ...
+        `callback_on_step_end_tensor_inputs`; `**kwargs` are passed on to it), then the readout parameters, as in
+        [`StableDiffusionControlNetReadoutPipeline.__call__`].
+
+        Returns:
+            [`ReadoutPipelineOutput`] (`nsfw_content_detected` is `None`: SDXL has no safety checker) or `tuple`:
+            with `return_dict=False`, `(images,)` and, with `return_readouts=True`, also `(readouts,
+            readout_images, readout_timesteps)`.
+        """
+        call = dict(
+            prompt=prompt, prompt_2=prompt_2, image=image, height=height, width=width,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, denoising_end=denoising_end,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            output_type=output_type, return_dict=return_dict, cross_attention_kwargs=cross_attention_kwargs,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, guess_mode=guess_mode,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
+            clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **kwargs,
+        )
+        return self._readout_call(
+            super().__call__, call, return_readouts, readout_steps, readout_probe, readout_task, readout_control,
+            readout_control_index, readout_guidance_scale, readout_guidance_window,
+        )

@@ -146,11 +146,47 @@ def write_tiny_tokenizer(directory: str):
     return directory
 
 
+def _tiny_controlnet(unet, vae_scale_factor: int, seed: int):
+    """`ControlNetModel.from_unet`, with small random output convolutions instead of zeros, so that a tiny ControlNet
+    changes the UNet's features and tests can see gradients reach it."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed + 2)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor))
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in list(controlnet.controlnet_down_blocks.parameters()) + list(controlnet.controlnet_mid_block.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return controlnet
+
+
+def build_tiny_sdxl_components(seed: int = 0, tokenizer_dir: Optional[str] = None) -> Dict:
+    """The components of a tiny SDXL-shaped ControlNet pipeline (`StableDiffusionXLControlNetPipeline(**components)`):
+    the tiny SDXL UNet, its ControlNet, the tiny VAE, two tiny CLIP text encoders (the second with a projection: its
+    pooled output is SDXL's `text_embeds`), their tokenizer and an Euler scheduler."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet = build_sdxl_unet("cpu", tiny=True, seed=seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    controlnet = _tiny_controlnet(unet, 2 ** (len(vae.config.block_out_channels) - 1), seed)
+    torch.manual_seed(seed + 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_CONFIG, projection_dim=32))
+    tokenizer_dir = write_tiny_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny_tok_"))
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    return dict(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG))
+
+
 def build_tiny_components(seed: int = 0, tokenizer_dir: Optional[str] = None) -> Dict:
     """UNet, ControlNet, VAE, text encoder, tokenizer and scheduler of the tiny SD1.5-shaped model."""
     import tempfile
 
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -158,14 +194,7 @@ def build_tiny_components(seed: int = 0, tokenizer_dir: Optional[str] = None) ->
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    torch.manual_seed(seed + 2)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor))
-    # from_unet zero-initialises the ControlNet's output convolutions; give them small random weights so
-    # that a tiny ControlNet changes the UNet's features and tests can see gradients reach it.
-    g = torch.Generator().manual_seed(seed + 3)
-    with torch.no_grad():
-        for p in list(controlnet.controlnet_down_blocks.parameters()) + list(controlnet.controlnet_mid_block.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    controlnet = _tiny_controlnet(unet, vae_scale_factor, seed)
     torch.manual_seed(seed + 4)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     tokenizer_dir = write_tiny_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny_tok_"))
