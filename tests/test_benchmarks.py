@@ -163,3 +163,28 @@ def test_profile_difference_table_by_hand():
     assert rows[0] == "| `a` | 10.0 | 13.0 | +3.0 | 75 % |"  # 8 ms/step more in all, 3 of them in a
     assert rows[1] == "| `c` | 0.0 | 1.0 | +1.0 | 25 % |"
     assert rows[-1] == "| **all operators** | 12.0 | 16.0 | +4.0 | 100 % |"
+
+
+def test_flop_cost_model_by_hand():
+    import flops
+
+    g = {"controlnet": 1.0, "unet": 2.0, "probe": 0.5, "vae_decode": 3.0, "reward_model": 1.0}
+    # base 3 * 1 + 2 * 2 = 7; reward 2 * (3 + 1) = 8; probe 2 * 0.5 = 1
+    r = flops.predicted_ratios(g, reward_share=0.25, alignment_share=0.5)
+    assert r == {"controlnet++_full": round(15 / 7, 2), "controlnet++_masked": round(9 / 7, 2),
+                 "innercontrol": round(9.5 / 7, 2), "alignment_only": round(7.5 / 7, 2)}
+
+
+def test_flop_counts_of_sd15_and_sdxl_on_meta():
+    """Counted from the configs on 'meta' (no weights): SD1.5's UNet at 512 px is ~0.4 TMAC a forward, SDXL's at
+    1024 px ~3.4 TMAC; SDXL's heavier UNet makes the reward's decode a smaller share of its step."""
+    import flops
+
+    from diffusers_innercontrol.tasks import get_task
+
+    sd15 = flops.count("sd15", get_task("depth"))
+    sdxl = flops.count("sdxl", get_task("depth"))
+    assert 395 < sd15["unet"] < 410 and 3300 < sdxl["unet"] < 3450
+    # the same VAE layout on 4x the pixels: 4x the convolutions, and more for the mid-block's attention (quadratic)
+    assert 4 * sd15["vae_decode"] < sdxl["vae_decode"] < 4.5 * sd15["vae_decode"]
+    assert flops.predicted_ratios(sdxl, 0.2, 0.8)["controlnet++_masked"] < flops.predicted_ratios(sd15, 0.2, 0.8)["controlnet++_masked"]
