@@ -298,3 +298,12 @@ def test_offline_model_id_is_one_line_without_traceback():
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "'nobody/no-model' (--pretrained_model_name_or_path)" in errors[0]
+
+
+def test_alignment_loss_option_sets_the_probes_training_loss(script, tmp_path):
+    """`--alignment_loss sparse_mse` trains a LineArt probe with the class-balanced loss HED uses (the task's own
+    MSE stays the default)."""
+    base = ["--output_dir", str(tmp_path)]
+    assert script.resolve_task(script.parse_args(["--task", "lineart", *base])).alignment_loss == "mse"
+    task = script.resolve_task(script.parse_args(["--task", "lineart", "--alignment_loss", "sparse_mse", *base]))
+    assert task.alignment_loss == "sparse_mse" and task.name == "lineart"

@@ -97,6 +97,8 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     models.add_argument("--norm_num_groups", type=int, default=32, help="GroupNorm groups of the probe (divides projection_dim / 4).")
     models.add_argument("--out_channels", type=int, default=None,
                         help="Predicted channels (number of classes for segmentation). Default: the task's.")
+    models.add_argument("--alignment_loss", type=str, default=None, choices=("mse", "sparse_mse", "ce"),
+                        help="The probe's training loss against the control. Default: the task's (its alignment loss).")
 
     data = add_data_args(parser)
     data.add_argument("--use_captions", action="store_true",
@@ -169,7 +171,8 @@ def resolve_task(args):
     task = get_task(args.task, args.preset)
     changes = {}
     for option, field in (("feature_kind", "feature_kind"), ("feature_scale", "feature_scale"),
-                          ("upsample_head", "upsample_head"), ("out_channels", "probe_out_channels")):
+                          ("upsample_head", "upsample_head"), ("out_channels", "probe_out_channels"),
+                          ("alignment_loss", "alignment_loss")):
         value = getattr(args, option)
         if value is not None:
             changes[field] = value
