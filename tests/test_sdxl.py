@@ -76,3 +76,38 @@ def test_readout_guidance_sdxl_checkpoint_imports(tiny_sdxl, tmp_path):
     with torch.no_grad():
         expected = _reference_forward(checkpoint, feats, tiny_sdxl.time_embedding(tiny_sdxl.time_proj(999 - t)))
         torch.testing.assert_close(probe(feats, t).sample, expected, atol=1e-5, rtol=0)
+
+
+def _sdxl_batch(components, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = components["unet"].config.cross_attention_dim
+    return dict(latents=torch.randn(batch, 4, 16, 16, generator=g), encoder_hidden_states=torch.randn(batch, 7, width, generator=g),
+                control=torch.rand(batch, 3, 32, 32, generator=g), added_cond_kwargs=_added_cond(batch))
+
+
+def test_steps_take_sdxl_conditioning(tmp_path):
+    """`controlnet_step` (diffusion + alignment) and `probe_step` run the SDXL UNet and ControlNet with SDXL's added
+    conditioning, and the gradients reach what each trains."""
+    from diffusers import DDPMScheduler
+
+    from diffusers_innercontrol import get_task
+    from diffusers_innercontrol.toy.tiny import build_tiny_sdxl_components
+    from diffusers_innercontrol.training import controlnet_step, probe_step
+
+    components = build_tiny_sdxl_components(seed=0, tokenizer_dir=str(tmp_path))
+    unet, controlnet = components["unet"].requires_grad_(False), components["controlnet"]
+    task = get_task("depth")
+    probe = ReadoutProbe.from_unet(unet, task.feature_kind, projection_dim=16, norm_num_groups=4)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    batch = _sdxl_batch(components)
+    out = controlnet_step(task=task, unet=unet, controlnet=controlnet, noise_scheduler=scheduler, probe=probe.requires_grad_(False),
+                          alpha=0.0, beta=1.0, timesteps=torch.tensor([100, 300]), **batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.alignment is not None
+    assert controlnet.controlnet_down_blocks[0].weight.grad.abs().sum() > 0
+    probe.requires_grad_(True)
+    loss = probe_step(task=task, unet=unet, probe=probe, noise_scheduler=scheduler, latents=batch["latents"],
+                      encoder_hidden_states=batch["encoder_hidden_states"], control=batch["control"],
+                      added_cond_kwargs=batch["added_cond_kwargs"], generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and probe.head[0].weight.grad.abs().sum() > 0

@@ -94,12 +94,14 @@ def probe_config(probe):
     return getattr(probe, "module", probe).config
 
 
-def _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype):
+def _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype,
+                             added_cond_kwargs=None):
     down, mid = controlnet(
         noisy_latents,
         timesteps,
         encoder_hidden_states=encoder_hidden_states,
         controlnet_cond=control.to(weight_dtype),
+        added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )
     return unet(
@@ -108,6 +110,7 @@ def _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder
         encoder_hidden_states=encoder_hidden_states,
         down_block_additional_residuals=[r.to(weight_dtype) for r in down],
         mid_block_additional_residual=mid.to(weight_dtype),
+        added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )[0]
 
@@ -132,6 +135,7 @@ def controlnet_step(
     reward_decode: str = "masked",
     weight_dtype: torch.dtype = torch.float32,
     generator: Optional[torch.Generator] = None,
+    added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
 ) -> StepOutput:
     """
     One stage-2 step (Eq. 8). Returns the losses; the caller runs `backward`.
@@ -145,6 +149,8 @@ def controlnet_step(
         vae, reward_model: needed when `alpha > 0`. probe: needed when `beta > 0`.
         noise, timesteps: drawn here when not given.
         reward_decode: `"masked"` (decode only the samples inside the reward window) or `"full"`.
+        added_cond_kwargs: SDXL's added conditioning for the UNet and the ControlNet (`text_embeds`: the pooled
+            text embedding, `time_ids`: original size, crop and target size); `None` for SD1.5.
     """
     if reward_decode not in REWARD_DECODE_MODES:
         raise ValueError(f"reward_decode must be one of {REWARD_DECODE_MODES}, got {reward_decode!r}.")
@@ -168,7 +174,7 @@ def controlnet_step(
         extractor.register()
     try:
         model_pred = _controlnet_unet_forward(
-            unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype
+            unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype, added_cond_kwargs
         )
     finally:
         features = extractor.pop() if extractor is not None else None
@@ -233,13 +239,16 @@ def probe_features(
     controlnet=None,
     control: Optional[torch.Tensor] = None,
     weight_dtype: torch.dtype = torch.float32,
+    added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
 ):
     """Decoder features of one frozen (optionally ControlNet-conditioned) UNet forward, under `no_grad`."""
     with torch.no_grad(), DecoderFeatureExtractor(unet, feature_kind, detach=True) as extractor:
         if controlnet is not None:
-            _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype)
+            _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, control, weight_dtype,
+                                     added_cond_kwargs)
         else:
-            unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+            unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                 return_dict=False)
         return extractor.pop()
 
 
@@ -259,15 +268,18 @@ def probe_step(
     weight_dtype: torch.dtype = torch.float32,
     generator: Optional[torch.Generator] = None,
     reduce: bool = True,
+    added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
 ):
     """
     One stage-1 step: t ~ U[0, T), noise the latents, one frozen UNet forward, the probe's loss
     (`alignment_loss_per_sample`, the same function as Eq. 7) against the control. Returns the mean loss,
-    or the per-sample losses and the timesteps with `reduce=False` (per-t evaluation).
+    or the per-sample losses and the timesteps with `reduce=False` (per-t evaluation). `added_cond_kwargs`: SDXL's
+    added conditioning (see `controlnet_step`).
     """
     noise, timesteps, noisy_latents = noise_latents(noise_scheduler, latents, noise, timesteps, generator)
     features = probe_features(
-        unet, probe_config(probe).feature_kind, noisy_latents, timesteps, encoder_hidden_states, controlnet, control, weight_dtype
+        unet, probe_config(probe).feature_kind, noisy_latents, timesteps, encoder_hidden_states, controlnet, control, weight_dtype,
+        added_cond_kwargs,
     )
     readout = probe(features, timesteps, return_dict=False)[0]
     target = control_classes if task.is_segmentation else control
