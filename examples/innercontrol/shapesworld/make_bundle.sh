@@ -110,6 +110,8 @@ run_jobs() {  # run the named jobs whose folders hold no weights yet, JOBS at a 
 jobs_list=()
 second_wave=()
 for task in hed lineart depth segmentation; do
+  probe_loss=""  # LineArt's probe learns its one-pixel lines with HED's class-balanced loss (the plain MSE reads nothing)
+  [ "$task" != lineart ] || probe_loss="--alignment_loss sparse_mse"
   init=""
   [ -z "${CN_INIT:-}" ] || [ ! -d "$CN_INIT/controlnet-$task" ] || init="$CN_INIT/controlnet-$task"
   segments_var="STEPS_${task^^}"
@@ -118,7 +120,7 @@ for task in hed lineart depth segmentation; do
   else
     jobs_list+=("$(controlnet_job "$task" "${!segments_var}" "$init")")
   fi
-  jobs_list+=("probe-$task $LAUNCH $EX/train_probe.py --task $task --pretrained_model_name_or_path $TOY_SD --train_data_dir $DATA \
+  jobs_list+=("probe-$task $LAUNCH $EX/train_probe.py --task $task $probe_loss --pretrained_model_name_or_path $TOY_SD --train_data_dir $DATA \
     --resolution 64 --projection_dim 64 --norm_num_groups 16 --train_batch_size 16 --max_train_steps $PROBE_STEPS \
     --learning_rate 1e-3 --seed 0 --checkpointing_steps 100000 --validation_steps $PROBE_STEPS --validation_split 64 \
     --report_to none --output_dir $WORK/probe-$task")
