@@ -4,7 +4,8 @@
 # checkpointing, then the released-preset probe (attention features, 64 px head); then, if transformers is
 # there, the sampling benchmark. Each run has its own time limit and a failure (e.g. out of memory) does not
 # stop the next one; a mode that runs out of memory is dropped and reported, the others go on. At most
-# 6 minutes (the time limits add up to 360 s), about 4-5 minutes on one H100.
+# 7 minutes (the time limits add up to 420 s), about 5 minutes on one H100. The operator profile of the
+# alignment step (profile_step.py) runs after the first benchmark.
 #
 # Usage (from the repository root, on the GPU machine; diffusers and this package installed with
 # `pip install --target /tmp/site .whl/*.whl` beforehand):
@@ -57,6 +58,14 @@ run() {  # name, time limit in seconds, arguments...
 elapsed() { echo $(( $(date +%s) - START )); }
 
 run sd15_bf16_b8 120
+# where the alignment's extra time goes on the GPU: CUDA kernel time per operator, alignment only minus ControlNet
+if [ "$(elapsed)" -lt 150 ]; then
+    echo "== profile ($(elapsed) s elapsed)"
+    timeout 60 "$PY" benchmarks/profile_step.py --preset sd15 --resolution 512 --batch_size 8 --precision bf16 \
+        --device cuda --warmup 1 --iters 2 --markdown "$OUT/gpu_profile_sd15.md" --json "$OUT/gpu_profile_sd15.json" \
+        > "$OUT/gpu_profile_sd15.log" 2>&1
+    echo "== profile: exit $?"
+fi
 run sd15_bf16_b8_ckpt 110 --gradient_checkpointing
 # the released launchers' probe (attention features, 64 px head): the cheap probe configuration
 if [ "$(elapsed)" -lt 240 ]; then
@@ -81,6 +90,11 @@ fi
         cat "$f"
         grep -E "^(target|reward-window)" "${f%.md}.log"
     done
+    if [ -f "$OUT/gpu_profile_sd15.md" ]; then
+        echo
+        echo "## gpu_profile_sd15"
+        cat "$OUT/gpu_profile_sd15.md"
+    fi
     echo
     echo "total $(( $(date +%s) - START )) s"
 } > "$OUT/gpu_summary.md"
