@@ -307,3 +307,36 @@ def test_alignment_loss_option_sets_the_probes_training_loss(script, tmp_path):
     assert script.resolve_task(script.parse_args(["--task", "lineart", *base])).alignment_loss == "mse"
     task = script.resolve_task(script.parse_args(["--task", "lineart", "--alignment_loss", "sparse_mse", *base]))
     assert task.alignment_loss == "sparse_mse" and task.name == "lineart"
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_path(tmp_path_factory):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_innercontrol.toy.tiny import build_tiny_sdxl_components
+
+    components = build_tiny_sdxl_components(seed=0, tokenizer_dir=str(tmp_path_factory.mktemp("sdxl_tok")))
+    components.pop("controlnet")
+    path = tmp_path_factory.mktemp("tiny_sdxl")
+    StableDiffusionXLPipeline(**components).save_pretrained(path)
+    return str(path)
+
+
+def test_probe_trains_on_sdxl(script, tmp_path, tiny_sdxl_path, data_root):
+    """The same script on an SDXL pipeline (detected from its UNet): the second text encoder's pooled empty prompt
+    and the size / crop ids go to the UNet; a probe for its decoder features is saved, with its grid and errors."""
+    out = tmp_path / "probe"
+    argv = ["--task", "depth", "--pretrained_model_name_or_path", tiny_sdxl_path, "--train_data_dir", str(data_root / "depth"),
+            "--output_dir", str(out), "--report_to", "none", *TINY, "--max_train_steps", "2", "--validation_split", "2",
+            "--validation_timesteps", "100", "900", "--num_error_buckets", "2"]
+    _run_main(script, argv)
+    probe = ReadoutProbe.from_pretrained(out)
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_innercontrol import decoder_feature_channels
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet")
+    assert list(probe.config.feature_channels) == decoder_feature_channels(unet, probe.config.feature_kind)
+    assert (out / "validation_grid.png").is_file() and (out / "probe_error.json").is_file()
+    with pytest.raises(ValueError, match="--use_captions is not supported on SDXL yet"):
+        _run_main(script, argv[:-1] + ["2", "--use_captions", "--output_dir", str(tmp_path / "other")])

@@ -188,9 +188,10 @@ def resolve_task(args):
 # ------------------------------------------------------------------------------------------------ models
 def load_models(args, weight_dtype):
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from diffusers_innercontrol.hub_utils import check_model_available, load_pretrained
+    from diffusers_innercontrol.training import is_sdxl_unet
 
     check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", subfolder="unet",
                           revision=args.revision)
@@ -204,16 +205,21 @@ def load_models(args, weight_dtype):
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    tokenizer_2 = text_encoder_2 = None
+    if is_sdxl_unet(unet):  # SDXL: the second text encoder gives the pooled embedding the UNet adds to t's
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=args.variant,
+                                                                     **common)
     controlnet = None
     if args.controlnet_model_name_or_path:
         controlnet = load_pretrained(ControlNetModel, args.controlnet_model_name_or_path, "--controlnet_model_name_or_path",
                                      cache_dir=args.cache_dir)
-    for model in (text_encoder, vae, unet, controlnet):
+    for model in (text_encoder, text_encoder_2, vae, unet, controlnet):
         if model is not None:
             model.requires_grad_(False)
             model.eval()
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=noise_scheduler,
-                controlnet=controlnet)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
+                vae=vae, unet=unet, scheduler=noise_scheduler, controlnet=controlnet)
 
 
 def check_models(args, task, models) -> None:
@@ -223,6 +229,9 @@ def check_models(args, task, models) -> None:
 
     unet = models["unet"]
     check_resolution(args.resolution, vae_scale_factor_of(models["vae"].config))
+    if models.get("text_encoder_2") is not None and getattr(args, "use_captions", False):
+        raise ValueError("--use_captions is not supported on SDXL yet: leave it out (the probe reads the UNet's "
+                         "features under the empty prompt, as Readout Guidance trains its probes).")
     controlnet = models["controlnet"]
     if controlnet is not None:
         if controlnet.config.block_out_channels != unet.config.block_out_channels:
@@ -323,6 +332,7 @@ def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_d
         probe=probe, unet=models["unet"], noise_scheduler=models["scheduler"], latents=inputs["latents"],
         encoder_hidden_states=inputs["encoder_hidden_states"], timesteps=args.validation_timesteps,
         controlnet=models["controlnet"], control=inputs["control"], seed=args.seed or 0, weight_dtype=weight_dtype,
+        added_cond_kwargs=inputs.get("added_cond_kwargs"),
     )
     classes = inputs.get("control_classes")
     grid = validation_grid(
@@ -408,7 +418,7 @@ def main(args):
     from diffusers_innercontrol.data import check_samples, collate_fn
     from diffusers_innercontrol.hub import push_folder
     from diffusers_innercontrol.toy.quickstart import prepare_default_world
-    from diffusers_innercontrol.training import encode_images, probe_step
+    from diffusers_innercontrol.training import encode_images, encode_prompt_sdxl, probe_step, sdxl_time_ids
     from diffusers_innercontrol.training_utils import (
         move_frozen,
         optimizer_step,
@@ -447,7 +457,7 @@ def main(args):
     if val_dataset is not None:
         check_samples(val_dataset, args.check_data_samples)
 
-    for model in (unet, vae, text_encoder, models["controlnet"]):
+    for model in (unet, vae, text_encoder, models["text_encoder_2"], models["controlnet"]):
         if model is not None:
             move_frozen(model, accelerator.device, weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
@@ -455,12 +465,19 @@ def main(args):
     if args.gradient_checkpointing:
         logger.info("--gradient_checkpointing has no effect here: the UNet runs under no_grad in stage 1.")
 
+    sdxl = models["text_encoder_2"] is not None
     with torch.no_grad():
-        empty_ids = models["tokenizer"](
-            [""], max_length=models["tokenizer"].model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(accelerator.device)
-        empty_embedding = text_encoder(empty_ids, return_dict=False)[0]
+        if sdxl:  # both encoders' penultimate states, and the pooled projection of the second
+            empty_embedding, empty_pooled = encode_prompt_sdxl(
+                (text_encoder, models["text_encoder_2"]), (models["tokenizer"], models["tokenizer_2"]), [""],
+                accelerator.device,
+            )
+        else:
+            empty_ids = models["tokenizer"](
+                [""], max_length=models["tokenizer"].model_max_length, padding="max_length", truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(accelerator.device)
+            empty_embedding = text_encoder(empty_ids, return_dict=False)[0]
 
     def batch_inputs(batch, generator=None) -> Dict[str, "torch.Tensor"]:
         """Latents, text embeddings and controls of a collated batch (frozen models, no_grad)."""
@@ -478,6 +495,12 @@ def main(args):
         }
         if "control_classes" in batch:
             out["control_classes"] = batch["control_classes"].to(accelerator.device)
+        if sdxl:  # the pooled empty prompt and the size / crop ids of uncropped images
+            n, height, width = latents.shape[0], pixels.shape[-2], pixels.shape[-1]
+            out["added_cond_kwargs"] = {
+                "text_embeds": empty_pooled.expand(n, -1).to(weight_dtype),
+                "time_ids": sdxl_time_ids(n, height, width, accelerator.device, weight_dtype),
+            }
         return out
 
     params = [p for p in probe.parameters() if p.requires_grad]
@@ -535,6 +558,7 @@ def main(args):
                 latents=inputs["latents"], encoder_hidden_states=inputs["encoder_hidden_states"],
                 control=inputs["control"], control_classes=inputs.get("control_classes"),
                 controlnet=models["controlnet"], weight_dtype=weight_dtype, generator=gen,
+                added_cond_kwargs=inputs.get("added_cond_kwargs"),
             )
             optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, args, terms={f"probe ({task.alignment_loss})": loss},
                            step=global_step + 1, epoch=epoch, hint="lowering --learning_rate or checking the controls.")

@@ -184,7 +184,8 @@ def evaluate_probe(
         task: the `Task` (its `alignment_loss` is the error reported).
         probe, unet, noise_scheduler, controlnet: as for `probe_step` (the probe unwrapped from DDP).
         batches: an iterable of dicts with `latents`, `encoder_hidden_states`, `control` and, for segmentation,
-            `control_classes`; or of anything `prepare` maps to such a dict (e.g. a data loader's batches).
+            `control_classes` (for SDXL, `added_cond_kwargs`); or of anything `prepare` maps to such a dict (e.g. a
+            data loader's batches).
         num_buckets (`int`): Number of equal timestep buckets.
         seed (`int`): Seed of the noise and of the timesteps.
         max_batches (`int`, *optional*): Stop after this many batches.
@@ -222,6 +223,7 @@ def evaluate_probe(
                     noise=noise,
                     timesteps=timesteps,
                     weight_dtype=weight_dtype,
+                    added_cond_kwargs=inputs.get("added_cond_kwargs"),
                     reduce=False,
                 )
                 errors.update(losses, timesteps)
@@ -243,9 +245,11 @@ def predict_at_timesteps(
     control: Optional[torch.Tensor] = None,
     seed: int = 0,
     weight_dtype: torch.dtype = torch.float32,
+    added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
 ) -> List[torch.Tensor]:
     """
     The probe's raw output for the same samples noised at each of `timesteps` (the same noise for all t).
+    `added_cond_kwargs`: SDXL's added conditioning (`training.controlnet_step`).
 
     Returns:
         a list with one `(B, C_out, h, w)` tensor per timestep.
@@ -265,7 +269,8 @@ def predict_at_timesteps(
             ts = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
             noisy = noise_scheduler.add_noise(latents, noise, ts)
             features = probe_features(
-                unet, probe.config.feature_kind, noisy, ts, encoder_hidden_states, controlnet, control, weight_dtype
+                unet, probe.config.feature_kind, noisy, ts, encoder_hidden_states, controlnet, control, weight_dtype,
+                added_cond_kwargs,
             )
             outputs.append(probe(features, ts, return_dict=False)[0].float())
     finally:

@@ -13,7 +13,7 @@ captured, the probe's loss against the control.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -287,3 +287,30 @@ def probe_step(
     if reduce:
         return losses.mean()
     return losses, timesteps
+
+
+# --- SDXL ------------------------------------------------------------------------------------------
+def is_sdxl_unet(unet) -> bool:
+    """An SDXL-style UNet: it adds the pooled text embedding and the size / crop ids to the timestep embedding."""
+    return getattr(getattr(unet, "module", unet).config, "addition_embed_type", None) == "text_time"
+
+
+def encode_prompt_sdxl(text_encoders, tokenizers, prompts, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    SDXL's text conditioning, as its pipelines compute it: each encoder's penultimate hidden states, concatenated
+    along the channels (`encoder_hidden_states`), and the last encoder's projected pooled output (`text_embeds`).
+    """
+    hidden, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = text_encoder(ids, output_hidden_states=True)
+        pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(batch_size: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """SDXL's size / crop ids of uncropped training images: (original height, width, crop top, left, target height,
+    width) = (height, width, 0, 0, height, width) for every sample."""
+    return torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).repeat(batch_size, 1)
