@@ -493,6 +493,23 @@ def test_guidance_in_half_precision_on_cuda(tiny_pipeline_path, probe, control, 
     assert np.isfinite(out.images).all() and all(torch.isfinite(r).all() for r in out.readouts)
 
 
+def test_ddim_response_by_hand():
+    """abar_t = 0.25, abar_prev = 0.64: 0.6 - 0.8 * sqrt(0.75 / 0.25) = 0.6 - 0.8 * 1.7320508 = -0.7856406; the end of
+    the schedule uses `final_alpha_cumprod`; a v-prediction scales it by sqrt(abar_t) = 0.5."""
+    from types import SimpleNamespace
+
+    from diffusers_innercontrol.pipeline_readout import _ddim_response
+
+    abar = torch.ones(1000)
+    abar[500], abar[400] = 0.25, 0.64
+    sched = SimpleNamespace(alphas_cumprod=abar, final_alpha_cumprod=torch.tensor(1.0),
+                            config=SimpleNamespace(prediction_type="epsilon"))
+    assert _ddim_response(sched, torch.tensor(500), torch.tensor(400)) == pytest.approx(0.6 - 0.8 * 3 ** 0.5)
+    assert _ddim_response(sched, 500, None) == pytest.approx(-(3 ** 0.5))  # abar_prev = 1: x0 itself
+    sched.config.prediction_type = "v_prediction"
+    assert _ddim_response(sched, 500, 400) == pytest.approx(0.5 * (0.6 - 0.8 * 3 ** 0.5))
+
+
 def test_pndm_takes_one_guided_step_as_ddim_does(base, probe, control):
     """Guidance on PNDM's last step only: the final latents move by scale * |response| / factor (RMS per sample),
     what one DDIM step gives, not the 55/24 x that PNDM's extrapolation would apply to a guided noise prediction."""

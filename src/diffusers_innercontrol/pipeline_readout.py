@@ -193,7 +193,8 @@ def _guides_after_step(scheduler) -> bool:
 def _ddim_response(scheduler, timestep, next_timestep) -> float:
     """
     How much one DDIM step (eta 0) from `timestep` to `next_timestep` (`None`: the end) moves the latents per unit
-    change of the noise prediction: `sqrt(1 - abar_prev) - sqrt(abar_prev) * sqrt((1 - abar_t) / abar_t)`.
+    change of the model output: `sqrt(1 - abar_prev) - sqrt(abar_prev) * sqrt((1 - abar_t) / abar_t)` for a noise
+    prediction, `sqrt(abar_t)` times that for a v-prediction (`eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t`).
     """
     alphas_cumprod = scheduler.alphas_cumprod
     abar = float(alphas_cumprod[int(round(_timestep_value(timestep)))])
@@ -201,7 +202,10 @@ def _ddim_response(scheduler, timestep, next_timestep) -> float:
         abar_prev = float(getattr(scheduler, "final_alpha_cumprod", alphas_cumprod[0]))
     else:
         abar_prev = float(alphas_cumprod[int(round(_timestep_value(next_timestep)))])
-    return (1.0 - abar_prev) ** 0.5 - abar_prev ** 0.5 * ((1.0 - abar) / abar) ** 0.5
+    response = (1.0 - abar_prev) ** 0.5 - abar_prev ** 0.5 * ((1.0 - abar) / abar) ** 0.5
+    if getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction":
+        return abar ** 0.5 * response
+    return response
 
 
 class _ReadoutSession:

@@ -45,8 +45,8 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Readout guidance under several schedulers, paired by seed on held-out "
                                             "ShapesWorld scenes.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", type=str, required=True, help="Where guidance.json and guidance.md go.")
-    p.add_argument("--task", type=str, default="depth", choices=("hed", "lineart", "depth", "segmentation"),
-                   help="Which bundled ControlNet, probe and evaluator.")
+    p.add_argument("--task", type=str, default="depth", choices=("depth",),
+                   help="Which bundled ControlNet, probe and evaluator (depth: the task with a per-image RMSE here).")
     p.add_argument("--assets_dir", type=str, default=ASSETS_DIR,
                    help="A folder with toy-sd, controlnet-<task>, probe-<task> and eval-<task> (default: the bundled one).")
     p.add_argument("--schedulers", type=lambda s: [v for v in s.split(",") if v], default=list(SCHEDULERS),
@@ -112,8 +112,6 @@ def main(args) -> Dict:
     from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.task != "depth":
-        raise SystemExit("error: only --task depth has a per-image metric here so far (RMSE); pass --task depth.")
     task = get_task(args.task)
     assets = args.assets_dir
     pipe = StableDiffusionControlNetReadoutPipeline.from_pretrained(
