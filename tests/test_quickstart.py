@@ -87,7 +87,8 @@ def test_model_or_data_given_means_sd15(scripts, fake_assets, tmp_path):
     train, probe = scripts
     args = train.parse_args(["--task", "depth", "--train_data_dir", str(tmp_path)])
     assert args.pretrained_model_name_or_path == DEFAULT_BASE_MODEL
-    assert args.controlnet_model_name_or_path is None and args.resolution == 512
+    # the resolution is the base model's native size, resolved in main once the model's family is known (512 px here)
+    assert args.controlnet_model_name_or_path is None and args.resolution is None
     args = probe.parse_args(["--task", "depth", "--dataset_name", "x/y"])
     assert args.pretrained_model_name_or_path == DEFAULT_BASE_MODEL and args.train_data_dir is None
     args = train.parse_args(["--task", "depth", "--pretrained_model_name_or_path", "some/model"])

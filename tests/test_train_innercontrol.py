@@ -492,7 +492,8 @@ def test_probe_that_does_not_match_the_unet(script, assets, tmp_path, tiny_compo
 
 @pytest.mark.parametrize("option", ["--pretrained_model_name_or_path", "--controlnet_model_name_or_path",
                                     "--probe_model_name_or_path", "--reward_model_name_or_path",
-                                    "--annotator_model_name_or_path", "--tokenizer_name"])
+                                    "--annotator_model_name_or_path", "--tokenizer_name",
+                                    "--pretrained_vae_model_name_or_path"])
 def test_offline_model_id_fails_fast_with_one_line(script, assets, tmp_path, capsys, option):
     args = base_args(assets, "depth", tmp_path, steps=1)
     if option in args:
@@ -593,3 +594,136 @@ def test_a_broken_probe_is_one_line_and_leaves_no_output_folder(script, assets, 
     err = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and re.match(r"error: " + expected, err[0]) and "Traceback" not in stderr, err
     assert not os.path.exists(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------- SDXL
+@pytest.fixture(scope="module")
+def sdxl_assets(assets, tmp_path_factory):
+    """A tiny SDXL-shaped pipeline (random weights, from configs) and, per task, a probe for its UNet; the data and
+    the reward models are the SD1.5 runs' (`assets`)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_innercontrol import ReadoutProbe, get_task
+    from diffusers_innercontrol.toy.tiny import build_tiny_sdxl_components
+
+    root = tmp_path_factory.mktemp("sdxl_assets")
+    components = build_tiny_sdxl_components(seed=0, tokenizer_dir=str(root / "tokenizer"))
+    components.pop("controlnet")
+    StableDiffusionXLPipeline(**components).save_pretrained(root / "pipe")
+    out = {"pipe": str(root / "pipe"), "unet": components["unet"], "components": components}
+    for name in TASKS:
+        out[name] = dict(assets[name], probe=str(root / f"probe_{name}"))
+        torch.manual_seed(0)
+        ReadoutProbe.from_unet(components["unet"], **get_task(name).probe_kwargs(), projection_dim=32,
+                               norm_num_groups=8).save_pretrained(out[name]["probe"])
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_trains_on_sdxl(script, sdxl_assets, tmp_path, task):
+    """The same script on an SDXL pipeline (detected from its UNet's config): reward and alignment on every sample,
+    validation with readouts through the SDXL readout pipeline; an SDXL ControlNet and an SDXL model card are saved."""
+    out = tmp_path / "out"
+    extra = dict(validation_prompt="a red circle", validation_image=os.path.join(sdxl_assets[task]["data"], "controls", "000.png"),
+                 num_validation_images=1, num_validation_inference_steps=2, num_validation_readouts=2) if task == "hed" else {}
+    steps = script.main(script.parse_args(base_args(sdxl_assets, task, out, steps=2, **extra)))
+    assert steps == 2
+    controlnet = assert_saved_controlnet(str(out))
+    assert controlnet.config.addition_embed_type == "text_time"
+    initial = type(controlnet).from_unet(sdxl_assets["unet"], conditioning_embedding_out_channels=controlnet.config.conditioning_embedding_out_channels)
+    trained = dict(controlnet.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in initial.named_parameters()), "training changed nothing"
+    card = read_card(str(out))
+    assert "stable-diffusion-xl" in card.data.tags and "stable-diffusion" not in card.data.tags
+    assert "StableDiffusionXLControlNetPipeline" in card.text
+    if task == "hed":
+        assert (out / "images_0.png").is_file()  # the labelled validation grid, readouts included
+
+
+@pytest.mark.e2e
+def test_sdxl_resume_from_a_checkpoint_equals_the_uninterrupted_run(script, sdxl_assets, tmp_path):
+    """4 samples, batch 2: checkpoint 3 is in the middle of epoch 1. A run resumed from it ends where the
+    uninterrupted run ended, bit for bit (the SDXL conditioning is a pure function of the batch)."""
+    import shutil
+
+    def args_for(out, **extra):
+        return script.parse_args(base_args(sdxl_assets, "depth", out, steps=4, checkpointing_steps=3, **extra))
+
+    reference = tmp_path / "reference"
+    script.main(args_for(reference))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-3", resumed / "checkpoint-3")
+    script.main(args_for(resumed, resume_from_checkpoint="latest"))
+    ref, res = controlnet_weights(reference), controlnet_weights(resumed)
+    assert ref.keys() == res.keys() and all(torch.equal(ref[k], res[k]) for k in ref)
+    mid = load_file(str(reference / "checkpoint-3" / "model.safetensors"))
+    assert any(not torch.equal(mid[k], ref[k]) for k in ref)
+
+
+def test_sdxl_conditioning_matches_the_sdxl_pipelines_prompt_encoding(sdxl_assets):
+    """`sdxl_conditioning` of a tokenised batch = `StableDiffusionXLPipeline.encode_prompt` of the same captions, and
+    the size / crop ids are (resolution, resolution, top, left, resolution, resolution)."""
+    from argparse import Namespace
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_innercontrol.training_utils import sdxl_conditioning
+
+    c = sdxl_assets["components"]
+    captions = ["a red circle", "two blue stars above a square"]
+    batch = {key: tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids for key, tok in (("input_ids", c["tokenizer"]), ("input_ids_2", c["tokenizer_2"]))}
+    args = Namespace(resolution=48, crops_coords_top_left_h=4, crops_coords_top_left_w=8)
+    models = {"text_encoder": c["text_encoder"], "text_encoder_2": c["text_encoder_2"]}
+    with torch.no_grad():
+        hidden, added = sdxl_conditioning(models, batch, args, "cpu", torch.float32)
+        pipe = StableDiffusionXLPipeline(**c)
+        ref_hidden, _, ref_pooled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(hidden, ref_hidden)
+    torch.testing.assert_close(added["text_embeds"], ref_pooled)
+    assert added["time_ids"].tolist() == [[48, 48, 4, 8, 48, 48]] * 2
+
+
+def test_sdxl_vae_override_and_its_precision(sdxl_assets, tmp_path):
+    """`--pretrained_vae_model_name_or_path` replaces the model's VAE; SDXL's own VAE stays in fp32 under fp16 (it
+    overflows there), a replacement VAE and SD1.5's take the training precision."""
+    from argparse import Namespace
+
+    from diffusers import AutoencoderKL
+
+    from diffusers_innercontrol.training_utils import load_base_models, vae_dtype_for
+
+    other = AutoencoderKL.from_config(sdxl_assets["components"]["vae"].config)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.fill_(0.5)
+    other.save_pretrained(tmp_path / "vae")
+    args = Namespace(pretrained_model_name_or_path=sdxl_assets["pipe"], revision=None, cache_dir=None, variant=None,
+                     pretrained_vae_model_name_or_path=str(tmp_path / "vae"))
+    models = load_base_models(args, sdxl=True)
+    assert all(torch.all(p == 0.5) for p in models["vae"].parameters())
+    assert models["text_encoder_2"] is not None and not any(p.requires_grad for p in models["vae"].parameters())
+    assert vae_dtype_for(models, args, torch.float16) == torch.float16
+    args.pretrained_vae_model_name_or_path = None
+    assert vae_dtype_for(models, args, torch.float16) == torch.float32
+    assert vae_dtype_for(models, args, torch.bfloat16) == torch.bfloat16
+    assert vae_dtype_for(dict(models, sdxl=False), args, torch.float16) == torch.float16
+
+
+def test_the_family_is_read_from_the_unet_config_and_sets_the_default_resolution(sdxl_assets, assets):
+    """SDXL is detected from its UNet's config (no weights loaded); without --resolution, training runs at the base
+    model's native size: 1024 px for SDXL, 512 px for SD1.5; a given --resolution is kept."""
+    from argparse import Namespace
+
+    from diffusers_innercontrol.training_utils import is_sdxl_model, resolve_resolution
+
+    def ns(path, resolution=None):
+        return Namespace(pretrained_model_name_or_path=path, revision=None, cache_dir=None, resolution=resolution)
+
+    assert is_sdxl_model(ns(sdxl_assets["pipe"])) and not is_sdxl_model(ns(assets["pipe"]))
+    for path, sdxl, native in ((sdxl_assets["pipe"], True, 1024), (assets["pipe"], False, 512)):
+        args = ns(path)
+        assert resolve_resolution(args, sdxl) == native and args.resolution == native
+        assert resolve_resolution(ns(path, 96), sdxl) == 96

@@ -115,6 +115,7 @@ def validate_args(args):
     if args.tokenizer_name:
         check_model_available(args.tokenizer_name, "--tokenizer_name")
     check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path", required="config.json")
+    check_model_available(args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", required="config.json")
     if args.annotator_model_name_or_path:
         check_model_available(args.annotator_model_name_or_path, "--annotator_model_name_or_path")
     if task.beta > 0:
@@ -160,18 +161,22 @@ def add_lora(controlnet, args):
 
 
 # --------------------------------------------------------------------------------------------- validation
-def log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, args, accelerator, weight_dtype, step,
+def log_validation(models, tokenizers, controlnet, probe, task, args, accelerator, weight_dtype, step,
                    is_final_validation=False):
     """
     Images from the ControlNet for each (prompt, control) pair and, with a probe, what it reads out of the UNet at
-    a few denoising steps of the first image (`StableDiffusionControlNetReadoutPipeline`, rendered per task).
+    a few denoising steps of the first image (`StableDiffusionControlNetReadoutPipeline`, or its SDXL sibling;
+    rendered per task). `models`: `training_utils.load_base_models`' dict; `tokenizers`: `(tokenizer, tokenizer_2)`.
     """
     import torch
     from diffusers import UniPCMultistepScheduler
 
     from diffusers_innercontrol.cli import pair_validation
     from diffusers_innercontrol.data import load_control_image
-    from diffusers_innercontrol.pipeline_readout import StableDiffusionControlNetReadoutPipeline
+    from diffusers_innercontrol.pipeline_readout import (
+        StableDiffusionControlNetReadoutPipeline,
+        StableDiffusionXLControlNetReadoutPipeline,
+    )
 
     prompts, images = pair_validation(args)
     if not prompts:
@@ -184,12 +189,17 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, 
         # drop accelerate's mixed-precision forward wrapper (autocast + outputs cast to fp32) on the copy
         vars(controlnet).pop("forward", None)
         vars(controlnet).pop("_original_forward", None)
-    pipeline = StableDiffusionControlNetReadoutPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
-        scheduler=UniPCMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                                          revision=args.revision),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False, readout_probe=probe,
-    ).to(accelerator.device)
+    scheduler = UniPCMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                        revision=args.revision)
+    common = dict(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizers[0], unet=models["unet"],
+                  controlnet=controlnet, scheduler=scheduler, readout_probe=probe)
+    if models["sdxl"]:
+        pipeline = StableDiffusionXLControlNetReadoutPipeline(
+            text_encoder_2=models["text_encoder_2"], tokenizer_2=tokenizers[1], add_watermarker=False, **common)
+    else:
+        pipeline = StableDiffusionControlNetReadoutPipeline(
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
+    pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     generator = None if args.seed is None else torch.Generator(device=accelerator.device).manual_seed(args.seed)
     n_steps = args.num_validation_inference_steps
@@ -204,7 +214,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, 
         for i in range(args.num_validation_images):
             with_readouts = bool(readout_steps) and i == 0
             out = pipeline(
-                prompt, control, num_inference_steps=n_steps, generator=generator, height=args.resolution,
+                prompt, image=control, num_inference_steps=n_steps, generator=generator, height=args.resolution,
                 width=args.resolution, return_readouts=with_readouts, readout_steps=readout_steps or None,
                 readout_task=task if with_readouts else None,
             )
@@ -258,10 +268,9 @@ def validation_grid(logs, tile: int = 128):
 # --------------------------------------------------------------------------------------------- training
 def main(args):
     import torch
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, ControlNetModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, CLIPTextModel
 
     from diffusers_innercontrol import checkpointing, cli, data, hub
     from diffusers_innercontrol.hub_utils import load_pretrained
@@ -273,42 +282,45 @@ def main(args):
     from diffusers_innercontrol.toy.quickstart import prepare_default_world
     from diffusers_innercontrol.training import conditioning_channels_for, controlnet_step, encode_images
     from diffusers_innercontrol.training_utils import (
+        is_sdxl_model,
+        load_base_models,
+        load_tokenizers,
         move_frozen,
         optimizer_step,
         plan_steps,
+        resolve_resolution,
+        sdxl_conditioning,
         setup_accelerator,
         step_generator,
         train_batches,
+        vae_dtype_for,
         weight_dtype_of,
         where_saved,
     )
 
     prepare_default_world(args)  # renders the ShapesWorld folders of a run with no model and no data
     task = validate_args(args)
-    vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+    sdxl = is_sdxl_model(args)  # SD1.5 or SDXL, from the UNet's config: one script for both families
+    resolve_resolution(args, sdxl)  # default: 512 px for SD1.5, 1024 px for SDXL
+    if args.pretrained_vae_model_name_or_path:
+        vae_config = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                                               cache_dir=args.cache_dir)
     vae_scale_factor = data.vae_scale_factor_of(vae_config)
     data.check_resolution(args.resolution, vae_scale_factor)
 
     accelerator = setup_accelerator(args, find_unused_parameters=args.use_lora)
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.tokenizer_name or args.pretrained_model_name_or_path, subfolder=None if args.tokenizer_name else "tokenizer",
-        revision=args.revision, cache_dir=args.cache_dir, model_max_length=77,
-    )
-    train_dataset, columns = data.build_train_dataset(data.DataConfig.from_args(args), task, tokenizer)
+    tokenizer, tokenizer_2 = load_tokenizers(args, sdxl)
+    train_dataset, columns = data.build_train_dataset(data.DataConfig.from_args(args), task, tokenizer, tokenizer_2=tokenizer_2)
     data.check_samples(train_dataset, args.check_data_samples)
     logger.info(f"Data columns: {columns}")
 
     # ---- models
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision,
-                                                    cache_dir=args.cache_dir)
+    models = load_base_models(args, sdxl)
+    noise_scheduler, text_encoder, vae, unet = (models[k] for k in ("noise_scheduler", "text_encoder", "vae", "unet"))
     task.validate(noise_scheduler.config.num_train_timesteps)
-    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                 revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant,
-                                        cache_dir=args.cache_dir)
-    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
-                                                variant=args.variant, cache_dir=args.cache_dir)
     probe = None
     if task.beta > 0:
         from diffusers_innercontrol.models.readout_probe import ReadoutProbe
@@ -334,10 +346,9 @@ def main(args):
         reward_model.requires_grad_(False)
         reward_model.eval()
 
-    for frozen in (vae, unet, text_encoder, probe):
-        if frozen is not None:
-            frozen.requires_grad_(False)
-            frozen.eval()
+    if probe is not None:
+        probe.requires_grad_(False)
+        probe.eval()
     controlnet.train()
     if args.use_lora:
         add_lora(controlnet, args)
@@ -379,8 +390,10 @@ def main(args):
     controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, train_dataloader, lr_scheduler)
 
     weight_dtype = weight_dtype_of(accelerator)
-    for frozen in (vae, unet, text_encoder):
-        move_frozen(frozen, accelerator.device, weight_dtype)
+    for frozen in (unet, text_encoder, models["text_encoder_2"]):
+        if frozen is not None:
+            move_frozen(frozen, accelerator.device, weight_dtype)
+    move_frozen(vae, accelerator.device, vae_dtype_for(models, args, weight_dtype))
     if probe is not None:
         probe.to(accelerator.device)  # fp32; autocast handles the fp16/bf16 features
     if ema is not None:
@@ -417,14 +430,19 @@ def main(args):
         gen = step_generator(args.seed, accelerator.device, accelerator.process_index, epoch, batch_index)
         with accelerator.accumulate(controlnet):
             with torch.no_grad():
-                latents = encode_images(vae, batch["pixel_values"].to(weight_dtype), generator=gen)
-                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                latents = encode_images(vae, batch["pixel_values"], generator=gen).to(weight_dtype)
+                if sdxl:  # both text encoders, the pooled embedding and the size / crop ids
+                    encoder_hidden_states, added_cond_kwargs = sdxl_conditioning(models, batch, args, accelerator.device,
+                                                                                 weight_dtype)
+                else:
+                    encoder_hidden_states, added_cond_kwargs = text_encoder(batch["input_ids"], return_dict=False)[0], None
             with accelerator.autocast():
                 out = controlnet_step(
                     task=task, unet=unet, controlnet=controlnet, noise_scheduler=noise_scheduler, latents=latents,
                     encoder_hidden_states=encoder_hidden_states, control=batch["conditioning_pixel_values"],
                     control_classes=batch.get("control_classes"), vae=vae, reward_model=reward_model, probe=probe,
                     reward_decode=args.reward_decode, weight_dtype=weight_dtype, generator=gen,
+                    added_cond_kwargs=added_cond_kwargs,
                 )
             optimizer_step(
                 accelerator, out.loss, params, optimizer, lr_scheduler, args, step=global_step + 1, epoch=epoch,
@@ -448,8 +466,8 @@ def main(args):
                 if ema is not None:
                     ema.store(params)
                     ema.copy_to(params)
-                image_logs = log_validation(vae, text_encoder, tokenizer, unet, unwrap(accelerator, controlnet), probe,
-                                           task, args, accelerator, weight_dtype, global_step)
+                image_logs = log_validation(models, (tokenizer, tokenizer_2), unwrap(accelerator, controlnet), probe,
+                                            task, args, accelerator, weight_dtype, global_step)
                 validated_step = global_step
                 if ema is not None:
                     ema.restore(params)
@@ -484,7 +502,7 @@ def main(args):
         controlnet.save_pretrained(args.output_dir, safe_serialization=True)
         # The final weights equal those just validated unless EMA or a LoRA fuse changed them: don't run it twice.
         if args.validation_prompt and (validated_step != global_step or ema is not None or args.use_lora):
-            image_logs = log_validation(vae, text_encoder, tokenizer, unet, controlnet, probe, task, args, accelerator,
+            image_logs = log_validation(models, (tokenizer, tokenizer_2), controlnet, probe, task, args, accelerator,
                                         weight_dtype, global_step, is_final_validation=True)
         card = dict(
             base_model=args.pretrained_model_name_or_path, task=task, probe=args.probe_model_name_or_path if probe is not None else None,
@@ -495,7 +513,7 @@ def main(args):
                 steps=global_step, learning_rate=args.learning_rate, total_batch_size=total_batch_size,
                 resolution=args.resolution, mixed_precision=accelerator.mixed_precision, ema=args.use_ema,
                 reward_decode=args.reward_decode, preset=task.preset,
-            ),
+            ), sdxl=sdxl,
         )
         hub.save_model_card(args.output_dir, repo_id=args.hub_model_id, **card)
         if args.push_to_hub:

@@ -187,11 +187,15 @@ def resolve_task(args):
 
 # ------------------------------------------------------------------------------------------------ models
 def load_models(args, weight_dtype):
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import ControlNetModel
 
     from diffusers_innercontrol.hub_utils import check_model_available, load_pretrained
-    from diffusers_innercontrol.training import is_sdxl_unet
+    from diffusers_innercontrol.training_utils import (
+        is_sdxl_model,
+        load_base_models,
+        load_tokenizers,
+        resolve_resolution,
+    )
 
     check_model_available(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", subfolder="unet",
                           revision=args.revision)
@@ -199,27 +203,17 @@ def load_models(args, weight_dtype):
         check_model_available(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path", required="config.json")
     if args.init_probe:
         check_model_available(args.init_probe, "--init_probe", required="config.json")
-    path, common = args.pretrained_model_name_or_path, dict(revision=args.revision, cache_dir=args.cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or path, subfolder=None if args.tokenizer_name else "tokenizer", **common)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
-    tokenizer_2 = text_encoder_2 = None
-    if is_sdxl_unet(unet):  # SDXL: the second text encoder gives the pooled embedding the UNet adds to t's
-        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=args.variant,
-                                                                     **common)
-    controlnet = None
+    sdxl = is_sdxl_model(args)  # SDXL: the second text encoder gives the pooled embedding the UNet adds to t's
+    resolve_resolution(args, sdxl)  # default: 512 px for SD1.5, 1024 px for SDXL
+    models = load_base_models(args, sdxl)
+    models["tokenizer"], models["tokenizer_2"] = load_tokenizers(args, sdxl)
+    models["controlnet"] = None
     if args.controlnet_model_name_or_path:
-        controlnet = load_pretrained(ControlNetModel, args.controlnet_model_name_or_path, "--controlnet_model_name_or_path",
-                                     cache_dir=args.cache_dir)
-    for model in (text_encoder, text_encoder_2, vae, unet, controlnet):
-        if model is not None:
-            model.requires_grad_(False)
-            model.eval()
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
-                vae=vae, unet=unet, scheduler=noise_scheduler, controlnet=controlnet)
+        models["controlnet"] = load_pretrained(ControlNetModel, args.controlnet_model_name_or_path,
+                                               "--controlnet_model_name_or_path", cache_dir=args.cache_dir)
+        models["controlnet"].requires_grad_(False)
+        models["controlnet"].eval()
+    return models
 
 
 def check_models(args, task, models) -> None:
@@ -329,7 +323,7 @@ def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_d
 
     inputs = batch_inputs(grid_batch, generator=torch.Generator().manual_seed(args.seed or 0))
     predictions = predict_at_timesteps(
-        probe=probe, unet=models["unet"], noise_scheduler=models["scheduler"], latents=inputs["latents"],
+        probe=probe, unet=models["unet"], noise_scheduler=models["noise_scheduler"], latents=inputs["latents"],
         encoder_hidden_states=inputs["encoder_hidden_states"], timesteps=args.validation_timesteps,
         controlnet=models["controlnet"], control=inputs["control"], seed=args.seed or 0, weight_dtype=weight_dtype,
         added_cond_kwargs=inputs.get("added_cond_kwargs"),
@@ -347,7 +341,7 @@ def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_d
     if val_dataloader is not None:
         eval_generator = torch.Generator().manual_seed(args.seed or 0)
         errors = evaluate_probe(
-            task=task, probe=probe, unet=models["unet"], noise_scheduler=models["scheduler"], batches=val_dataloader,
+            task=task, probe=probe, unet=models["unet"], noise_scheduler=models["noise_scheduler"], batches=val_dataloader,
             prepare=lambda b: batch_inputs(b, generator=eval_generator), controlnet=models["controlnet"],
             num_buckets=args.num_error_buckets, seed=args.seed or 0, weight_dtype=weight_dtype,
         )
@@ -372,7 +366,7 @@ def log_validation(*, args, task, probe, models, batch_inputs, grid_batch, val_d
 
 
 # ------------------------------------------------------------------------------------------------ card
-def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
+def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None, sdxl=False):
     """The probe's card: task, feature kind, channels, base model, loss, error per t bucket, the grid."""
     from diffusers_innercontrol.hub import save_model_card
 
@@ -404,7 +398,7 @@ def save_model_card_for_probe(args, task, probe, grid, errors, repo_id=None):
         args.output_dir, base_model=args.pretrained_model_name_or_path, model_kind="probe", repo_id=repo_id,
         task=task, controlnet=args.controlnet_model_name_or_path,
         dataset=args.dataset_name or args.train_data_dir or task.dataset_name,
-        images=[grid] if grid is not None else None, train_args=train_args, extra_text="\n".join(text),
+        images=[grid] if grid is not None else None, train_args=train_args, extra_text="\n".join(text), sdxl=sdxl,
     )
 
 
@@ -426,6 +420,7 @@ def main(args):
         setup_accelerator,
         step_generator,
         train_batches,
+        vae_dtype_for,
         weight_dtype_of,
         where_saved,
     )
@@ -457,15 +452,16 @@ def main(args):
     if val_dataset is not None:
         check_samples(val_dataset, args.check_data_samples)
 
-    for model in (unet, vae, text_encoder, models["text_encoder_2"], models["controlnet"]):
+    for model in (unet, text_encoder, models["text_encoder_2"], models["controlnet"]):
         if model is not None:
             move_frozen(model, accelerator.device, weight_dtype)
+    move_frozen(vae, accelerator.device, vae_dtype_for(models, args, weight_dtype))
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         logger.info("--gradient_checkpointing has no effect here: the UNet runs under no_grad in stage 1.")
 
-    sdxl = models["text_encoder_2"] is not None
+    sdxl = models["sdxl"]
     with torch.no_grad():
         if sdxl:  # both encoders' penultimate states, and the pooled projection of the second
             empty_embedding, empty_pooled = encode_prompt_sdxl(
@@ -495,11 +491,12 @@ def main(args):
         }
         if "control_classes" in batch:
             out["control_classes"] = batch["control_classes"].to(accelerator.device)
-        if sdxl:  # the pooled empty prompt and the size / crop ids of uncropped images
+        if sdxl:  # the pooled empty prompt and the size / crop ids (--crops_coords_top_left_h / _w)
             n, height, width = latents.shape[0], pixels.shape[-2], pixels.shape[-1]
             out["added_cond_kwargs"] = {
                 "text_embeds": empty_pooled.expand(n, -1).to(weight_dtype),
-                "time_ids": sdxl_time_ids(n, height, width, accelerator.device, weight_dtype),
+                "time_ids": sdxl_time_ids(n, height, width, accelerator.device, weight_dtype,
+                                          crops_coords_top_left=(args.crops_coords_top_left_h, args.crops_coords_top_left_w)),
             }
         return out
 
@@ -554,7 +551,7 @@ def main(args):
         with accelerator.accumulate(probe):
             inputs = batch_inputs(batch, generator=gen)
             loss = probe_step(
-                task=task, unet=unet, probe=probe, noise_scheduler=models["scheduler"],
+                task=task, unet=unet, probe=probe, noise_scheduler=models["noise_scheduler"],
                 latents=inputs["latents"], encoder_hidden_states=inputs["encoder_hidden_states"],
                 control=inputs["control"], control_classes=inputs.get("control_classes"),
                 controlnet=models["controlnet"], weight_dtype=weight_dtype, generator=gen,
@@ -587,7 +584,7 @@ def main(args):
                                       grid_batch=grid_batch, val_dataloader=val_dataloader, accelerator=accelerator,
                                       step=global_step, weight_dtype=weight_dtype, final=True)
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        save_model_card_for_probe(args, task, final_probe, grid, errors, repo_id=repo_id)
+        save_model_card_for_probe(args, task, final_probe, grid, errors, repo_id=repo_id, sdxl=sdxl)
         if args.push_to_hub:
             push_folder(args.output_dir, repo_id=repo_id, token=args.hub_token, private=args.hub_private)
         accelerator.print(where_saved(args.output_dir, "The probe", args.logging_dir))

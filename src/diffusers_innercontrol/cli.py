@@ -64,7 +64,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
     g = parser.add_argument_group("models")
     g.add_argument(
         "--pretrained_model_name_or_path", type=str, default=default_model,
-        help="Stable Diffusion 1.5 checkpoint (Hub id or local directory) with unet, vae, text_encoder, tokenizer, "
+        help="Stable Diffusion 1.5 or SDXL checkpoint (Hub id or local directory; the family is read from its UNet's config) "
+             "with unet, vae, text_encoder(s), tokenizer(s), "
              f"scheduler. Default: {DEFAULT_BASE_MODEL} when data is given; with no model and no data, the bundled "
              "ShapesWorld toy SD (diffusers_innercontrol.toy.quickstart).",
     )
@@ -72,6 +73,15 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
     g.add_argument("--tokenizer_name", type=str, default=None, help="Tokenizer id or path if not the model's own.")
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path", type=str, default=None,
+        help="A VAE to use instead of the model's own (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's VAE "
+             "overflows in fp16, so without this option an SDXL VAE is kept in fp32 under --mixed_precision fp16.",
+    )
+    g.add_argument("--crops_coords_top_left_h", type=int, default=0,
+                   help="SDXL only: the crop's top coordinate in the size / crop ids the UNet is conditioned on.")
+    g.add_argument("--crops_coords_top_left_w", type=int, default=0,
+                   help="SDXL only: the crop's left coordinate in the size / crop ids the UNet is conditioned on.")
     return g
 
 
@@ -100,8 +110,9 @@ def add_data_args(parser: argparse.ArgumentParser):
     g.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N training samples.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="Share of captions replaced by the empty string (classifier-free guidance training).")
-    g.add_argument("--resolution", type=int, default=512,
-                   help="Images are resized and centre-cropped to this size; a multiple of the VAE's scale factor (8 for SD1.5).")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="Images are resized and centre-cropped to this size; a multiple of the VAE's scale factor (8 for SD1.5 "
+                        "and SDXL). Default: the base model's native size, 512 px for SD1.5 and 1024 px for SDXL.")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Data-loader worker processes.")
     g.add_argument("--check_data_samples", type=int, default=8,
                    help="Decode and transform the first N samples before any model is trained (errors name the index).")
@@ -252,8 +263,11 @@ def validate_common_args(args):
     p = getattr(args, "proportion_empty_prompts", 0.0)
     if p is not None and not 0.0 <= p <= 1.0:
         raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {p}.")
-    if getattr(args, "resolution", 8) <= 0:
+    if getattr(args, "resolution", None) is not None and args.resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {args.resolution}.")
+    for name in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+        if getattr(args, name, 0) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
     for name in ("train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name, 1) < 1:
             raise ValueError(f"--{name} must be >= 1.")

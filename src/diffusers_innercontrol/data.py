@@ -19,6 +19,7 @@ Every example becomes:
     conditioning_pixel_values  (3, R, R) float in [0, 1]  (the ControlNet input)
     control_classes            (R, R) long, segmentation only (nearest palette colour, 255 ignored)
     input_ids                  (L,) long, the tokenised caption ('' with --proportion_empty_prompts)
+    input_ids_2                (L,) long, the same caption for SDXL's second tokenizer (SDXL only)
 Errors name the sample index: an unreadable image, a control with the wrong number of channels.
 
 Shuffling is done here (`TrainDataset.set_epoch`), not by a random sampler: the order of epoch e is a
@@ -336,6 +337,7 @@ class ExampleTransform:
 
     Args:
         task: the `Task`. resolution: output size. tokenizer: a CLIP tokenizer (None: no `input_ids`).
+        tokenizer_2: SDXL's second tokenizer (`input_ids_2`, the same caption); None for SD1.5.
         columns: the `DataColumns`. base_dir: folder that relative file names are read from.
         proportion_empty_prompts: share of captions replaced by `""`.
         annotator: PIL -> PIL control, used when `columns.compute_control`.
@@ -343,10 +345,12 @@ class ExampleTransform:
     """
 
     def __init__(self, task, resolution: int, tokenizer, columns: DataColumns, base_dir: Optional[str] = None,
-                 proportion_empty_prompts: float = 0.0, annotator: Optional[Callable] = None, seed: int = 0):
+                 proportion_empty_prompts: float = 0.0, annotator: Optional[Callable] = None, seed: int = 0,
+                 tokenizer_2=None):
         self.task = task
         self.resolution = resolution
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
         self.columns = columns
         self.base_dir = base_dir
         self.proportion_empty_prompts = proportion_empty_prompts
@@ -389,10 +393,10 @@ class ExampleTransform:
             caption = ""
         return caption
 
-    def tokenize(self, caption: str) -> torch.Tensor:
-        return self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
+    def tokenize(self, caption: str, tokenizer=None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizer
+        return tokenizer(
+            caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt",
         ).input_ids[0]
 
     def __call__(self, example: Dict, index: int, epoch: int = 0) -> Dict[str, torch.Tensor]:
@@ -412,7 +416,10 @@ class ExampleTransform:
         if self.task.is_segmentation:
             out["control_classes"] = control_classes_of(self.task, out["conditioning_pixel_values"])
         if self.tokenizer is not None:
-            out["input_ids"] = self.tokenize(self.caption(example, index, epoch))
+            caption = self.caption(example, index, epoch)
+            out["input_ids"] = self.tokenize(caption)
+            if self.tokenizer_2 is not None:
+                out["input_ids_2"] = self.tokenize(caption, self.tokenizer_2)
         return out
 
 
@@ -474,8 +481,9 @@ def load_task_annotator(task, name_or_path=None):
     return load_annotator(task.name, name_or_path)
 
 
-def build_train_dataset(config: DataConfig, task, tokenizer, annotator: Optional[Callable] = None):
-    """Load, resolve columns, build the transform and the wrapper. Returns `(dataset, columns)`."""
+def build_train_dataset(config: DataConfig, task, tokenizer, annotator: Optional[Callable] = None, tokenizer_2=None):
+    """Load, resolve columns, build the transform and the wrapper. Returns `(dataset, columns)`. `tokenizer_2`:
+    SDXL's second tokenizer (the samples then hold `input_ids_2` as well)."""
     import datasets
 
     raw = load_train_dataset(config, task)
@@ -490,6 +498,7 @@ def build_train_dataset(config: DataConfig, task, tokenizer, annotator: Optional
     transform = ExampleTransform(
         task, config.resolution, tokenizer, columns, base_dir=config.base_dir,
         proportion_empty_prompts=config.proportion_empty_prompts, annotator=annotator, seed=config.seed,
+        tokenizer_2=tokenizer_2,
     )
     seed = config.seed
     if isinstance(raw, datasets.IterableDataset):
@@ -538,10 +547,9 @@ def collate_fn(examples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tenso
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous().float(),
         "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]).contiguous().float(),
     }
-    if "input_ids" in examples[0]:
-        batch["input_ids"] = torch.stack([e["input_ids"] for e in examples])
-    if "control_classes" in examples[0]:
-        batch["control_classes"] = torch.stack([e["control_classes"] for e in examples])
+    for key in ("input_ids", "input_ids_2", "control_classes"):
+        if key in examples[0]:
+            batch[key] = torch.stack([e[key] for e in examples])
     return batch
 
 

@@ -88,6 +88,7 @@ def save_model_card(
     license: Optional[str] = None,
     extra_tags: Iterable[str] = (),
     extra_text: str = "",
+    sdxl: bool = False,
 ) -> str:
     """
     Write `output_dir/README.md`: YAML metadata (base_model, license, library, tags: controlnet/innercontrol/
@@ -102,6 +103,7 @@ def save_model_card(
         probe, reward_model, controlnet: ids or paths of the models used.
         images: PIL images (saved as `images_{i}.png` next to the card and embedded) or existing file names.
         validation_prompts: captions of the images. train_args: a dict of settings shown in a table.
+        sdxl: the base model is SDXL (its tags, and its pipelines in the code that shows how to use the model).
     Returns:
         The path of the README.md.
     """
@@ -128,7 +130,8 @@ def save_model_card(
     toy = is_toy_model(base_model)
     local_base = os.path.exists(str(base_model))
     base = shown_name(base_model)
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "diffusers", "innercontrol"]
+    tags = (["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if sdxl else
+            ["stable-diffusion", "stable-diffusion-diffusers"]) + ["diffusers", "innercontrol"]
     tags += ["controlnet", "text-to-image"] if model_kind != "probe" else ["readout-probe", "controlnet"]
     if use_lora or model_kind == "lora":
         tags.append("lora")
@@ -207,7 +210,7 @@ def save_model_card(
             caption = prompts[i] if i < len(prompts) else ""
             lines.append(f"![{caption or fname}](./{fname})" + (f"\n*{caption}*" if caption else "") + "\n")
     lines.append("## How to use\n")
-    lines.append(_how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts))
+    lines.append(_how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts, sdxl))
     lines.append("## Limitations\n")
     if toy:
         lines.append("Only for ShapesWorld scenes at 64 px and the toy Stable Diffusion above: a demonstration and test "
@@ -226,15 +229,16 @@ def save_model_card(
     return path
 
 
-def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts) -> str:
+def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts, sdxl=False) -> str:
     """Code that runs as it is: every name it uses is defined (the control image is the user's file)."""
+    family = "StableDiffusionXL" if sdxl else "StableDiffusion"
     if model_kind == "probe":
         return (
             "```py\nfrom diffusers_innercontrol import ReadoutProbe\n\n"
             f"probe = ReadoutProbe.from_pretrained(\"{name}\")\n"
-            "# with the pipeline: StableDiffusionControlNetReadoutPipeline(..., readout_probe=probe)\n```\n"
+            f"# with the pipeline: {family}ControlNetReadoutPipeline(..., readout_probe=probe)\n```\n"
         )
-    code = ["```py", "import torch", "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline",
+    code = ["```py", "import torch", f"from diffusers import ControlNetModel, {family}ControlNetPipeline",
             "from diffusers.utils import load_image"]
     if toy:
         code += ["from diffusers_innercontrol.toy.quickstart import bundled_path, validation_pairs", "",
@@ -249,7 +253,7 @@ def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts
         prompt = (list(validation_prompts or []) or ["a photograph"])[0].replace('"', "'")
         base = base_model if not os.path.exists(str(base_model)) else shown_name(base_model)
         code += ["", f"controlnet = ControlNetModel.from_pretrained(\"{name}\", torch_dtype=torch.float16)",
-                 f"pipe = StableDiffusionControlNetPipeline.from_pretrained(\"{base}\", controlnet=controlnet, "
+                 f"pipe = {family}ControlNetPipeline.from_pretrained(\"{base}\", controlnet=controlnet, "
                  "torch_dtype=torch.float16).to(\"cuda\")",
                  f"control_image = load_image(\"control.png\")  # your {task_name} control, as the task draws it",
                  f"prompt = \"{prompt}\"",

@@ -21,6 +21,16 @@ ALIGNMENT_RESIZE = ("nearest", "area", "readout")
 # How a regression probe's channels meet the (grey, one-channel) control: "mean" compares their mean with it; "each"
 # compares every channel with it (the released HED alignment, a per-channel MSE against the 3-channel grey control).
 ALIGNMENT_CHANNELS = ("mean", "each")
+# The one default that differs between the base-model families: the native resolution (SDXL is trained at 1024 px).
+# Every per-task setting above and below holds for both.
+NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+
+def default_resolution(sdxl: bool) -> int:
+    """The training resolution when `--resolution` is not given: the base model's native size."""
+    return NATIVE_RESOLUTION["sdxl" if sdxl else "sd15"]
+
+
 # the timesteps at which a probe's readouts are shown by default (validation grids)
 DEFAULT_GRID_TIMESTEPS = (100, 300, 500, 700, 900)
 

@@ -300,17 +300,26 @@ def encode_prompt_sdxl(text_encoders, tokenizers, prompts, device) -> Tuple[torc
     SDXL's text conditioning, as its pipelines compute it: each encoder's penultimate hidden states, concatenated
     along the channels (`encoder_hidden_states`), and the last encoder's projected pooled output (`text_embeds`).
     """
+    ids = [tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device) for tokenizer in tokenizers]
+    return encode_token_ids_sdxl(text_encoders, ids)
+
+
+def encode_token_ids_sdxl(text_encoders, input_ids) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`encode_prompt_sdxl` from token ids already computed (one `(B, L)` tensor per text encoder, in the same order):
+    the training data tokenises its captions once, for both encoders (`input_ids`, `input_ids_2`)."""
     hidden, pooled = [], None
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+    for ids, text_encoder in zip(input_ids, text_encoders):
         out = text_encoder(ids, output_hidden_states=True)
         pooled = out[0]
         hidden.append(out.hidden_states[-2])
     return torch.cat(hidden, dim=-1), pooled
 
 
-def sdxl_time_ids(batch_size: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """SDXL's size / crop ids of uncropped training images: (original height, width, crop top, left, target height,
-    width) = (height, width, 0, 0, height, width) for every sample."""
-    return torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).repeat(batch_size, 1)
+def sdxl_time_ids(batch_size: int, height: int, width: int, device=None, dtype=torch.float32,
+                  crops_coords_top_left: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """SDXL's size / crop ids of the training images, as diffusers' `train_controlnet_sdxl.py` gives them: (original
+    height, width, crop top, left, target height, width) = (height, width, top, left, height, width) for every sample
+    (the images are resized to the training resolution, so the original and target sizes are the same)."""
+    top, left = crops_coords_top_left
+    return torch.tensor([[height, width, top, left, height, width]], device=device, dtype=dtype).repeat(batch_size, 1)

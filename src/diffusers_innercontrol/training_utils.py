@@ -194,3 +194,94 @@ def optimizer_step(accelerator, loss: torch.Tensor, params, optimizer, lr_schedu
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+
+
+def is_sdxl_model(args) -> bool:
+    """Whether `--pretrained_model_name_or_path` is an SDXL-style model, from its UNet's config alone (no weights):
+    its UNet adds the pooled text embedding and the size / crop ids to the timestep embedding."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
+                                              cache_dir=args.cache_dir)
+    return config.get("addition_embed_type") == "text_time"
+
+
+def resolve_resolution(args, sdxl: bool) -> int:
+    """`--resolution`, or when it is not given the base model's native size (`tasks.default_resolution`), set on
+    `args`."""
+    from .tasks import default_resolution
+
+    if args.resolution is None:
+        args.resolution = default_resolution(sdxl)
+    return args.resolution
+
+
+def load_tokenizers(args, sdxl: bool):
+    """`(tokenizer, tokenizer_2)`: the model's tokenizer (or `--tokenizer_name`) and, on SDXL, its second one (else
+    `None`). Cheap: the data are tokenised, and checked, before the models are loaded."""
+    from transformers import AutoTokenizer
+
+    path = args.pretrained_model_name_or_path
+    if args.tokenizer_name:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir, model_max_length=77)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir,
+                                                  model_max_length=77)
+    tokenizer_2 = None
+    if sdxl:
+        tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=args.revision,
+                                                    cache_dir=args.cache_dir, model_max_length=77)
+    return tokenizer, tokenizer_2
+
+
+def load_base_models(args, sdxl: bool) -> Dict:
+    """
+    The frozen base model both trainers condition on, from `--pretrained_model_name_or_path`: `text_encoder`, `vae`
+    (`--pretrained_vae_model_name_or_path` when given), `unet`, the DDPM `noise_scheduler` and, on SDXL
+    (`is_sdxl_model`), `text_encoder_2` (else `None`), as diffusers' `train_controlnet_sdxl.py` loads them. Every
+    model is frozen and in eval mode, on the CPU in its stored precision (`move_frozen` places it); `sdxl` is kept.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .hub_utils import check_model_available
+
+    path = args.pretrained_model_name_or_path
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    check_model_available(vae_path, "--pretrained_vae_model_name_or_path", required="config.json")
+    models = dict(
+        sdxl=sdxl,
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common),
+        text_encoder_2=(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=args.variant,
+                                                                    **common) if sdxl else None),
+        vae=(AutoencoderKL.from_pretrained(vae_path, cache_dir=args.cache_dir) if vae_path else
+             AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
+    )
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
+        if models[name] is not None:
+            models[name].requires_grad_(False)
+            models[name].eval()
+    return models
+
+
+def vae_dtype_for(models: Dict, args, weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's precision: `weight_dtype`, except SDXL's own VAE under fp16, which overflows there and stays in fp32
+    (as in diffusers' `train_controlnet_sdxl.py`; `--pretrained_vae_model_name_or_path` gives a VAE that does not)."""
+    if models.get("sdxl") and weight_dtype == torch.float16 and not getattr(args, "pretrained_vae_model_name_or_path", None):
+        return torch.float32
+    return weight_dtype
+
+
+def sdxl_conditioning(models: Dict, batch: Dict, args, device, dtype: torch.dtype) -> Tuple[torch.Tensor, Dict]:
+    """SDXL's text conditioning of a training batch (`input_ids`, `input_ids_2`): `(encoder_hidden_states,
+    added_cond_kwargs)` with the pooled embedding and the size / crop ids of `--resolution` and `--crops_coords_*`."""
+    from .training import encode_token_ids_sdxl, sdxl_time_ids
+
+    hidden, pooled = encode_token_ids_sdxl((models["text_encoder"], models["text_encoder_2"]),
+                                           (batch["input_ids"], batch["input_ids_2"]))
+    time_ids = sdxl_time_ids(hidden.shape[0], args.resolution, args.resolution, device, dtype,
+                             crops_coords_top_left=(args.crops_coords_top_left_h, args.crops_coords_top_left_w))
+    return hidden.to(dtype), {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
