@@ -49,7 +49,8 @@ TARGETS = (("readouts_off", 1.02), ("readouts_every_step", 1.15))
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Time the readout pipeline against the plain ControlNet pipeline.")
-    parser.add_argument("--preset", default="small", choices=PRESETS)
+    parser.add_argument("--preset", default="small", choices=[p for p in PRESETS if "sdxl" not in p],
+                        help="Model preset (SD1.5 layouts: the SDXL presets are for the training benchmark).")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=1, help="Prompts per call.")
     parser.add_argument("--num_inference_steps", type=int, default=20)

@@ -142,6 +142,13 @@ def make_batch(task, models, batch_size, resolution, device, weight_dtype, gener
     latent = resolution // models["vae_scale_factor"]
     latents = torch.randn(batch_size, 4, latent, latent, generator=generator).to(device, weight_dtype)
     encoder_hidden_states = torch.randn(batch_size, 77, models["cross_attention_dim"], generator=generator)
+    added_cond_kwargs = None
+    if models.get("pooled_text_dim"):  # SDXL: the pooled text embedding and the size / crop ids
+        from diffusers_innercontrol.training import sdxl_time_ids
+
+        pooled = torch.randn(batch_size, models["pooled_text_dim"], generator=generator)
+        added_cond_kwargs = {"text_embeds": pooled.to(device, weight_dtype),
+                             "time_ids": sdxl_time_ids(batch_size, resolution, resolution, device, weight_dtype)}
     if task.is_segmentation:
         classes = torch.randint(0, task.num_classes, (batch_size, resolution, resolution), generator=generator)
         control = (classes[:, None].float() / task.num_classes).expand(-1, 3, -1, -1).contiguous()
@@ -156,6 +163,7 @@ def make_batch(task, models, batch_size, resolution, device, weight_dtype, gener
         encoder_hidden_states=encoder_hidden_states.to(device, weight_dtype),
         control=control.to(device),
         control_classes=classes,
+        added_cond_kwargs=added_cond_kwargs,
     )
 
 
@@ -195,6 +203,7 @@ def run_step(mode, task, models, optimizer, batch, timesteps, noise, weight_dtyp
             timesteps=timesteps,
             reward_decode=spec["reward_decode"],
             weight_dtype=weight_dtype,
+            added_cond_kwargs=batch["added_cond_kwargs"],
         )
     loss = out.loss
     if scaler is not None:
@@ -280,16 +289,19 @@ def count_flops(task, models, batch, timesteps, weight_dtype, device) -> Dict[st
     t = torch.full((1,), 100, device=device, dtype=torch.long)
     ehs = batch["encoder_hidden_states"][:1]
     control = batch["control"][:1].to(weight_dtype)
+    added = batch["added_cond_kwargs"]
+    added = None if added is None else {k: v[:1] for k, v in added.items()}
     out = {}
     with torch.no_grad(), _autocast(device, weight_dtype):
-        out["controlnet"] = gmacs(lambda: controlnet(x, t, encoder_hidden_states=ehs, controlnet_cond=control, return_dict=False))
+        out["controlnet"] = gmacs(lambda: controlnet(x, t, encoder_hidden_states=ehs, controlnet_cond=control,
+                                                     added_cond_kwargs=added, return_dict=False))
         if models["probe"] is not None:
             with DecoderFeatureExtractor(unet, models["probe"].config.feature_kind) as extractor:
-                out["unet"] = gmacs(lambda: unet(x, t, encoder_hidden_states=ehs, return_dict=False))
+                out["unet"] = gmacs(lambda: unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False))
                 features = extractor.pop()
             out["probe"] = gmacs(lambda: models["probe"](features, t, return_dict=False))
         else:
-            out["unet"] = gmacs(lambda: unet(x, t, encoder_hidden_states=ehs, return_dict=False))
+            out["unet"] = gmacs(lambda: unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False))
         images = []
         out["vae_decode"] = gmacs(lambda: images.append(decode_latents(vae, x)))
         if models["reward_model"] is not None:

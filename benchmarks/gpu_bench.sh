@@ -11,6 +11,9 @@
 # `pip install --target /tmp/site .whl/*.whl` beforehand):
 #     OUT=/some/dir bash benchmarks/gpu_bench.sh
 # Results: $OUT/gpu_*.json, $OUT/gpu_*.md (the markdown tables), $OUT/gpu_*.log, $OUT/gpu_summary.md.
+# RUN="sdxl" (or "sd15 sdxl"; default "sd15") runs the SDXL part instead (or as well): the sdxl preset (SDXL
+# architecture, random weights) at 1024 px, bf16, batch 2, ControlNet, ControlNet++ (masked) and InnerControl, with
+# and without gradient checkpointing (at most 4 minutes).
 set -u
 OUT="${OUT:-./gpu_bench_out}"
 mkdir -p "$OUT"
@@ -57,6 +60,8 @@ run() {  # name, time limit in seconds, arguments...
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
+RUN="${RUN:-sd15}"
+if [[ " $RUN " == *" sd15 "* ]]; then
 run sd15_bf16_b8 120
 # where the alignment's extra time goes on the GPU: CUDA kernel time per operator, alignment only minus ControlNet
 if [ "$(elapsed)" -lt 150 ]; then
@@ -79,10 +84,17 @@ if "$PY" -c "import transformers" 2>/dev/null && [ "$(elapsed)" -lt 290 ]; then
     echo "== sampling: exit $?"
     tail -n 10 "$OUT/gpu_sampling_sd15.log"
 fi
+fi  # sd15
+
+if [[ " $RUN " == *" sdxl "* ]]; then
+    SDXL=(--preset sdxl --resolution 1024 --batch_size 2 --modes controlnet,controlnet++_masked,innercontrol)
+    run sdxl_bf16_b2 120 "${SDXL[@]}"
+    run sdxl_bf16_b2_ckpt 120 "${SDXL[@]}" --gradient_checkpointing
+fi
 
 {
     cat "$OUT/gpu_env.txt"
-    for f in "$OUT"/gpu_sd15_*.md "$OUT"/gpu_sampling_sd15.md; do
+    for f in "$OUT"/gpu_sd15_*.md "$OUT"/gpu_sdxl_*.md "$OUT"/gpu_sampling_sd15.md; do
         [ -f "$f" ] || continue
         echo
         echo "## $(basename "$f" .md)"

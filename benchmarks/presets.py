@@ -6,6 +6,11 @@
 | tiny  | `tiny.TINY_UNET_CONFIG` (32, 64), 2 levels | (16, 32), scale factor 2 | 32 px | HED architecture, widths / 16 |
 | small | SD1.5 layout scaled down: (64, 128, 256), 3 levels, ~18 M parameters | (24, 48, 96, 96), scale 8 | 128 px | HED architecture, widths / 5 |
 | sd15  | `tiny.SD15_UNET_CONFIG` (860 M) | the SD1.5 VAE config (83 M) | 512 px | `ControlNetHED_Apache2` (14.7 M) |
+| sdxl  | `tiny.SDXL_UNET_CONFIG` (2.6 B) | SDXL's VAE: SD1.5's layout, scaling factor 0.13025 | 1024 px | `ControlNetHED_Apache2` (14.7 M) |
+| tiny_sdxl | `tiny.TINY_SDXL_UNET_CONFIG` (32, 64), SDXL's conditioning | as tiny | 32 px | as tiny |
+
+The SDXL presets add SDXL's conditioning to every UNet and ControlNet call: a random pooled text embedding and the
+size / crop ids of the resolution (`added_cond_kwargs`); tiny_sdxl is there to test that path on a CPU.
 
 The small preset keeps the cost ratios of SD1.5 at 512 px that decide the benchmark's ratios: one VAE
 decode costs about 3x one UNet forward (3.1x for SD1.5), the reward network about 0.2x (counted with
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRESETS = ("tiny", "small", "sd15")
+PRESETS = ("tiny", "small", "sd15", "sdxl", "tiny_sdxl")
 HED_WIDTHS = (64, 128, 256, 512, 512)  # ControlNetHED_Apache2
 HED_LAYERS = (2, 2, 3, 3, 3)
 
@@ -65,6 +70,7 @@ SD15_VAE_CONFIG = dict(
 )
 
 SMALL_VAE_CONFIG = dict(SD15_VAE_CONFIG, block_out_channels=(24, 48, 96, 96), norm_num_groups=8, sample_size=128)
+SDXL_VAE_CONFIG = dict(SD15_VAE_CONFIG, sample_size=1024, scaling_factor=0.13025)
 
 PRESET_SETTINGS = {
     "tiny": dict(resolution=32, hed_widths=(4, 8, 16, 32, 32), probe_kwargs=dict(projection_dim=32, norm_num_groups=8)),
@@ -74,7 +80,9 @@ PRESET_SETTINGS = {
         probe_kwargs=dict(projection_dim=64, norm_num_groups=8, head_channels=(32, 8)),
     ),
     "sd15": dict(resolution=512, hed_widths=HED_WIDTHS, probe_kwargs={}),
+    "sdxl": dict(resolution=1024, hed_widths=HED_WIDTHS, probe_kwargs={}),
 }
+PRESET_SETTINGS["tiny_sdxl"] = PRESET_SETTINGS["tiny"]
 
 
 def _src_on_path():
@@ -199,8 +207,9 @@ def build_preset(
     Build the models of a preset for the stage-2 benchmark.
 
     Returns a dict: unet, controlnet (float32, train mode, trainable), vae, reward_model, probe (frozen,
-    `weight_dtype`), noise_scheduler, cross_attention_dim, vae_scale_factor, resolution (the preset's
-    default), parameters (counts per model).
+    `weight_dtype`), noise_scheduler, cross_attention_dim, pooled_text_dim (SDXL's pooled text embedding width;
+    None without SDXL conditioning), vae_scale_factor, resolution (the preset's default), parameters (counts per
+    model).
     """
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
@@ -208,6 +217,8 @@ def build_preset(
     from diffusers_innercontrol.toy.tiny import (
         SD15_SCHEDULER_CONFIG,
         SD15_UNET_CONFIG,
+        SDXL_UNET_CONFIG,
+        TINY_SDXL_UNET_CONFIG,
         TINY_UNET_CONFIG,
         TINY_VAE_CONFIG,
         conditioning_channels_for,
@@ -215,8 +226,10 @@ def build_preset(
 
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}: choose one of {', '.join(PRESETS)}.")
-    unet_config = {"tiny": TINY_UNET_CONFIG, "small": SMALL_UNET_CONFIG, "sd15": SD15_UNET_CONFIG}[name]
-    vae_config = {"tiny": TINY_VAE_CONFIG, "small": SMALL_VAE_CONFIG, "sd15": SD15_VAE_CONFIG}[name]
+    unet_config = {"tiny": TINY_UNET_CONFIG, "small": SMALL_UNET_CONFIG, "sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG,
+                   "tiny_sdxl": TINY_SDXL_UNET_CONFIG}[name]
+    vae_config = {"tiny": TINY_VAE_CONFIG, "small": SMALL_VAE_CONFIG, "sd15": SD15_VAE_CONFIG, "sdxl": SDXL_VAE_CONFIG,
+                  "tiny_sdxl": TINY_VAE_CONFIG}[name]
     settings = PRESET_SETTINGS[name]
 
     # Built directly on the device: random initialisation of the 1.3 B parameters of sd15 takes tens of
@@ -257,6 +270,8 @@ def build_preset(
         probe=probe,
         noise_scheduler=noise_scheduler,
         cross_attention_dim=unet.config.cross_attention_dim,
+        pooled_text_dim=(unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+                         if unet.config.addition_embed_type == "text_time" else None),
         vae_scale_factor=vae_scale_factor,
         resolution=settings["resolution"],
         parameters={

@@ -87,6 +87,25 @@ def test_bench_train_step_tiny_writes_json(tmp_path, one_thread):
     assert report["table"] == data["table"]
 
 
+def test_bench_train_step_sdxl_path_conditions_every_call(tmp_path, one_thread):
+    """The SDXL presets' path (tiny_sdxl: the sdxl preset's code at test size): the batch carries the pooled text
+    embedding and the size / crop ids, every mode runs with them, and the FLOP count includes them."""
+    import presets
+
+    models = presets.build_preset("tiny_sdxl", bench_train_step.get_task("depth"), with_reward=False)
+    assert models["pooled_text_dim"] == 32 and models["unet"].config.addition_embed_type == "text_time"
+    batch = bench_train_step.make_batch(bench_train_step.get_task("depth"), models, 2, 32, "cpu", torch.float32,
+                                        torch.Generator().manual_seed(0))
+    assert batch["added_cond_kwargs"]["text_embeds"].shape == (2, 32)
+    assert batch["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    report = bench_train_step.main(["--preset", "tiny_sdxl", "--iters", "1", "--warmup", "0", "--batch_size", "2",
+                                    "--device", "cpu", "--json", str(tmp_path / "sdxl.json"), *one_thread])
+    data = json.loads((tmp_path / "sdxl.json").read_text())
+    assert set(data["modes"]) == set(bench_train_step.MODES) and data["config"]["preset"] == "tiny_sdxl"
+    assert data["gmacs_per_sample"]["unet"] > 0 and report["table"] == data["table"]
+    assert presets.PRESET_SETTINGS["sdxl"]["resolution"] == 1024
+
+
 def test_bench_train_step_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         bench_train_step.parse_args(["--modes", "controlnet,nonsense"])
