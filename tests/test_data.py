@@ -160,6 +160,23 @@ def test_proportion_empty_prompts(tokenizer):
     assert drops == [half.caption(ex, i) == "" for i in range(400)]
 
 
+def test_sdxl_second_tokenizer_gets_the_same_caption_and_is_collated(tokenizer):
+    """With SDXL's second tokenizer, every sample also holds `input_ids_2`: the same caption (the empty one too, when
+    it was dropped) through that tokenizer; `collate_fn` stacks it."""
+    from transformers import CLIPTokenizer
+
+    second = CLIPTokenizer.from_pretrained(tokenizer.name_or_path, model_max_length=20)  # a length of its own
+    ex = {"image": Image.new("RGB", (4, 4)), "text": "a red star", "control": Image.new("RGB", (4, 4))}
+    for p, caption in ((0.0, "a red star"), (1.0, "")):
+        t = _transform("depth", tokenizer, tokenizer_2=second, proportion_empty_prompts=p)
+        out = t(ex, 0)
+        expected = second(caption, max_length=20, padding="max_length", truncation=True, return_tensors="pt").input_ids[0]
+        assert torch.equal(out["input_ids_2"], expected) and out["input_ids"].shape == (77,)
+    batch = data.collate_fn([t(ex, 0), t(ex, 1)])
+    assert batch["input_ids_2"].shape == (2, 20)
+    assert "input_ids_2" not in _transform("depth", tokenizer)(ex, 0)
+
+
 def test_caption_lists_pick_one(tokenizer):
     t = _transform("depth", tokenizer, seed=0)
     chosen = {t.caption({"text": ["a", "b", "c"]}, i) for i in range(50)}

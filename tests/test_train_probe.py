@@ -322,13 +322,18 @@ def tiny_sdxl_path(tmp_path_factory):
     return str(path)
 
 
-def test_probe_trains_on_sdxl(script, tmp_path, tiny_sdxl_path, data_root):
-    """The same script on an SDXL pipeline (detected from its UNet): the second text encoder's pooled empty prompt
-    and the size / crop ids go to the UNet; a probe for its decoder features is saved, with its grid and errors."""
+@pytest.mark.e2e
+@pytest.mark.parametrize("task_name", ["hed", "lineart", "depth", "segmentation"])
+def test_probe_trains_on_sdxl(script, tmp_path, tiny_sdxl_path, data_root, task_name):
+    """The same script on an SDXL pipeline (detected from its UNet), every task: the second text encoder's pooled
+    empty prompt (LineArt: both encoders on the captions) and the size / crop ids go to the UNet; a probe for its
+    decoder features is saved, with its grid, errors and an SDXL model card."""
     out = tmp_path / "probe"
-    argv = ["--task", "depth", "--pretrained_model_name_or_path", tiny_sdxl_path, "--train_data_dir", str(data_root / "depth"),
-            "--output_dir", str(out), "--report_to", "none", *TINY, "--max_train_steps", "2", "--validation_split", "2",
-            "--validation_timesteps", "100", "900", "--num_error_buckets", "2"]
+    argv = _base(task_name, tiny_sdxl_path, data_root, out) + [
+        "--max_train_steps", "2", "--validation_split", "2", "--validation_timesteps", "100", "900",
+        "--num_error_buckets", "2", "--crops_coords_top_left_h", "4"]
+    if task_name == "lineart":
+        argv += ["--use_captions"]
     _run_main(script, argv)
     probe = ReadoutProbe.from_pretrained(out)
     from diffusers import UNet2DConditionModel
@@ -337,6 +342,22 @@ def test_probe_trains_on_sdxl(script, tmp_path, tiny_sdxl_path, data_root):
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet")
     assert list(probe.config.feature_channels) == decoder_feature_channels(unet, probe.config.feature_kind)
+    assert probe.config.out_channels == get_task(task_name).probe_out_channels
     assert (out / "validation_grid.png").is_file() and (out / "probe_error.json").is_file()
-    with pytest.raises(ValueError, match="--use_captions is not supported on SDXL yet"):
-        _run_main(script, argv[:-1] + ["2", "--use_captions", "--output_dir", str(tmp_path / "other")])
+    card = (out / "README.md").read_text()
+    assert "stable-diffusion-xl" in card and "StableDiffusionXLControlNetReadoutPipeline" in card
+
+
+@pytest.mark.e2e
+def test_sdxl_probe_resume_equals_the_uninterrupted_run(script, tmp_path, tiny_sdxl_path, data_root):
+    """3 steps, then resume to 6 (mid-epoch) == 6 steps in one run, on SDXL with captions (torch.equal, CPU)."""
+    common = ["--train_batch_size", "1", "--validation_split", "2", "--num_error_buckets", "1", "--use_captions",
+              "--validation_timesteps", "500", "--checkpointing_steps", "3", "--num_grid_samples", "1"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    _run_main(script, _base("hed", tiny_sdxl_path, data_root, full) + common + ["--max_train_steps", "6"])
+    _run_main(script, _base("hed", tiny_sdxl_path, data_root, parts) + common + ["--max_train_steps", "3"])
+    _run_main(script, _base("hed", tiny_sdxl_path, data_root, parts) + common
+              + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    a, b = _probe_bytes(str(full)), _probe_bytes(str(parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((parts / "probe_error.json").read_text())["step"] == 6

@@ -223,9 +223,6 @@ def check_models(args, task, models) -> None:
 
     unet = models["unet"]
     check_resolution(args.resolution, vae_scale_factor_of(models["vae"].config))
-    if models.get("text_encoder_2") is not None and getattr(args, "use_captions", False):
-        raise ValueError("--use_captions is not supported on SDXL yet: leave it out (the probe reads the UNet's "
-                         "features under the empty prompt, as Readout Guidance trains its probes).")
     controlnet = models["controlnet"]
     if controlnet is not None:
         if controlnet.config.block_out_channels != unet.config.block_out_channels:
@@ -273,19 +270,19 @@ def build_probe(args, task, unet) -> "ReadoutProbe":
 
 
 # ------------------------------------------------------------------------------------------------ data
-def build_datasets(args, task, tokenizer):
-    """(train dataset, held-out dataset or None) from the shared data module."""
+def build_datasets(args, task, tokenizer, tokenizer_2=None):
+    """(train dataset, held-out dataset or None) from the shared data module; `tokenizer_2`: SDXL's second one."""
     from diffusers_innercontrol.data import DataConfig, build_train_dataset, split_held_out
 
     config = DataConfig.from_args(args)
-    train_dataset, columns = build_train_dataset(config, task, tokenizer)
+    train_dataset, columns = build_train_dataset(config, task, tokenizer, tokenizer_2=tokenizer_2)
     val_dataset = None
     if args.validation_split is not None:
         train_dataset, val_dataset = split_held_out(train_dataset, args.validation_split, seed=args.seed or 0)
     elif args.validation_data_dir or args.validation_dataset_name:
         held_out = config.held_out(args.validation_data_dir, args.validation_dataset_name,
                                    args.validation_dataset_split, args.max_validation_samples)
-        val_dataset, _ = build_train_dataset(held_out, task, tokenizer)
+        val_dataset, _ = build_train_dataset(held_out, task, tokenizer, tokenizer_2=tokenizer_2)
         val_dataset.shuffle = False
         val_dataset.set_epoch(0)
     return train_dataset, val_dataset, columns
@@ -417,6 +414,7 @@ def main(args):
         move_frozen,
         optimizer_step,
         plan_steps,
+        sdxl_conditioning,
         setup_accelerator,
         step_generator,
         train_batches,
@@ -447,7 +445,8 @@ def main(args):
     probe.time_embedding.requires_grad_(False)  # the UNet's embedding of t, as in stage 2
     probe.train()
 
-    train_dataset, val_dataset, columns = build_datasets(args, task, models["tokenizer"] if args.use_captions else None)
+    train_dataset, val_dataset, columns = build_datasets(
+        args, task, models["tokenizer"] if args.use_captions else None, models["tokenizer_2"] if args.use_captions else None)
     check_samples(train_dataset, args.check_data_samples)
     if val_dataset is not None:
         check_samples(val_dataset, args.check_data_samples)
@@ -480,7 +479,11 @@ def main(args):
         with torch.no_grad():
             pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
             latents = encode_images(vae, pixels, generator=generator).float()
-            if args.use_captions:
+            added_cond_kwargs = None
+            if args.use_captions and sdxl:  # both encoders on the captions, their pooled embedding, the size / crop ids
+                tokens = {k: batch[k].to(accelerator.device) for k in ("input_ids", "input_ids_2")}
+                ehs, added_cond_kwargs = sdxl_conditioning(models, tokens, args, accelerator.device, weight_dtype)
+            elif args.use_captions:
                 ehs = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
             else:
                 ehs = empty_embedding.expand(latents.shape[0], -1, -1)
@@ -491,7 +494,9 @@ def main(args):
         }
         if "control_classes" in batch:
             out["control_classes"] = batch["control_classes"].to(accelerator.device)
-        if sdxl:  # the pooled empty prompt and the size / crop ids (--crops_coords_top_left_h / _w)
+        if added_cond_kwargs is not None:
+            out["added_cond_kwargs"] = added_cond_kwargs
+        elif sdxl:  # the pooled empty prompt and the size / crop ids (--crops_coords_top_left_h / _w)
             n, height, width = latents.shape[0], pixels.shape[-2], pixels.shape[-1]
             out["added_cond_kwargs"] = {
                 "text_embeds": empty_pooled.expand(n, -1).to(weight_dtype),
