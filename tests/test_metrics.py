@@ -218,3 +218,61 @@ def test_fid_features_from_a_local_model_folder(tiny_clip_path):
     fid.update(images, real=True)
     fid.update(images, real=False)
     assert abs(fid.compute().item()) < 1e-2  # identical sets
+
+
+def _t_cdf(x: float, df: float, steps: int = 20000) -> float:
+    """Student's t CDF by Simpson's rule on its density (written out here: independent of scipy)."""
+    import math
+
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def pdf(u):
+        return c * (1 + u * u / df) ** (-(df + 1) / 2)
+
+    lo, hi = 0.0, abs(x)
+    h = (hi - lo) / steps
+    area = pdf(lo) + pdf(hi) + sum((4 if i % 2 else 2) * pdf(lo + i * h) for i in range(1, steps))
+    half = area * h / 3
+    return 0.5 + half if x >= 0 else 0.5 - half
+
+
+def test_welch_test_against_hand_values():
+    """a = 1, 2, 3 (mean 2, var 1), b = 4, 5, 6, 7 (mean 5.5, var 5/3): se^2 = 1/3 + 5/12 = 3/4, t = -3.5 / sqrt(3/4),
+    Welch-Satterthwaite df = (3/4)^2 / ((1/3)^2 / 2 + (5/12)^2 / 3); p and the interval from the t distribution."""
+    import math
+
+    from diffusers_innercontrol.metrics import welch_test
+
+    out = welch_test([1, 2, 3], [4, 5, 6, 7])
+    se = math.sqrt(0.75)
+    df = 0.75 ** 2 / ((1 / 3) ** 2 / 2 + (5 / 12) ** 2 / 3)
+    assert out["diff"] == pytest.approx(-3.5) and out["t"] == pytest.approx(-3.5 / se)
+    assert out["df"] == pytest.approx(df) and df == pytest.approx(4.9592, abs=1e-4)
+    assert out["p"] == pytest.approx(2 * _t_cdf(-3.5 / se, df), rel=1e-6)
+    # the 95 % interval: diff +- t* se, where t* has 2.5 % of the distribution above it
+    half = out["ci_high"] - out["diff"]
+    assert out["diff"] - out["ci_low"] == pytest.approx(half)
+    assert _t_cdf(half / se, df) == pytest.approx(0.975, abs=1e-6)
+    assert (out["n"], out["n_baseline"]) == (3, 4)
+    swapped = welch_test([4, 5, 6, 7], [1, 2, 3])
+    assert swapped["diff"] == pytest.approx(3.5) and swapped["p"] == pytest.approx(out["p"])
+    with pytest.raises(ValueError, match="at least 2 values"):
+        welch_test([1.0], [1.0, 2.0])
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    """KID on a fixed random feature map: two samples of the same images give about 0, shifted images clearly more."""
+    from diffusers_innercontrol.metrics import build_kid
+
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
+    images = torch.rand(64, 3, 8, 8)
+    kid = build_kid(features, subset_size=16, subsets=20)
+    kid.update(images[:32], real=True)
+    kid.update(images[32:], real=False)
+    same, _ = kid.compute()
+    kid.reset()
+    kid.update(images[:32], real=True)
+    kid.update((images[32:] * 0.5).clamp(0, 1), real=False)
+    shifted, spread = kid.compute()
+    assert abs(float(same)) < float(shifted) / 5 and float(spread) >= 0

@@ -59,7 +59,11 @@ def test_bucket_errors_accumulate_over_batches_and_report():
     assert errors.means()[1] == pytest.approx(17.0 / 3.0)
     assert errors.overall == pytest.approx(21.0 / 5.0)
     d = errors.to_dict()
-    assert d["buckets"][1] == {"t_min": 5, "t_max": 9, "error": pytest.approx(17.0 / 3.0), "count": 3}
+    # standard errors: [0, 4]: sample variance ((1 - 2)^2 + (3 - 2)^2) / 1 = 2, se = sqrt(2 / 2) = 1;
+    # [5, 9]: ((2 - 17/3)^2 + (6 - 17/3)^2 + (9 - 17/3)^2) / 2 = 37 / 3, se = sqrt(37 / 9)
+    assert errors.stderrs() == pytest.approx([1.0, (37.0 / 9.0) ** 0.5])
+    assert d["buckets"][1] == {"t_min": 5, "t_max": 9, "error": pytest.approx(17.0 / 3.0),
+                               "stderr": pytest.approx((37.0 / 9.0) ** 0.5), "count": 3}
     table = errors.to_markdown()
     assert "| 0-4 | 2.0000 | 2 |" in table and "| 5-9 | 5.6667 | 3 |" in table and "| all | 4.2000 | 5 |" in table
     logs = errors.log_dict("err")
@@ -73,7 +77,7 @@ def test_bucket_errors_save_json(tmp_path):
     data = json.loads(open(path).read())
     assert data["step"] == 3 and data["loss"] == "ce"
     assert data["buckets"][0]["error"] is None and data["buckets"][0]["count"] == 0
-    assert data["buckets"][1]["error"] == pytest.approx(1.5)
+    assert data["buckets"][1]["error"] == pytest.approx(1.5) and data["buckets"][1]["stderr"] is None  # one sample
 
 
 def test_bucket_errors_reject_bad_input():

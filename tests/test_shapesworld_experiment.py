@@ -56,6 +56,37 @@ def test_aggregate_over_seeds(exp):
     assert table["hed"]["controlnet"]["control"] == {"mean": 0.25, "std": 0.0, "n": 1}
     assert table["hed"]["controlnet"]["fid"]["n"] == 0
     assert table["depth"]["alignment"]["control"]["mean"] is None
+    assert table["depth"]["alignment"]["vs_controlnet"] is None and table["depth"]["controlnet"]["vs_controlnet"] is None
+
+
+def test_modes_against_the_baseline_and_claim_b(exp):
+    """Each mode against ControlNet, and reward t < 200 + alignment against reward t < 200, over seeds: Welch's test
+    of the per-seed control metric (10, 14 against 20, 21, 25: difference -9 with its interval), in the markdown."""
+    from diffusers_innercontrol.metrics import welch_test
+
+    def rows(mode, values):
+        return [{"task": "depth", "mode": mode, "seed": s, "metrics": {"rmse": v, "fid": None}} for s, v in enumerate(values)]
+
+    runs = rows("controlnet", [20.0, 21.0, 25.0]) + rows("reward200", [10.0, 14.0]) + rows("reward200_alignment", [9.0, 11.0])
+    modes = ["controlnet", "reward200", "reward200_alignment"]
+    table = exp.aggregate(runs, ["depth"], modes)
+    test = table["depth"]["reward200"]["vs_controlnet"]
+    assert test["diff"] == pytest.approx(12.0 - 22.0) and test["baseline"] == "controlnet"
+    assert test["p"] == pytest.approx(welch_test([10.0, 14.0], [20.0, 21.0, 25.0])["p"])
+    claim = exp.claims(runs, ["depth"], modes)["depth"]["reward200_alignment_vs_reward200"]
+    assert claim["diff"] == pytest.approx(-2.0) and claim["n"] == 2 and claim["n_baseline"] == 2
+    assert exp.claims(runs, ["depth"], ["controlnet", "reward200"])["depth"] == {}
+    md = exp.results_markdown({"args": dict(pretrained_model_name_or_path="sd", resolution=64, max_train_steps=1,
+                                            train_batch_size=1, learning_rate=1e-5, seeds=[0, 1], num_eval_conditions=2,
+                                            generation_seeds=[0], num_inference_steps=2, guidance_scale=1.0,
+                                            num_kid_real=4),
+                               "table": table, "claims": exp.claims(runs, ["depth"], modes),
+                               "kid": {"depth": {"controlnet": {"mean": 0.0123, "std": 0.0004, "num_generated": 6,
+                                                                "num_real": 4, "subset_size": 4, "subsets": 5}}}})
+    lo, hi = test["ci_low"], test["ci_high"]
+    assert f"| Reward, t < 200 | 12.00 ± 2.83 | -10.00 [{lo:+.2f}, {hi:+.2f}] | {test['p']:.3f} | - | - |" in md
+    assert "| 12.30 ± 0.40 |" in md  # KID x 1000
+    assert "Reward t < 200 + alignment against Reward, t < 200: -2.00 [" in md
 
 
 def test_train_args_per_mode(exp, tmp_path):
@@ -173,11 +204,18 @@ def test_run_experiment_quick(tmp_path, tiny_pipeline_path):
         stats = result["table"]["depth"][mode]["control"]
         run = next(r for r in result["runs"] if r["mode"] == mode)
         assert stats["n"] == 1 and stats["mean"] == pytest.approx(run["metrics"]["rmse"])
+    kid = result["kid"]["depth"]
+    assert set(kid) == {"controlnet", "reward200_alignment"}
+    for value in kid.values():  # 2 held-out scenes x 1 seed against 4 real images, subsets of 2
+        assert (value["num_generated"], value["num_real"], value["subset_size"]) == (2, 4, 2) and math.isfinite(value["mean"])
+    assert result["kid_feature_models"]["depth"].endswith("eval-segmentation")  # neither the reward nor the evaluator
+    assert result["claims"]["depth"] == {}  # (b) needs reward200 as well
     b = result["buckets"]["depth"]
     assert b["buckets"] == [[0, 499], [500, 999]]
     for side in ("x0_evaluator", "probe"):
         assert len(b[side]["means"]) == 2 and all(v is not None and v >= 0 for v in b[side]["means"])
         assert [x["count"] for x in b[side]["buckets"]] == [2, 2]  # 2 held-out scenes, once per bucket
+        assert len(b[side]["stderrs"]) == 2 and all(v is not None for v in b[side]["stderrs"])  # the error bars
     md = (out / "shapesworld.md").read_text()
     assert "## depth" in md and "| ControlNet (diffusion loss only) |" in md and "| Reward t < 200 + alignment |" in md
     assert "| 0-499 |" in md and "| 500-999 |" in md

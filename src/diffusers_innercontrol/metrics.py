@@ -480,3 +480,41 @@ def summarize(values: Sequence[float]) -> Dict[str, float]:
     if t.numel() == 0:
         return {"mean": math.nan, "std": math.nan}
     return {"mean": t.mean().item(), "std": t.std(unbiased=False).item()}
+
+
+# --- comparing training modes over seeds ---------------------------------------------------------------
+def welch_test(values, baseline, level: float = 0.95) -> Dict[str, float]:
+    """
+    Welch's two-sample t-test of `mean(values) - mean(baseline)` (unequal variances; one number per seed on each
+    side), with its `level` confidence interval (Welch-Satterthwaite degrees of freedom), via
+    `scipy.stats.ttest_ind(equal_var=False)`.
+
+    Returns:
+        `diff`, `ci_low`, `ci_high`, `t`, `df`, `p` (two-sided), `n`, `n_baseline`, `level`.
+
+    Raises:
+        ValueError: fewer than 2 values on a side (no variance to estimate).
+    """
+    from scipy import stats
+
+    a = [float(v) for v in values]
+    b = [float(v) for v in baseline]
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"welch_test needs at least 2 values on each side (seeds), got {len(a)} and {len(b)}.")
+    result = stats.ttest_ind(a, b, equal_var=False)
+    ci = result.confidence_interval(confidence_level=level)
+    return {"diff": sum(a) / len(a) - sum(b) / len(b), "ci_low": float(ci.low), "ci_high": float(ci.high),
+            "t": float(result.statistic), "df": float(result.df), "p": float(result.pvalue), "n": len(a),
+            "n_baseline": len(b), "level": level}
+
+
+def build_kid(feature_extractor: nn.Module, subset_size: int = 1000, subsets: int = 100):
+    """
+    torchmetrics' `KernelInceptionDistance` on the features of `feature_extractor` (`(B, 3, H, W)` in `[0, 1]` ->
+    `(B, D)`), fed with images in `[0, 1]`. KID is unbiased at any sample size (FID is not); `compute()` returns its
+    mean and standard deviation over `subsets` random subsets of `subset_size` images per side (at most the number
+    of images on the smaller side).
+    """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    return KernelInceptionDistance(feature=feature_extractor, subset_size=subset_size, subsets=subsets, normalize=True)

@@ -48,7 +48,7 @@ def bucket_index(timesteps: torch.Tensor, num_buckets: int = 10, num_train_times
 @dataclass
 class BucketErrors:
     """
-    Running per-timestep-bucket sums of per-sample losses.
+    Running per-timestep-bucket sums of per-sample losses (and of their squares, for the standard errors).
 
     Args:
         num_buckets (`int`, defaults to 10): Equal slices of `[0, num_train_timesteps)`.
@@ -61,6 +61,7 @@ class BucketErrors:
     loss_name: Optional[str] = None
     sums: torch.Tensor = field(default=None)
     counts: torch.Tensor = field(default=None)
+    sq_sums: torch.Tensor = field(default=None)
 
     def __post_init__(self):
         self.buckets = timestep_buckets(self.num_buckets, self.num_train_timesteps)
@@ -68,6 +69,8 @@ class BucketErrors:
             self.sums = torch.zeros(self.num_buckets, dtype=torch.float64)
         if self.counts is None:
             self.counts = torch.zeros(self.num_buckets, dtype=torch.float64)
+        if self.sq_sums is None:
+            self.sq_sums = torch.zeros(self.num_buckets, dtype=torch.float64)
 
     def update(self, losses: torch.Tensor, timesteps: torch.Tensor) -> "BucketErrors":
         """Add per-sample `losses` `(B,)` taken at `timesteps` `(B,)`."""
@@ -78,6 +81,7 @@ class BucketErrors:
             raise ValueError("A per-sample probe loss is NaN or inf: the probe or its input diverged.")
         idx = bucket_index(timesteps.flatten(), self.num_buckets, self.num_train_timesteps)
         self.sums.index_add_(0, idx, losses)
+        self.sq_sums.index_add_(0, idx, losses * losses)
         self.counts.index_add_(0, idx, torch.ones_like(losses))
         return self
 
@@ -85,14 +89,26 @@ class BucketErrors:
         """Sum the buckets over all processes (`accelerator.reduce`); every process gets the total."""
         if accelerator is None or accelerator.num_processes == 1:
             return self
-        stacked = torch.stack([self.sums, self.counts]).float().to(accelerator.device)
+        stacked = torch.stack([self.sums, self.counts, self.sq_sums]).float().to(accelerator.device)
         total = accelerator.reduce(stacked, reduction="sum").double().cpu()
-        self.sums, self.counts = total[0].clone(), total[1].clone()
+        self.sums, self.counts, self.sq_sums = total[0].clone(), total[1].clone(), total[2].clone()
         return self
 
     def means(self) -> List[Optional[float]]:
         """The mean loss of every bucket (`None` for an empty bucket)."""
         return [(s / c).item() if c > 0 else None for s, c in zip(self.sums, self.counts)]
+
+    def stderrs(self) -> List[Optional[float]]:
+        """The standard error of every bucket's mean: the samples' standard deviation (n - 1) over sqrt(n); `None`
+        for a bucket with fewer than 2 samples."""
+        out = []
+        for s, q, c in zip(self.sums.tolist(), self.sq_sums.tolist(), self.counts.tolist()):
+            if c < 2:
+                out.append(None)
+                continue
+            variance = max(q - s * s / c, 0.0) / (c - 1)
+            out.append((variance / c) ** 0.5)
+        return out
 
     @property
     def overall(self) -> Optional[float]:
@@ -106,8 +122,8 @@ class BucketErrors:
             "num_train_timesteps": self.num_train_timesteps,
             "overall": self.overall,
             "buckets": [
-                {"t_min": lo, "t_max": hi, "error": m, "count": int(c)}
-                for (lo, hi), m, c in zip(self.buckets, self.means(), self.counts.tolist())
+                {"t_min": lo, "t_max": hi, "error": m, "stderr": se, "count": int(c)}
+                for (lo, hi), m, se, c in zip(self.buckets, self.means(), self.stderrs(), self.counts.tolist())
             ],
         }
 

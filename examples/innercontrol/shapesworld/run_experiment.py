@@ -23,6 +23,11 @@ ShapesWorld scenes (indices after the training ones):
   segmentation mIoU;
 - FID with the toy evaluator's features (`EvaluatorFeatures`: the depth evaluation model's mean-pooled ViT
   tokens by default; `metrics.build_fid` with an `nn.Module`);
+- KID (`metrics.build_kid`, torchmetrics) of every mode's images pooled over its seeds against `--num_kid_real`
+  real held-out images, on the features of a ShapesWorld model that is neither the task's reward nor its fidelity
+  evaluator (default: the segmentation evaluation UperNet, and the depth evaluation DPT for segmentation);
+- each mode against the diffusion-loss baseline, and reward t < 200 + alignment against reward t < 200 alone:
+  the difference of the means over seeds with its 95 % interval and Welch's t-test (`metrics.welch_test`);
 - per timestep bucket, on one reference ControlNet per task (the first evaluated run), the error against the
   control of (a) the readout probe on the UNet's decoder features and (b) the evaluator on the VAE decode of
   the one-step x0 estimate (`losses.one_step_x0`, Eq. 5), both from the same noisy latents and measured with
@@ -107,6 +112,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     for task in TASKS:
         g.add_argument(f"--{task}_eval_model", type=str, default=None,
                        help=f"The {task} evaluation model (train_toy_evaluators.py --model_kind eval; default: the bundled eval-{task}).")
+    g.add_argument("--kid_feature_model", type=str, default=None,
+                   help="ShapesWorld model (a DPT or UperNet folder) whose features KID uses; default: the segmentation "
+                        "evaluation model, or the depth one for segmentation (neither the task's reward nor its evaluator).")
     g.add_argument("--fid_feature_model", type=str, default=None,
                    help="Toy evaluator whose features FID uses (a DPT or UperNet folder); default: the depth evaluation model.")
     g = parser.add_argument_group("training (each run)")
@@ -121,6 +129,10 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--generation_seeds", type=_csv(int), default=[0], help="Images per condition (one per seed).")
     g.add_argument("--num_inference_steps", type=int, default=20)
     g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--num_kid_real", type=int, default=1000, help="Real held-out images KID compares each mode's images with.")
+    g.add_argument("--kid_subset_size", type=int, default=1000,
+                   help="Images per side in each of KID's subsets (at most the smaller side's count).")
+    g.add_argument("--kid_subsets", type=int, default=100, help="KID's random subsets (its mean and spread are over them).")
     g.add_argument("--num_buckets", type=int, default=10, help="Timestep buckets of the probe / one-step-x0 errors.")
     g.add_argument("--num_bucket_conditions", type=int, default=32, help="Held-out scenes for the bucket errors.")
     g.add_argument("--eval_batch_size", type=int, default=8)
@@ -131,6 +143,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
         args.max_train_steps, args.train_batch_size = 2, 2
         args.num_eval_conditions, args.num_bucket_conditions = 2, 2
         args.num_inference_steps, args.num_buckets, args.eval_batch_size = 2, 2, 2
+        args.num_kid_real, args.kid_subsets = 4, 5
         args.generation_seeds = args.generation_seeds[:1]
         if args.num_train_samples > 8:
             args.num_train_samples = 8
@@ -165,9 +178,11 @@ def validate_args(args):
         if not getattr(args, f"{task}_eval_model"):
             raise ValueError(f"--{task}_eval_model is needed to evaluate {task} (train_toy_evaluators.py --model_kind eval).")
     for name in ("jobs", "max_train_steps", "train_batch_size", "num_eval_conditions", "num_inference_steps", "num_buckets",
-                 "num_bucket_conditions", "eval_batch_size"):
+                 "num_bucket_conditions", "eval_batch_size", "kid_subsets"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1.")
+    if args.num_kid_real < 2 or args.kid_subset_size < 2:
+        raise ValueError("--num_kid_real and --kid_subset_size must be >= 2 (KID compares sets of images).")
     if args.num_eval_conditions < 2:
         raise ValueError("--num_eval_conditions must be >= 2 (FID needs two images on each side).")
     if not args.generation_seeds:
@@ -186,6 +201,23 @@ def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
     mean = sum(xs) / len(xs)
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return {"mean": mean, "std": std, "n": len(xs)}
+
+
+def format_difference(test: Optional[Dict], scale: float = 1.0, digits: int = 3) -> str:
+    """`"+d [lo, hi]"` of a `metrics.welch_test` (times `scale`), `"-"` without one."""
+    if not test:
+        return "-"
+    d, lo, hi = (test[k] * scale for k in ("diff", "ci_low", "ci_high"))
+    return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def format_p(test: Optional[Dict]) -> str:
+    return "-" if not test else (f"{test['p']:.3f}" if test["p"] >= 0.001 else f"{test['p']:.1e}")
+
+
+def format_kid(kid: Optional[Dict]) -> str:
+    """KID x 1000 ± its spread over subsets, `"-"` without one."""
+    return "-" if not kid else f"{kid['mean'] * 1000:.2f} ± {kid['std'] * 1000:.2f}"
 
 
 def format_mean_std(stats: Dict[str, Optional[float]], digits: int = 3) -> str:
@@ -346,6 +378,40 @@ def fid_feature_path(args) -> Optional[str]:
     return args.fid_feature_model or args.depth_eval_model
 
 
+def kid_feature_path(args, task: str) -> str:
+    """The model whose features KID uses for `task`: `--kid_feature_model`, else an evaluation model of another task
+    (neither the task's reward nor its fidelity evaluator)."""
+    return args.kid_feature_model or (args.depth_eval_model if task == "segmentation" else args.segmentation_eval_model)
+
+
+def pooled_kid(args, task: str, runs: Sequence[Dict], real_dataset, features: nn.Module, device) -> Dict:
+    """
+    KID of the images of `runs` (one mode: every seed's ControlNet, every held-out scene and generation seed) against
+    the first `--num_kid_real` real images of `real_dataset`, on `features`. Returns `{"mean", "std", "num_generated",
+    "num_real", "subset_size", "subsets"}` (`std`: over KID's subsets), or `{}` when a side has fewer than 2 images.
+    """
+    from diffusers_innercontrol.evaluation import image_path, load_image01
+    from diffusers_innercontrol.metrics import build_kid
+
+    paths = [image_path(os.path.join(r["dir"], "eval"), i, seed) for r in runs
+             for i in range(args.num_eval_conditions) for seed in args.generation_seeds]
+    paths = [p for p in paths if os.path.isfile(p)]
+    num_real = min(args.num_kid_real, len(real_dataset))
+    subset_size = min(args.kid_subset_size, len(paths), num_real)
+    if subset_size < 2:
+        return {}
+    kid = build_kid(features, subset_size=subset_size, subsets=args.kid_subsets).to(device)
+    batch = max(args.eval_batch_size, 32)
+    for start in range(0, num_real, batch):
+        kid.update(torch.stack([real_dataset[i].image for i in range(start, min(start + batch, num_real))]).to(device),
+                   real=True)
+    for start in range(0, len(paths), batch):
+        kid.update(torch.stack([load_image01(p) for p in paths[start : start + batch]]).to(device), real=False)
+    mean, std = kid.compute()
+    return {"mean": float(mean), "std": float(std), "num_generated": len(paths), "num_real": num_real,
+            "subset_size": subset_size, "subsets": args.kid_subsets}
+
+
 @torch.no_grad()
 def x0_and_probe_bucket_errors(task, pipe, evaluator, probe, dataset, indices, num_buckets=10, batch_size=8, seed=0,
                                device=None):
@@ -461,8 +527,32 @@ def sample_grid(dataset, runs: Sequence[Dict], modes: Sequence[str], num_rows: i
     return labeled_grid(tiles, ["control", "real"] + list(modes), tile_size=(size, size))
 
 
+# (mode, baseline) pairs of the claims tested besides "every mode against the diffusion-loss baseline": (b)
+COMPARISONS = (("reward200_alignment", "reward200"),)
+
+
+def control_values(runs: Sequence[Dict], task: str, mode: str) -> List[float]:
+    """The control-fidelity metric of every evaluated seed of (task, mode), in seed order."""
+    from diffusers_innercontrol.metrics import CONTROL_METRICS
+
+    key = CONTROL_METRICS[task][0]
+    rows = sorted((r for r in runs if r["task"] == task and r["mode"] == mode and "metrics" in r), key=lambda r: r["seed"])
+    return [float(r["metrics"][key]) for r in rows if r["metrics"].get(key) is not None]
+
+
+def compare(runs: Sequence[Dict], task: str, mode: str, baseline: str) -> Optional[Dict]:
+    """`metrics.welch_test` of `mode`'s control fidelity against `baseline`'s over seeds (None below 2 seeds a side)."""
+    from diffusers_innercontrol.metrics import welch_test
+
+    values, base = control_values(runs, task, mode), control_values(runs, task, baseline)
+    if len(values) < 2 or len(base) < 2:
+        return None
+    return dict(welch_test(values, base), baseline=baseline)
+
+
 def aggregate(runs: Sequence[Dict], tasks: Sequence[str], modes: Sequence[str]) -> Dict:
-    """`{task: {mode: {metric: mean_std}}}` over the seeds of each (task, mode)."""
+    """`{task: {mode: {metric: mean_std, "vs_controlnet": welch_test or None}}}` over the seeds of each (task, mode),
+    and `{task: {"mode_vs_baseline": welch_test}}` for `COMPARISONS` under the key `"claims"` of each task."""
     from diffusers_innercontrol.metrics import CONTROL_METRICS
 
     table = {}
@@ -474,8 +564,17 @@ def aggregate(runs: Sequence[Dict], tasks: Sequence[str], modes: Sequence[str]) 
             table[task][mode] = {
                 "control": mean_std([r["metrics"].get(key) for r in rows]),
                 "fid": mean_std([r["metrics"].get("fid") for r in rows]),
+                "vs_controlnet": compare(runs, task, mode, "controlnet") if mode != "controlnet" else None,
             }
     return table
+
+
+def claims(runs: Sequence[Dict], tasks: Sequence[str], modes: Sequence[str]) -> Dict:
+    """`{task: {"<mode>_vs_<baseline>": welch_test}}` for the `COMPARISONS` whose two modes were run."""
+    out = {}
+    for task in tasks:
+        out[task] = {f"{m}_vs_{b}": compare(runs, task, m, b) for m, b in COMPARISONS if m in modes and b in modes}
+    return out
 
 
 def results_markdown(result: Dict) -> str:
@@ -489,27 +588,49 @@ def results_markdown(result: Dict) -> str:
              f"UniPC steps, guidance {a['guidance_scale']}. Mean ± standard deviation over the seeds.", "",
              "HED and LineArt fidelity: SSIM between the toy evaluation model's edge map of the image and the exact "
              "control; depth: RMSE (0..255) of the toy evaluation DPT; segmentation: mIoU of the toy evaluation UperNet. FID: Fréchet "
-             f"distance of the features of `{result.get('fid_feature_model')}`.", ""]
+             f"distance of the features of `{result.get('fid_feature_model')}`. KID x 1000 (± its standard deviation over "
+             f"subsets): each mode's images pooled over its seeds against {a.get('num_kid_real')} real held-out images. "
+             "Difference to the ControlNet baseline: mean over seeds, 95 % interval and Welch's t-test p-value.", ""]
     for task, modes in result["table"].items():
         key, name, higher = CONTROL_METRICS[task]
         scale = 100.0 if key == "miou" else 1.0  # mIoU in percent, as the paper's tables
         unit = " (%)" if key == "miou" else ""
-        lines += [f"## {task}", "", f"| mode | {name}{unit} ({'higher' if higher else 'lower'} is better) | FID (toy features) |",
-                  "|---|---|---|"]
+        digits = 4 if key == "ssim" else 2
+        kid = result.get("kid", {}).get(task, {})
+        lines += [f"## {task}", "", f"| mode | {name}{unit} ({'higher' if higher else 'lower'} is better) | "
+                  "difference to ControlNet [95 % interval] | p (Welch) | KID x 1000 | FID (toy features) |",
+                  "|---|---|---|---|---|---|"]
         for mode, stats in modes.items():
             control = {k: (v * scale if isinstance(v, float) and k != "n" else v) for k, v in stats["control"].items()}
-            lines.append(f"| {MODES[mode][0]} | {format_mean_std(control, 4 if key == 'ssim' else 2)} | "
+            lines.append(f"| {MODES[mode][0]} | {format_mean_std(control, digits)} | "
+                         f"{format_difference(stats.get('vs_controlnet'), scale, digits)} | "
+                         f"{format_p(stats.get('vs_controlnet'))} | {format_kid(kid.get(mode))} | "
                          f"{format_mean_std(stats['fid'], 3)} |")
         lines.append("")
+        if kid:
+            k = next((v for v in kid.values() if v), None)
+            if k:
+                lines += [f"KID: {k['num_generated']} generated images per mode against {k['num_real']} real ones, "
+                          f"{k['subsets']} subsets of {k['subset_size']}, features of "
+                          f"`{os.path.basename(str(result.get('kid_feature_models', {}).get(task)))}`.", ""]
+        for label, test in result.get("claims", {}).get(task, {}).items():
+            if test:
+                mode, baseline = label.split("_vs_")
+                lines += [f"{MODES[mode][0]} against {MODES[baseline][0]}: {format_difference(test, scale, digits)}, "
+                          f"p = {format_p(test)} (Welch, {test['n']} and {test['n_baseline']} seeds).", ""]
         buckets = result.get("buckets", {}).get(task)
         if buckets:
             lines += [f"Error against the control per timestep bucket (Fig. 2), ControlNet `{buckets['controlnet']}`: "
                       f"probe on decoder features vs evaluator on the decoded one-step x0 ({buckets['loss']}).", "",
-                      "| t | probe | evaluator on one-step x0 |", "|---|---|---|"]
-            probe = buckets["probe"]["means"] if buckets.get("probe") else [None] * len(buckets["buckets"])
-            for (lo, hi), p, e in zip(buckets["buckets"], probe, buckets["x0_evaluator"]["means"]):
-                fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-                lines.append(f"| {lo}-{hi} | {fmt(p)} | {fmt(e)} |")
+                      "| t | probe (± standard error) | evaluator on one-step x0 (± standard error) |", "|---|---|---|"]
+            none = [None] * len(buckets["buckets"])
+            probe = buckets["probe"] or {}
+            x0 = buckets["x0_evaluator"]
+            rows = zip(buckets["buckets"], probe.get("means", none), probe.get("stderrs", none), x0["means"],
+                       x0.get("stderrs", none))
+            for (lo, hi), p, p_se, e, e_se in rows:
+                fmt = lambda v, se: "-" if v is None else f"{v:.4f}" + ("" if se is None else f" ± {se:.4f}")  # noqa: E731
+                lines.append(f"| {lo}-{hi} | {fmt(p, p_se)} | {fmt(e, e_se)} |")
             lines.append("")
     for task, grid in result.get("grids", {}).items():
         columns = ["control", "real image"] + [MODES[m][0] for m in result["table"][task]]
@@ -554,10 +675,13 @@ def write_plots(result: Dict, output_dir: str) -> List[str]:
         if buckets:
             centres = [(lo + hi) / 2 for lo, hi in buckets["buckets"]]
             fig, ax = plt.subplots(figsize=(5, 3))
-            for label, values in (("evaluator on one-step x0", buckets["x0_evaluator"]["means"]),
-                                  ("probe on features", (buckets.get("probe") or {}).get("means"))):
+            for label, side in (("evaluator on one-step x0", buckets["x0_evaluator"]),
+                                ("probe on features", buckets.get("probe") or {})):
+                values = side.get("means")
                 if values:
-                    ax.plot(centres, [math.nan if v is None else v for v in values], marker="o", label=label)
+                    errors = [0.0 if e is None else e for e in side.get("stderrs") or [None] * len(values)]
+                    ax.errorbar(centres, [math.nan if v is None else v for v in values], yerr=errors, marker="o",
+                                capsize=3, label=label)
             ax.set_xlabel("timestep t")
             ax.set_ylabel(f"error ({buckets['loss']})")
             ax.set_title(f"{task}: error vs control per timestep")
@@ -594,7 +718,7 @@ def main(args) -> Dict:
 
     fid_path = fid_feature_path(args)
     features = EvaluatorFeatures.from_pretrained(fid_path).to(device) if fid_path else None
-    buckets, grids = {}, {}
+    buckets, grids, kid = {}, {}, {}
     for task_name in args.tasks:
         task = get_task(task_name)
         dataset = ShapesWorldEvalSet(task_name, args.resolution, args.world_seed, args.eval_start_index,
@@ -612,6 +736,13 @@ def main(args) -> Dict:
                 reference = (record, out["pipe"])
             else:
                 del out["pipe"]
+        # KID per mode, pooled over its seeds, against real held-out images (neither the reward's nor the evaluator's
+        # features)
+        kid_features = EvaluatorFeatures.from_pretrained(kid_feature_path(args, task_name)).to(device)
+        real = ShapesWorldEvalSet(task_name, args.resolution, args.world_seed, args.eval_start_index, args.num_kid_real)
+        kid[task_name] = {mode: pooled_kid(args, task_name, [r for r in runs if r["task"] == task_name and r["mode"] == mode
+                                                             and "metrics" in r], real, kid_features, device)
+                          for mode in args.modes}
         if reference is not None:
             record, pipe = reference
             probe_path = getattr(args, f"{task_name}_probe")
@@ -622,8 +753,10 @@ def main(args) -> Dict:
             buckets[task_name] = {
                 "controlnet": record["dir"], "loss": task.reward_loss,
                 "buckets": [list(b) for b in timestep_buckets(args.num_buckets, pipe.scheduler.config.num_train_timesteps)],
-                "x0_evaluator": dict(errors["x0_evaluator"].to_dict(), means=errors["x0_evaluator"].means()),
-                "probe": dict(errors["probe"].to_dict(), means=errors["probe"].means()) if errors["probe"] is not None else None,
+                "x0_evaluator": dict(errors["x0_evaluator"].to_dict(), means=errors["x0_evaluator"].means(),
+                                     stderrs=errors["x0_evaluator"].stderrs()),
+                "probe": (dict(errors["probe"].to_dict(), means=errors["probe"].means(), stderrs=errors["probe"].stderrs())
+                          if errors["probe"] is not None else None),
             }
         grid = sample_grid(dataset, [r for r in runs if r["task"] == task_name], args.modes,
                            min(args.num_grid_rows, args.num_eval_conditions), args.generation_seeds[0])
@@ -636,6 +769,9 @@ def main(args) -> Dict:
         "args": dict(vars(args)),
         "runs": runs,
         "table": aggregate(runs, args.tasks, args.modes),
+        "claims": claims(runs, args.tasks, args.modes),
+        "kid": kid,
+        "kid_feature_models": {t: kid_feature_path(args, t) for t in args.tasks},
         "buckets": buckets,
         "grids": grids,
         "fid_feature_model": fid_path,
