@@ -134,10 +134,12 @@ def test_save_load_round_trip_is_bit_exact(unet, tmp_path):
         assert torch.equal(a[key], b[key]), key
     # Bit-exactness is a claim about the weights (above). The outputs of equal weights can still differ in the
     # last bits: safetensors may place tensors at addresses that are not 64-byte aligned, and oneDNN then picks
-    # another kernel (seen on AVX-512 CPUs). So the outputs are compared to float32 rounding.
+    # another kernel (seen on AVX-512 CPUs). So the outputs are compared to float32 rounding of the output's scale
+    # (an element near 0 carries the rounding of the large terms it is summed from).
     feats = [torch.randn(1, c, 8, 8) for c in probe.config.feature_channels]
     with torch.no_grad():
-        torch.testing.assert_close(probe(feats, 42).sample, loaded(feats, 42).sample, rtol=1e-5, atol=1e-6)
+        expected, actual = probe(feats, 42).sample, loaded(feats, 42).sample
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_wrong_feature_channels_raise(unet):
