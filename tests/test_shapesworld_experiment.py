@@ -229,6 +229,36 @@ def test_run_experiment_quick(tmp_path, tiny_pipeline_path):
         assert (out / plot).is_file()
 
 
+def test_fig2_only_reads_each_tasks_controlnet(tmp_path, tiny_pipeline_path, exp):
+    """`--fig2_only`: the probe's and the evaluator's errors per bucket on the given ControlNet, with standard errors;
+    nothing trained or generated; a task without its ControlNet or probe is refused."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_innercontrol.models.readout_probe import ReadoutProbe
+    from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
+
+    base = ["--pretrained_model_name_or_path", tiny_pipeline_path, "--train_data_dir", str(tmp_path / "unused"),
+            "--fig2_only", "--tasks", "depth", "--output_dir", str(tmp_path / "fig2"), "--resolution", "32"]
+    with pytest.raises(ValueError, match="--fig2_only reads depth's ControlNet and probe: pass --depth_controlnet"):
+        exp.parse_args(base)
+    depth_model = save_tiny_reward_model("depth", str(tmp_path / "depth"))
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet")
+    ReadoutProbe.from_unet(unet, **get_task("depth").probe_kwargs(), projection_dim=32, norm_num_groups=8).save_pretrained(
+        tmp_path / "probe")
+    args = exp.parse_args(base + ["--depth_controlnet", os.path.join(tiny_pipeline_path, "controlnet"), "--depth_probe",
+                                  str(tmp_path / "probe"), "--depth_eval_model", depth_model, "--num_buckets", "2",
+                                  "--num_bucket_conditions", "3", "--eval_batch_size", "3"])
+    result = exp.main(args)
+    b = result["buckets"]["depth"]
+    assert b["controlnet"].endswith("controlnet") and b["buckets"] == [[0, 499], [500, 999]]
+    for side in ("x0_evaluator", "probe"):
+        assert [x["count"] for x in b[side]["buckets"]] == [3, 3] and all(se is not None for se in b[side]["stderrs"])
+    assert not (tmp_path / "unused").exists() and result["runs"] == []
+    md = (tmp_path / "fig2" / "shapesworld.md").read_text()
+    assert "| 0-499 |" in md and " ± " in md
+
+
 def test_toy_evaluator_arguments_and_loss(toy):
     args = toy.parse_args(["--task", "depth", "--model_kind", "eval", "--output_dir", "x"])
     assert (args.steps, args.seed, args.width_multiplier) == (1500, 1, 2)

@@ -93,6 +93,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--quick", action="store_true", help="Tiny counts everywhere (tests): 2 steps, 2 conditions, 2 buckets.")
     g.add_argument("--output_dir", type=str, default="shapesworld-experiment")
     g.add_argument("--skip_training", action="store_true", help="Only evaluate the runs already in --output_dir.")
+    g.add_argument("--fig2_only", action="store_true",
+                   help="Only Fig. 2: the probe's and the evaluator's errors per timestep bucket on each task's "
+                        "--<task>_controlnet (no training, no generation).")
     g.add_argument("--jobs", type=int, default=1,
                    help="Training runs at once (separate processes; each gets cpu_count / jobs threads unless "
                         "OMP_NUM_THREADS is set). On a 2-core CPU, 2 single-threaded runs beat one with 2 threads.")
@@ -168,7 +171,11 @@ def validate_args(args):
         raise ValueError(f"--modes {bad or args.modes}: choose from {', '.join(MODES)}.")
     if not args.seeds:
         raise ValueError("--seeds: give at least one seed.")
-    for task in args.tasks:
+    for task in args.tasks if args.fig2_only else ():
+        for option in ("controlnet", "probe"):
+            if not getattr(args, f"{task}_{option}"):
+                raise ValueError(f"--fig2_only reads {task}'s ControlNet and probe: pass --{task}_{option}.")
+    for task in args.tasks if not args.fig2_only else ():
         alpha_modes = [m for m in args.modes if MODES[m][1].get("alpha", None) != 0.0]
         beta_modes = [m for m in args.modes if MODES[m][1].get("beta", None) != 0.0]
         if alpha_modes and not getattr(args, f"{task}_reward_model"):
@@ -591,15 +598,19 @@ def results_markdown(result: Dict) -> str:
              f"distance of the features of `{result.get('fid_feature_model')}`. KID x 1000 (± its standard deviation over "
              f"subsets): each mode's images pooled over its seeds against {a.get('num_kid_real')} real held-out images. "
              "Difference to the ControlNet baseline: mean over seeds, 95 % interval and Welch's t-test p-value.", ""]
-    for task, modes in result["table"].items():
+    tasks = list(result["table"]) + [t for t in result.get("buckets", {}) if t not in result["table"]]
+    for task in tasks:
+        modes = result["table"].get(task, {})
         key, name, higher = CONTROL_METRICS[task]
         scale = 100.0 if key == "miou" else 1.0  # mIoU in percent, as the paper's tables
         unit = " (%)" if key == "miou" else ""
         digits = 4 if key == "ssim" else 2
         kid = result.get("kid", {}).get(task, {})
-        lines += [f"## {task}", "", f"| mode | {name}{unit} ({'higher' if higher else 'lower'} is better) | "
-                  "difference to ControlNet [95 % interval] | p (Welch) | KID x 1000 | FID (toy features) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## {task}", ""]
+        if modes:
+            lines += [f"| mode | {name}{unit} ({'higher' if higher else 'lower'} is better) | "
+                      "difference to ControlNet [95 % interval] | p (Welch) | KID x 1000 | FID (toy features) |",
+                      "|---|---|---|---|---|---|"]
         for mode, stats in modes.items():
             control = {k: (v * scale if isinstance(v, float) and k != "n" else v) for k, v in stats["control"].items()}
             lines.append(f"| {MODES[mode][0]} | {format_mean_std(control, digits)} | "
@@ -657,20 +668,22 @@ def write_plots(result: Dict, output_dir: str) -> List[str]:
 
     os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
     paths = []
-    for task, modes in result["table"].items():
-        names = list(modes)
-        means = [modes[m]["control"]["mean"] or 0.0 for m in names]
-        stds = [modes[m]["control"]["std"] or 0.0 for m in names]
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar(range(len(names)), means, yerr=stds, capsize=3)
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
-        ax.set_ylabel(CONTROL_METRICS[task][1])
-        ax.set_title(f"{task}: control fidelity by mode")
-        fig.tight_layout()
-        rel = os.path.join("plots", f"{task}_fidelity.png")
-        fig.savefig(os.path.join(output_dir, rel), dpi=100)
-        plt.close(fig)
-        paths.append(rel)
+    for task in list(result["table"]) + [t for t in result.get("buckets", {}) if t not in result["table"]]:
+        modes = result["table"].get(task, {})
+        if modes:
+            names = list(modes)
+            means = [modes[m]["control"]["mean"] or 0.0 for m in names]
+            stds = [modes[m]["control"]["std"] or 0.0 for m in names]
+            fig, ax = plt.subplots(figsize=(6, 3))
+            ax.bar(range(len(names)), means, yerr=stds, capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+            ax.set_ylabel(CONTROL_METRICS[task][1])
+            ax.set_title(f"{task}: control fidelity by mode")
+            fig.tight_layout()
+            rel = os.path.join("plots", f"{task}_fidelity.png")
+            fig.savefig(os.path.join(output_dir, rel), dpi=100)
+            plt.close(fig)
+            paths.append(rel)
         buckets = result.get("buckets", {}).get(task)
         if buckets:
             centres = [(lo + hi) / 2 for lo, hi in buckets["buckets"]]
@@ -695,17 +708,66 @@ def write_plots(result: Dict, output_dir: str) -> List[str]:
 
 
 # --------------------------------------------------------------------------------------------- main
-def main(args) -> Dict:
+def fig2_buckets(args, task_name: str, pipe, dataset, controlnet_dir: str, device) -> Dict:
+    """Fig. 2 of one task on `pipe`'s ControlNet: `x0_and_probe_bucket_errors` on the first `--num_bucket_conditions`
+    scenes of `dataset`, with each bucket's mean and standard error, as stored in results.json."""
     from diffusers_innercontrol.models.readout_probe import ReadoutProbe
     from diffusers_innercontrol.probe_eval import timestep_buckets
     from diffusers_innercontrol.tasks import get_task
+
+    task = get_task(task_name)
+    probe_path = getattr(args, f"{task_name}_probe")
+    probe = ReadoutProbe.from_pretrained(probe_path).to(device).eval() if probe_path else None
+    errors = x0_and_probe_bucket_errors(
+        task, pipe, bucket_evaluator(args, task_name), probe, dataset, range(args.num_bucket_conditions),
+        num_buckets=args.num_buckets, batch_size=args.eval_batch_size, seed=0, device=device)
+
+    def side(e):
+        return None if e is None else dict(e.to_dict(), means=e.means(), stderrs=e.stderrs())
+
+    return {"controlnet": controlnet_dir, "loss": task.reward_loss,
+            "buckets": [list(b) for b in timestep_buckets(args.num_buckets, pipe.scheduler.config.num_train_timesteps)],
+            "x0_evaluator": side(errors["x0_evaluator"]), "probe": side(errors["probe"])}
+
+
+def fig2_only(args, device, t0) -> Dict:
+    """`--fig2_only`: Fig. 2 of every task on its `--<task>_controlnet` (no training, no generation)."""
+    from diffusers_innercontrol.evaluation import load_generation_pipeline
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
+
+    buckets = {}
+    for task_name in args.tasks:
+        controlnet = getattr(args, f"{task_name}_controlnet")
+        logger.info(f"Fig. 2: {task_name} on {controlnet}")
+        pipe = load_generation_pipeline(args.pretrained_model_name_or_path, controlnet).to(device)
+        dataset = ShapesWorldEvalSet(task_name, args.resolution, args.world_seed, args.eval_start_index,
+                                     args.num_bucket_conditions)
+        buckets[task_name] = fig2_buckets(args, task_name, pipe, dataset, controlnet, device)
+    result = {"args": dict(vars(args)), "runs": [], "table": {}, "claims": {}, "kid": {}, "buckets": buckets, "grids": {},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    return result
+
+
+def write_results(result: Dict, output_dir: str) -> Dict:
+    result["plots"] = write_plots(result, output_dir)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(os.path.join(output_dir, "shapesworld.md"), "w") as f:
+        f.write(results_markdown(result))
+    logger.info(f"wrote {output_dir}/results.json and shapesworld.md in {result['seconds']} s")
+    return result
+
+
+def main(args) -> Dict:
     from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(args.output_dir, exist_ok=True)
-    ensure_train_data(args)
     t0 = time.perf_counter()
+    if args.fig2_only:
+        return write_results(fig2_only(args, device, t0), args.output_dir)
+    ensure_train_data(args)
 
     jobs = [(task, mode, seed) for task in args.tasks for mode in args.modes for seed in args.seeds]
     if args.jobs > 1:  # independent processes; the results keep the order of `jobs`
@@ -720,7 +782,6 @@ def main(args) -> Dict:
     features = EvaluatorFeatures.from_pretrained(fid_path).to(device) if fid_path else None
     buckets, grids, kid = {}, {}, {}
     for task_name in args.tasks:
-        task = get_task(task_name)
         dataset = ShapesWorldEvalSet(task_name, args.resolution, args.world_seed, args.eval_start_index,
                                      max(args.num_eval_conditions, args.num_bucket_conditions))
         fidelity = fidelity_evaluator(args, task_name)
@@ -745,19 +806,7 @@ def main(args) -> Dict:
                           for mode in args.modes}
         if reference is not None:
             record, pipe = reference
-            probe_path = getattr(args, f"{task_name}_probe")
-            probe = ReadoutProbe.from_pretrained(probe_path).to(device).eval() if probe_path else None
-            errors = x0_and_probe_bucket_errors(
-                task, pipe, bucket_evaluator(args, task_name), probe, dataset, range(args.num_bucket_conditions),
-                num_buckets=args.num_buckets, batch_size=args.eval_batch_size, seed=0, device=device)
-            buckets[task_name] = {
-                "controlnet": record["dir"], "loss": task.reward_loss,
-                "buckets": [list(b) for b in timestep_buckets(args.num_buckets, pipe.scheduler.config.num_train_timesteps)],
-                "x0_evaluator": dict(errors["x0_evaluator"].to_dict(), means=errors["x0_evaluator"].means(),
-                                     stderrs=errors["x0_evaluator"].stderrs()),
-                "probe": (dict(errors["probe"].to_dict(), means=errors["probe"].means(), stderrs=errors["probe"].stderrs())
-                          if errors["probe"] is not None else None),
-            }
+            buckets[task_name] = fig2_buckets(args, task_name, pipe, dataset, record["dir"], device)
         grid = sample_grid(dataset, [r for r in runs if r["task"] == task_name], args.modes,
                            min(args.num_grid_rows, args.num_eval_conditions), args.generation_seeds[0])
         if grid is not None:
@@ -778,13 +827,7 @@ def main(args) -> Dict:
         "mode_labels": {m: MODES[m][0] for m in args.modes},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    result["plots"] = write_plots(result, args.output_dir)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    with open(os.path.join(args.output_dir, "shapesworld.md"), "w") as f:
-        f.write(results_markdown(result))
-    logger.info(f"wrote {args.output_dir}/results.json and shapesworld.md in {result['seconds']} s")
-    return result
+    return write_results(result, args.output_dir)
 
 
 def cli_main(argv=None):
