@@ -5,7 +5,7 @@ extras = {
     # ControlNet annotators (HED, LineArt) for rewards, on-the-fly controls and evaluation.
     "annotators": ["controlnet_aux==0.0.10"],
     "train": ["tensorboard", "peft>=0.17", "datasets>=3.0"],
-    "eval": ["torchmetrics[image]>=1.4", "scipy"],
+    "eval": ["torchmetrics[image]>=1.4", "scipy>=1.11"],  # scipy 1.11: the Welch test's df and interval
 }
 extras["test"] = ["pytest>=8", "pytest-timeout", "ruff>=0.17,<0.18"] + extras["train"] + extras["eval"] + extras["annotators"]
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
