@@ -290,11 +290,6 @@ def probe_step(
 
 
 # --- SDXL ------------------------------------------------------------------------------------------
-def is_sdxl_unet(unet) -> bool:
-    """An SDXL-style UNet: it adds the pooled text embedding and the size / crop ids to the timestep embedding."""
-    return getattr(getattr(unet, "module", unet).config, "addition_embed_type", None) == "text_time"
-
-
 def encode_prompt_sdxl(text_encoders, tokenizers, prompts, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     SDXL's text conditioning, as its pipelines compute it: each encoder's penultimate hidden states, concatenated
