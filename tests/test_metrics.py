@@ -260,6 +260,23 @@ def test_welch_test_against_hand_values():
         welch_test([1.0], [1.0, 2.0])
 
 
+def test_steps_to_reach_interpolates_the_first_crossing():
+    """Closures 0, 0.2, 0.6, 0.4, 0.9 at steps 0, 100, 200, 300, 400: 0.5 is first crossed between 100 (0.2) and 200
+    (0.6), at 100 + (0.5 - 0.2) / 0.4 * 100 = 175 (not in the later crossing 300 -> 400)."""
+    from diffusers_innercontrol.metrics import steps_to_reach
+
+    steps, values = [0, 100, 200, 300, 400], [0.0, 0.2, 0.6, 0.4, 0.9]
+    assert steps_to_reach(steps, values, 0.5) == pytest.approx(175.0)
+    assert steps_to_reach(steps, values, 0.6) == pytest.approx(200.0)  # reached exactly at an evaluation
+    assert steps_to_reach(steps, values, 0.8) == pytest.approx(300 + 0.4 / 0.5 * 100)
+    assert steps_to_reach(steps, values, 0.0) == 0.0  # the first evaluation already reaches it
+    assert steps_to_reach(steps, values, 0.95) is None  # never reached
+    with pytest.raises(ValueError, match="one value per step"):
+        steps_to_reach([0, 100], [0.1], 0.5)
+    with pytest.raises(ValueError, match="increasing steps"):
+        steps_to_reach([0, 100, 100], [0.1, 0.2, 0.3], 0.5)
+
+
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     """KID on a fixed random feature map: two samples of the same images give about 0, shifted images clearly more."""
     from diffusers_innercontrol.metrics import build_kid

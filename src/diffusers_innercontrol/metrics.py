@@ -474,6 +474,28 @@ def fidelity_closure(value: float, floor: float, ceiling: float) -> float:
     return (ceiling - value) / (ceiling - floor)
 
 
+def steps_to_reach(steps: Sequence[float], values: Sequence[float], target: float) -> Optional[float]:
+    """
+    The training step at which a learning curve first reaches `target` (values rising with training, such as a
+    `fidelity_closure`), linearly interpolated between the two evaluations around the first crossing; `steps[0]`
+    if the first value already reaches it; None if no value does.
+
+    Raises:
+        ValueError: the lists differ in length or are empty, or the steps do not increase.
+    """
+    steps, values = [float(s) for s in steps], [float(v) for v in values]
+    if not steps or len(steps) != len(values):
+        raise ValueError(f"steps_to_reach needs one value per step, got {len(steps)} steps and {len(values)} values.")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"steps_to_reach needs increasing steps, got {steps}.")
+    if values[0] >= target:
+        return steps[0]
+    for (s0, v0), (s1, v1) in zip(zip(steps, values), zip(steps[1:], values[1:])):
+        if v1 >= target:  # v0 < target <= v1
+            return s0 + (target - v0) / (v1 - v0) * (s1 - s0)
+    return None
+
+
 def summarize(values: Sequence[float]) -> Dict[str, float]:
     """Mean and (population) standard deviation of a list of numbers."""
     t = torch.tensor(list(values), dtype=torch.float64)

@@ -84,6 +84,63 @@ def _csv(kind):
     return parse
 
 
+def add_model_args(parser: argparse.ArgumentParser, continue_controlnets: bool = True):
+    """The "models and data" options (shared with `from_scratch.py`, which starts every ControlNet from the UNet)."""
+    g = parser.add_argument_group("models and data")
+    g.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="The toy SD pipeline folder.")
+    g.add_argument("--train_data_dir", type=str, required=True,
+                   help="ShapesWorld image folder (ShapesWorld(...).save_imagefolder); written with --num_train_samples scenes if missing.")
+    g.add_argument("--num_train_samples", type=int, default=2000, help="Scenes written when --train_data_dir is missing.")
+    g.add_argument("--world_seed", type=int, default=0, help="ShapesWorld seed of the data (and the held-out scenes).")
+    g.add_argument("--resolution", type=int, default=64)
+    for task in TASKS:
+        if continue_controlnets:
+            g.add_argument(f"--{task}_controlnet", type=str, default=None,
+                           help=f"The toy {task} ControlNet to continue (default: from the UNet).")
+        g.add_argument(f"--{task}_probe", type=str, default=None, help=f"The {task} readout probe (train_probe.py).")
+        g.add_argument(f"--{task}_reward_model", type=str, default=None, help=f"The {task} reward model (train_toy_evaluators.py).")
+    g.add_argument("--hed_reward_model_filename", type=str, default=None,
+                   help="Weights file inside --hed_reward_model when it holds controlnet_aux HED weights (the toy HED reward is a DPT folder: none).")
+    for task in TASKS:
+        g.add_argument(f"--{task}_eval_model", type=str, default=None,
+                       help=f"The {task} evaluation model (train_toy_evaluators.py --model_kind eval; default: the bundled eval-{task}).")
+    return g
+
+
+def add_training_args(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("training (each run)")
+    g.add_argument("--max_train_steps", type=int, default=300)
+    g.add_argument("--train_batch_size", type=int, default=8)
+    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--lr_scheduler", type=str, default="constant", help="train_innercontrol.py's --lr_scheduler.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"))
+    g.add_argument("--extra_train_args", type=str, default="", help="More train_innercontrol.py arguments (one shell-quoted string).")
+    return g
+
+
+def add_generation_args(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--num_eval_conditions", type=int, default=64, help="Held-out scenes (after the training ones).")
+    g.add_argument("--eval_start_index", type=int, default=None, help="First held-out scene (default: --num_train_samples).")
+    g.add_argument("--num_inference_steps", type=int, default=20)
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--device", type=str, default=None, help="Evaluation device (default: cuda if available).")
+    return g
+
+
+def set_eval_models(args):
+    """The held-out scenes start after the training ones unless given; the bundled `eval-<task>` evaluates every
+    task whose `--<task>_eval_model` is not given."""
+    from diffusers_innercontrol.toy.quickstart import bundled_path
+
+    if args.eval_start_index is None:
+        args.eval_start_index = args.num_train_samples
+    for task in TASKS:
+        if getattr(args, f"{task}_eval_model") is None:
+            setattr(args, f"{task}_eval_model", bundled_path(f"eval-{task}"))
+
+
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="ShapesWorld: the paper's Table 2 / Fig. 2 protocol.")
     g = parser.add_argument_group("protocol")
@@ -99,39 +156,15 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--jobs", type=int, default=1,
                    help="Training runs at once (separate processes; each gets cpu_count / jobs threads unless "
                         "OMP_NUM_THREADS is set). On a 2-core CPU, 2 single-threaded runs beat one with 2 threads.")
-    g = parser.add_argument_group("models and data")
-    g.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="The toy SD pipeline folder.")
-    g.add_argument("--train_data_dir", type=str, required=True,
-                   help="ShapesWorld image folder (ShapesWorld(...).save_imagefolder); written with --num_train_samples scenes if missing.")
-    g.add_argument("--num_train_samples", type=int, default=2000, help="Scenes written when --train_data_dir is missing.")
-    g.add_argument("--world_seed", type=int, default=0, help="ShapesWorld seed of the data (and the held-out scenes).")
-    g.add_argument("--resolution", type=int, default=64)
-    for task in TASKS:
-        g.add_argument(f"--{task}_controlnet", type=str, default=None, help=f"The toy {task} ControlNet to continue (default: from the UNet).")
-        g.add_argument(f"--{task}_probe", type=str, default=None, help=f"The {task} readout probe (train_probe.py).")
-        g.add_argument(f"--{task}_reward_model", type=str, default=None, help=f"The {task} reward model (train_toy_evaluators.py).")
-    g.add_argument("--hed_reward_model_filename", type=str, default=None,
-                   help="Weights file inside --hed_reward_model when it holds controlnet_aux HED weights (the toy HED reward is a DPT folder: none).")
-    for task in TASKS:
-        g.add_argument(f"--{task}_eval_model", type=str, default=None,
-                       help=f"The {task} evaluation model (train_toy_evaluators.py --model_kind eval; default: the bundled eval-{task}).")
+    g = add_model_args(parser, continue_controlnets=True)
     g.add_argument("--kid_feature_model", type=str, default=None,
                    help="ShapesWorld model (a DPT or UperNet folder) whose features KID uses; default: the segmentation "
                         "evaluation model, or the depth one for segmentation (neither the task's reward nor its evaluator).")
     g.add_argument("--fid_feature_model", type=str, default=None,
                    help="Toy evaluator whose features FID uses (a DPT or UperNet folder); default: the depth evaluation model.")
-    g = parser.add_argument_group("training (each run)")
-    g.add_argument("--max_train_steps", type=int, default=300)
-    g.add_argument("--train_batch_size", type=int, default=8)
-    g.add_argument("--learning_rate", type=float, default=1e-5)
-    g.add_argument("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"))
-    g.add_argument("--extra_train_args", type=str, default="", help="More train_innercontrol.py arguments (one shell-quoted string).")
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--num_eval_conditions", type=int, default=64, help="Held-out scenes (after the training ones).")
-    g.add_argument("--eval_start_index", type=int, default=None, help="First held-out scene (default: --num_train_samples).")
+    add_training_args(parser)
+    g = add_generation_args(parser)
     g.add_argument("--generation_seeds", type=_csv(int), default=[0], help="Images per condition (one per seed).")
-    g.add_argument("--num_inference_steps", type=int, default=20)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
     g.add_argument("--num_kid_real", type=int, default=1000, help="Real held-out images KID compares each mode's images with.")
     g.add_argument("--kid_subset_size", type=int, default=1000,
                    help="Images per side in each of KID's subsets (at most the smaller side's count).")
@@ -140,7 +173,6 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--num_bucket_conditions", type=int, default=32, help="Held-out scenes for the bucket errors.")
     g.add_argument("--eval_batch_size", type=int, default=8)
     g.add_argument("--num_grid_rows", type=int, default=4, help="Held-out conditions shown in each task's sample grid.")
-    g.add_argument("--device", type=str, default=None, help="Evaluation device (default: cuda if available).")
     args = parser.parse_args(input_args)
     if args.quick:
         args.max_train_steps, args.train_batch_size = 2, 2
@@ -150,40 +182,20 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
         args.generation_seeds = args.generation_seeds[:1]
         if args.num_train_samples > 8:
             args.num_train_samples = 8
-    if args.eval_start_index is None:
-        args.eval_start_index = args.num_train_samples
-    from diffusers_innercontrol.toy.quickstart import bundled_path
-
-    for task in TASKS:
-        if getattr(args, f"{task}_eval_model") is None:
-            setattr(args, f"{task}_eval_model", bundled_path(f"eval-{task}"))
+    set_eval_models(args)
     validate_args(args)
     return args
 
 
 def validate_args(args):
     """Every check that needs no model weights; raises `ValueError` naming the option and the fix."""
-    bad = [t for t in args.tasks if t not in TASKS]
-    if bad or not args.tasks:
-        raise ValueError(f"--tasks {bad or args.tasks}: choose from {', '.join(TASKS)}.")
-    bad = [m for m in args.modes if m not in MODES]
-    if bad or not args.modes:
-        raise ValueError(f"--modes {bad or args.modes}: choose from {', '.join(MODES)}.")
-    if not args.seeds:
-        raise ValueError("--seeds: give at least one seed.")
+    check_tasks_modes_seeds(args)
     for task in args.tasks if args.fig2_only else ():
         for option in ("controlnet", "probe"):
             if not getattr(args, f"{task}_{option}"):
                 raise ValueError(f"--fig2_only reads {task}'s ControlNet and probe: pass --{task}_{option}.")
-    for task in args.tasks if not args.fig2_only else ():
-        alpha_modes = [m for m in args.modes if MODES[m][1].get("alpha", None) != 0.0]
-        beta_modes = [m for m in args.modes if MODES[m][1].get("beta", None) != 0.0]
-        if alpha_modes and not getattr(args, f"{task}_reward_model"):
-            raise ValueError(f"Modes {alpha_modes} use the reward: pass --{task}_reward_model (train_toy_evaluators.py).")
-        if beta_modes and not getattr(args, f"{task}_probe"):
-            raise ValueError(f"Modes {beta_modes} use the alignment: pass --{task}_probe (train_probe.py).")
-        if not getattr(args, f"{task}_eval_model"):
-            raise ValueError(f"--{task}_eval_model is needed to evaluate {task} (train_toy_evaluators.py --model_kind eval).")
+    if not args.fig2_only:
+        check_run_models(args)
     for name in ("jobs", "max_train_steps", "train_batch_size", "num_eval_conditions", "num_inference_steps", "num_buckets",
                  "num_bucket_conditions", "eval_batch_size", "kid_subsets"):
         if getattr(args, name) < 1:
@@ -194,9 +206,34 @@ def validate_args(args):
         raise ValueError("--num_eval_conditions must be >= 2 (FID needs two images on each side).")
     if not args.generation_seeds:
         raise ValueError("--generation_seeds: give at least one seed.")
+
+
+def check_tasks_modes_seeds(args):
+    """Known tasks and modes, at least one seed, and the toy SD pipeline folder (`ValueError` naming the option)."""
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad or not args.tasks:
+        raise ValueError(f"--tasks {bad or args.tasks}: choose from {', '.join(TASKS)}.")
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        raise ValueError(f"--modes {bad or args.modes}: choose from {', '.join(MODES)}.")
+    if not args.seeds:
+        raise ValueError("--seeds: give at least one seed.")
     if not os.path.isdir(args.pretrained_model_name_or_path):
         raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not a folder "
                          "(the toy SD pipeline: pretrain_toy_sd.py --output_dir).")
+
+
+def check_run_models(args):
+    """Every task has the reward model, probe and evaluation model its `--modes` need (`ValueError` naming the option)."""
+    for task in args.tasks:
+        alpha_modes = [m for m in args.modes if MODES[m][1].get("alpha", None) != 0.0]
+        beta_modes = [m for m in args.modes if MODES[m][1].get("beta", None) != 0.0]
+        if alpha_modes and not getattr(args, f"{task}_reward_model"):
+            raise ValueError(f"Modes {alpha_modes} use the reward: pass --{task}_reward_model (train_toy_evaluators.py).")
+        if beta_modes and not getattr(args, f"{task}_probe"):
+            raise ValueError(f"Modes {beta_modes} use the alignment: pass --{task}_probe (train_probe.py).")
+        if not getattr(args, f"{task}_eval_model"):
+            raise ValueError(f"--{task}_eval_model is needed to evaluate {task} (train_toy_evaluators.py --model_kind eval).")
 
 
 # --------------------------------------------------------------------------------------------- math
@@ -252,16 +289,17 @@ def run_dir(args, task: str, mode: str, seed: int) -> str:
     return os.path.join(args.output_dir, "runs", task, mode, f"seed{seed}")
 
 
-def train_args_for(args, task: str, mode: str, seed: int) -> List[str]:
-    """The `train_innercontrol.py` command line of one run."""
+def train_args_for(args, task: str, mode: str, seed: int, checkpointing_steps: Optional[int] = None) -> List[str]:
+    """The `train_innercontrol.py` command line of one run (a checkpoint every `checkpointing_steps`; default: none)."""
     overrides = MODES[mode][1]
     out = [
         "--task", task, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
         "--train_data_dir", args.train_data_dir, "--resolution", str(args.resolution),
         "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
         "--learning_rate", str(args.learning_rate), "--seed", str(seed), "--output_dir", run_dir(args, task, mode, seed),
-        "--report_to", "none", "--checkpointing_steps", str(args.max_train_steps + 1),
-        "--mixed_precision", args.mixed_precision,
+        "--report_to", "none", "--checkpointing_steps", str(checkpointing_steps or args.max_train_steps + 1),
+        "--mixed_precision", args.mixed_precision, "--lr_scheduler", args.lr_scheduler,
+        "--lr_warmup_steps", str(args.lr_warmup_steps),
     ]
     for name in ("alpha", "beta"):
         if name in overrides:
@@ -270,7 +308,7 @@ def train_args_for(args, task: str, mode: str, seed: int) -> List[str]:
         out += ["--reward_window", overrides["reward_window"]]
     uses_reward = overrides.get("alpha", None) != 0.0
     uses_alignment = overrides.get("beta", None) != 0.0
-    if getattr(args, f"{task}_controlnet"):
+    if getattr(args, f"{task}_controlnet", None):  # else from the UNet (zero-initialised outputs)
         out += ["--controlnet_model_name_or_path", getattr(args, f"{task}_controlnet")]
     if uses_alignment:
         out += ["--probe_model_name_or_path", getattr(args, f"{task}_probe")]
@@ -289,18 +327,26 @@ def launch_command(train_args: List[str]) -> List[str]:
     return cmd + [TRAIN_SCRIPT] + train_args
 
 
-def train_run(args, task: str, mode: str, seed: int) -> Dict:
-    """Train one ControlNet in its own process (skipped when its weights exist). Returns the run's record."""
+def train_run(args, task: str, mode: str, seed: int, checkpointing_steps: Optional[int] = None) -> Dict:
+    """
+    Train one ControlNet in its own process (skipped when its weights exist). Returns the run's record.
+
+    With `checkpointing_steps`, the run saves a checkpoint every so many steps and, started again after an
+    interruption, resumes from its latest one.
+    """
     out = run_dir(args, task, mode, seed)
     record = {"task": task, "mode": mode, "seed": seed, "dir": out}
     if os.path.isfile(os.path.join(out, WEIGHTS_FILE)):
         record["train"] = "reused"
         return record
-    if args.skip_training:
+    if getattr(args, "skip_training", False):
         record["train"] = "missing"
         return record
     os.makedirs(out, exist_ok=True)
-    cmd = launch_command(train_args_for(args, task, mode, seed))
+    train_args = train_args_for(args, task, mode, seed, checkpointing_steps)
+    if checkpointing_steps:
+        train_args += ["--resume_from_checkpoint", "latest"]
+    cmd = launch_command(train_args)
     logger.info(f"training {task}/{mode}/seed{seed}: {shlex.join(cmd)}")
     t0 = time.perf_counter()
     with open(os.path.join(out, "train.log"), "w") as log:

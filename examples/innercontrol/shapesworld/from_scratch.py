@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""
+Does the alignment loss make a ControlNet learn its control sooner when it is trained from scratch?
+
+The paper fine-tunes ControlNets that already follow their controls. Here every ControlNet starts from the toy
+SD's UNet (`ControlNetModel.from_unet`: its zero-initialised output convolutions add nothing at step 0, so the
+first evaluation is the toy SD alone), where the reward can help little because the one-step x0 is poor. For each
+task, mode and seed, `train_innercontrol.py` runs in its own process with a checkpoint every `--eval_every` steps
+(`run_experiment.train_run`; a run started again resumes from its latest checkpoint). Then every checkpoint
+generates the same held-out scenes (20 UniPC steps, guidance 7.5) and the task's separately trained evaluation
+model scores them against the exact controls. Each value becomes a closure of the fidelity gap
+(`metrics.fidelity_closure`) between the real images (the floor) and the toy SD without ControlNet (the ceiling),
+measured on the same scenes.
+
+Reported per task: the learning curves (closure against steps, mean and standard deviation over seeds: a band per
+mode), and the steps each run needs to reach `--target_closure` (`metrics.steps_to_reach`, interpolated between
+evaluations), with mean, standard deviation and Welch's test of each mode against the diffusion-loss baseline.
+
+Modes are those of `run_experiment.py` (default: `controlnet`, `alignment`, `reward200_alignment`, the last being
+InnerControl). The defaults are the recipe of the shipped toy ControlNets (lr 5e-4 after 100 warm-up steps, here
+held constant so that a curve does not depend on the run's length) at batch 8.
+
+    A=src/diffusers_innercontrol/toy/assets/shapesworld
+    python examples/innercontrol/shapesworld/from_scratch.py --tasks depth,hed --seeds 0,1,2 \\
+      --pretrained_model_name_or_path $A/toy-sd --train_data_dir shapes64 --num_train_samples 8000 \\
+      --depth_probe $A/probe-depth --depth_reward_model $A/reward-depth \\
+      --hed_probe $A/probe-hed --hed_reward_model $A/reward-hed --output_dir from-scratch --jobs 2
+
+Output in `--output_dir`: `results.json`, `from_scratch.md`, `plots/<task>_curves.png`, `grids/<task>.png`
+(control | real | each mode's image after the last step) and `runs/<task>/<mode>/seed<seed>` (the ControlNet,
+its checkpoints and the images of every evaluated step). `--quick` shrinks every count for the tests.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import fidelity_scale  # noqa: E402  (sibling scripts: the real-image floor, the training runs and the evaluators)
+import run_experiment as experiment  # noqa: E402
+
+logger = logging.getLogger("from_scratch")
+
+DEFAULT_MODES = ["controlnet", "alignment", "reward200_alignment"]
+CHECKPOINT_WEIGHTS = "model.safetensors"  # what accelerate's save_state writes for the ControlNet
+
+
+def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="ShapesWorld: ControlNets trained from scratch, fidelity against steps.")
+    g = parser.add_argument_group("protocol")
+    g.add_argument("--tasks", type=experiment._csv(str), default=["depth", "hed"], help="Comma-separated tasks.")
+    g.add_argument("--modes", type=experiment._csv(str), default=DEFAULT_MODES,
+                   help=f"Comma-separated modes of run_experiment.py: {', '.join(experiment.MODES)}.")
+    g.add_argument("--seeds", type=experiment._csv(int), default=[0, 1, 2], help="Training seeds (one ControlNet each).")
+    g.add_argument("--eval_every", type=int, default=250, help="Steps between the evaluated checkpoints.")
+    g.add_argument("--target_closure", type=float, default=0.5,
+                   help="The fixed fidelity whose steps are reported: this share of the gap between no ControlNet and "
+                        "the real images.")
+    g.add_argument("--scenes_per_batch", type=int, default=8, help="Held-out scenes per pipeline call.")
+    g.add_argument("--quick", action="store_true", help="Tiny counts everywhere (tests): 4 steps, 2 conditions.")
+    g.add_argument("--output_dir", type=str, default="shapesworld-from-scratch")
+    g.add_argument("--skip_training", action="store_true", help="Only evaluate the runs already in --output_dir.")
+    g.add_argument("--jobs", type=int, default=1, help="Training runs at once (separate processes; see run_experiment.py).")
+    experiment.add_model_args(parser, continue_controlnets=False)
+    experiment.add_training_args(parser)
+    experiment.add_generation_args(parser)
+    parser.set_defaults(max_train_steps=1000, learning_rate=5e-4, lr_scheduler="constant_with_warmup", lr_warmup_steps=100)
+    args = parser.parse_args(input_args)
+    if args.quick:
+        args.max_train_steps, args.eval_every, args.train_batch_size, args.lr_warmup_steps = 4, 2, 2, 0
+        args.num_eval_conditions, args.num_inference_steps = 2, 2
+        args.num_train_samples = min(args.num_train_samples, 8)
+    experiment.set_eval_models(args)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Every check that needs no model weights; raises `ValueError` naming the option and the fix."""
+    experiment.check_tasks_modes_seeds(args)
+    experiment.check_run_models(args)
+    for name in ("jobs", "max_train_steps", "train_batch_size", "eval_every", "num_inference_steps", "scenes_per_batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1.")
+    if args.eval_every > args.max_train_steps:
+        raise ValueError(f"--eval_every {args.eval_every} is beyond --max_train_steps {args.max_train_steps}: "
+                         "lower it to evaluate during training.")
+    if args.num_eval_conditions < 2:
+        raise ValueError("--num_eval_conditions must be >= 2.")
+    if not 0.0 < args.target_closure <= 1.0:
+        raise ValueError(f"--target_closure {args.target_closure}: give a share of the fidelity gap in (0, 1].")
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def evaluated_steps(max_train_steps: int, eval_every: int) -> List[int]:
+    """The training steps whose ControlNet is evaluated: every `eval_every`, and the last one."""
+    steps = list(range(eval_every, max_train_steps + 1, eval_every))
+    return steps if steps and steps[-1] == max_train_steps else steps + [max_train_steps]
+
+
+def weights_at(run_dir: str, step: int, max_train_steps: int) -> str:
+    """The ControlNet weights of a run after `step` steps: its checkpoint, or the final save after the last step."""
+    if step == max_train_steps:
+        return os.path.join(run_dir, experiment.WEIGHTS_FILE)
+    return os.path.join(run_dir, f"checkpoint-{step}", CHECKPOINT_WEIGHTS)
+
+
+def images_at(run_dir: str, step: int, max_train_steps: int) -> str:
+    """Where the images of a run after `step` steps go (`eval` for the last step, as in run_experiment.py)."""
+    return os.path.join(run_dir, "eval" if step == max_train_steps else f"eval-step{step}")
+
+
+def score(task, dataset, images_dir: str, evaluator, device) -> float:
+    from diffusers_innercontrol.evaluation import compute_metrics
+    from diffusers_innercontrol.metrics import CONTROL_METRICS
+
+    metrics = compute_metrics(task, dataset, range(len(dataset)), images_dir, seeds=[0], control_evaluator=evaluator,
+                              device=device, progress=False)
+    return float(metrics[CONTROL_METRICS[task.name][0]])
+
+
+def no_controlnet_pipeline(pipe):
+    """The toy SD alone, from the components of a ControlNet pipeline (the fidelity scale's ceiling)."""
+    from diffusers import StableDiffusionPipeline
+
+    parts = {k: v for k, v in pipe.components.items() if k not in ("controlnet", "safety_checker", "feature_extractor")}
+    plain = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    return plain
+
+
+def evaluate_task(args, task_name: str, runs: Sequence[Dict], device) -> Dict:
+    """Floor, ceiling and every run's curve of one task; fills each record's `curve`."""
+    from safetensors.torch import load_file
+
+    from diffusers_innercontrol.evaluation import generate_images, load_generation_pipeline
+    from diffusers_innercontrol.metrics import fidelity_closure
+    from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
+
+    task = get_task(task_name)
+    dataset = ShapesWorldEvalSet(task, args.resolution, args.world_seed, args.eval_start_index, args.num_eval_conditions)
+    evaluator = experiment.fidelity_evaluator(args, task_name).to(device)
+    gen = dict(seeds=[0], num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+               negative_prompt=None, resolution=args.resolution, progress=False, conditions_per_call=args.scenes_per_batch)
+    base = os.path.join(args.output_dir, task_name)
+    fidelity_scale.save_reference_images(dataset, os.path.join(base, "real"))
+    floor = score(task, dataset, os.path.join(base, "real"), evaluator, device)
+    steps = evaluated_steps(args.max_train_steps, args.eval_every)
+    ceiling = None
+    for record in runs:
+        if record["train"] == "missing":
+            continue
+        pipe = load_generation_pipeline(args.pretrained_model_name_or_path, record["dir"]).to(device)
+        if ceiling is None:
+            generate_images(no_controlnet_pipeline(pipe), dataset, range(len(dataset)), os.path.join(base, "no-controlnet"),
+                            with_control=False, **gen)
+            ceiling = score(task, dataset, os.path.join(base, "no-controlnet"), evaluator, device)
+        values = [ceiling]  # step 0: the zero-initialised ControlNet adds nothing
+        for step in steps:
+            weights = weights_at(record["dir"], step, args.max_train_steps)
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(f"{weights} is missing: the run saves a checkpoint every --eval_every steps; "
+                                        "train it again with the same --eval_every.")
+            pipe.controlnet.load_state_dict(load_file(weights))
+            out = images_at(record["dir"], step, args.max_train_steps)
+            generate_images(pipe, dataset, range(len(dataset)), out, **gen)
+            values.append(score(task, dataset, out, evaluator, device))
+            logger.info(f"{task_name}/{record['mode']}/seed{record['seed']} step {step}: {values[-1]:.4f}")
+        record["curve"] = {"steps": [0] + steps, "values": values,
+                           "closures": [fidelity_closure(v, floor, ceiling) for v in values]}
+        record["metrics"] = {"control": values[-1]}  # what run_experiment.sample_grid looks for
+        del pipe
+    return {"floor": floor, "ceiling": ceiling, "steps": [0] + steps, "num_conditions": len(dataset)}
+
+
+# --------------------------------------------------------------------------------------------- reports
+def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], target: float) -> Dict:
+    """
+    Per mode: the closure at every evaluated step (mean and standard deviation over seeds) and the steps to reach
+    `target` (per seed, their mean and standard deviation when every seed reached it, and Welch's test against the
+    `controlnet` mode when both have at least 2 seeds that reached it).
+    """
+    from diffusers_innercontrol.metrics import steps_to_reach, welch_test
+
+    out = {}
+    for mode in modes:
+        rows = sorted((r for r in runs if r["task"] == task and r["mode"] == mode and "curve" in r), key=lambda r: r["seed"])
+        if not rows:
+            out[mode] = {"seeds": []}
+            continue
+        steps = rows[0]["curve"]["steps"]
+        per_seed = [steps_to_reach(steps, r["curve"]["closures"], target) for r in rows]
+        reached = [s for s in per_seed if s is not None]
+        out[mode] = {
+            "seeds": [r["seed"] for r in rows],
+            "steps": steps,
+            "closure": [experiment.mean_std([r["curve"]["closures"][i] for r in rows]) for i in range(len(steps))],
+            "steps_to_target": per_seed,
+            "steps_to_target_stats": experiment.mean_std(reached) if len(reached) == len(per_seed) else None,
+            "reached": len(reached),
+        }
+    base = out.get("controlnet", {})
+    base_steps = [s for s in base.get("steps_to_target", []) if s is not None]
+    for mode, entry in out.items():
+        mine = [s for s in entry.get("steps_to_target", []) if s is not None]
+        entry["vs_controlnet"] = (welch_test(mine, base_steps) if mode != "controlnet" and len(mine) >= 2
+                                  and len(base_steps) >= 2 else None)
+    return out
+
+
+def results_markdown(result: Dict) -> str:
+    from diffusers_innercontrol.metrics import CONTROL_METRICS
+
+    a = result["args"]
+    target = a["target_closure"]
+    lines = ["# ShapesWorld: ControlNets trained from scratch", "",
+             f"Every ControlNet starts from the toy SD's UNet; {a['max_train_steps']} steps at batch {a['train_batch_size']}, "
+             f"lr {a['learning_rate']} ({a['lr_scheduler']}, {a['lr_warmup_steps']} warm-up steps), seeds {a['seeds']}. "
+             f"Evaluated every {a['eval_every']} steps on {a['num_eval_conditions']} held-out scenes (from "
+             f"{a['eval_start_index']}), {a['num_inference_steps']} UniPC steps, guidance {a['guidance_scale']}. Closure: "
+             "(no ControlNet - value) / (no ControlNet - real images), mean ± standard deviation over seeds.", ""]
+    for task, info in result["tasks"].items():
+        name = CONTROL_METRICS[task][1]
+        lines += [f"## {task}", "",
+                  f"{name}: real images (floor) {info['floor']:.4f}, toy SD without ControlNet (ceiling) {info['ceiling']:.4f}.", ""]
+        summary = result["summary"][task]
+        steps = info["steps"]
+        lines += ["| mode | " + " | ".join(f"step {s}" for s in steps) + f" | steps to {100 * target:.0f} % closure | "
+                  "difference to ControlNet [95 % interval] | p (Welch) |",
+                  "|---|" + "---|" * (len(steps) + 3)]
+        for mode, entry in summary.items():
+            if not entry["seeds"]:
+                continue
+            cells = [f"{100 * c['mean']:.0f} ± {100 * c['std']:.0f} %" if c["mean"] is not None else "-" for c in entry["closure"]]
+            stats = entry["steps_to_target_stats"]
+            reach = (f"{stats['mean']:.0f} ± {stats['std']:.0f}" if stats else
+                     f"{entry['reached']} of {len(entry['seeds'])} seeds reached it")
+            test = entry["vs_controlnet"]
+            lines.append(f"| {result['mode_labels'][mode]} | " + " | ".join(cells) + f" | {reach} | "
+                         f"{experiment.format_difference(test, digits=0)} | {experiment.format_p(test)} |")
+        lines.append("")
+        if task in result.get("plots", {}):
+            lines += [f"![{task}: closure against steps]({result['plots'][task]})", ""]
+        if task in result.get("grids", {}):
+            lines += [f"![{task}: control | real | each mode after the last step]({result['grids'][task]})", ""]
+    lines.append(f"Wall time: {result['seconds']} s.")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(result: Dict, output_dir: str) -> Dict[str, str]:
+    """Closure against steps with a mean ± standard deviation band per mode; {} (and a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        result["plots_note"] = "Plots skipped: matplotlib is not installed (pip install matplotlib)."
+        return {}
+    os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
+    paths = {}
+    for task, summary in result["summary"].items():
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for mode, entry in summary.items():
+            if not entry["seeds"]:
+                continue
+            mean = [c["mean"] for c in entry["closure"]]
+            std = [c["std"] for c in entry["closure"]]
+            ax.plot(entry["steps"], mean, marker="o", label=result["mode_labels"][mode])
+            ax.fill_between(entry["steps"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        ax.axhline(result["args"]["target_closure"], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("training steps (from the UNet)")
+        ax.set_ylabel("closure of the fidelity gap")
+        ax.set_title(f"{task}: ControlNets from scratch (mean ± std over seeds)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        rel = os.path.join("plots", f"{task}_curves.png")
+        fig.savefig(os.path.join(output_dir, rel), dpi=100)
+        plt.close(fig)
+        paths[task] = rel
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(args) -> Dict:
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(args.output_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    experiment.ensure_train_data(args)
+    jobs = [(task, mode, seed) for task in args.tasks for mode in args.modes for seed in args.seeds]
+    if args.jobs > 1:  # independent processes; the results keep the order of `jobs`
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(lambda job: experiment.train_run(args, *job, checkpointing_steps=args.eval_every), jobs))
+    else:
+        runs = [experiment.train_run(args, *job, checkpointing_steps=args.eval_every) for job in jobs]
+
+    tasks, summary, grids = {}, {}, {}
+    for task in args.tasks:
+        task_runs = [r for r in runs if r["task"] == task]
+        tasks[task] = evaluate_task(args, task, task_runs, device)
+        summary[task] = summarize_task(runs, task, args.modes, args.target_closure)
+        dataset = ShapesWorldEvalSet(task, args.resolution, args.world_seed, args.eval_start_index, args.num_eval_conditions)
+        grid = experiment.sample_grid(dataset, task_runs, args.modes, min(4, len(dataset)), 0)
+        if grid is not None:
+            os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
+            grids[task] = os.path.join("grids", f"{task}.png")
+            grid.save(os.path.join(args.output_dir, grids[task]))
+    result = {"args": dict(vars(args)), "runs": runs, "tasks": tasks, "summary": summary, "grids": grids,
+              "mode_labels": {m: experiment.MODES[m][0] for m in args.modes}}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["plots"] = write_plots(result, args.output_dir)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(os.path.join(args.output_dir, "from_scratch.md"), "w") as f:
+        f.write(results_markdown(result))
+    logger.info(f"wrote {args.output_dir}/results.json and from_scratch.md in {result['seconds']} s")
+    return result
+
+
+def cli_main(argv=None):
+    """Entry point: bad arguments end with one line and exit status 1."""
+    from diffusers_innercontrol import cli
+
+    try:
+        args = parse_args(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return cli.run_main(main, args, training_started=lambda: True)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,127 @@
+"""examples/innercontrol/shapesworld/from_scratch.py: the learning-curve bookkeeping by hand, and the protocol's quick
+mode end to end on the tiny models (marked e2e)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SW = os.path.join(ROOT, "examples", "innercontrol", "shapesworld")
+
+
+@pytest.fixture(scope="module")
+def fs():
+    spec = importlib.util.spec_from_file_location("_sw_from_scratch", os.path.join(SW, "from_scratch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+
+
+def test_evaluated_steps_and_where_their_weights_are(fs):
+    assert fs.evaluated_steps(1000, 250) == [250, 500, 750, 1000]
+    assert fs.evaluated_steps(1000, 300) == [300, 600, 900, 1000]  # the last step always
+    assert fs.evaluated_steps(5, 5) == [5]
+    assert fs.weights_at("r", 250, 1000) == os.path.join("r", "checkpoint-250", "model.safetensors")
+    assert fs.weights_at("r", 1000, 1000) == os.path.join("r", "diffusion_pytorch_model.safetensors")
+    assert fs.images_at("r", 250, 1000) == os.path.join("r", "eval-step250") and fs.images_at("r", 1000, 1000) == os.path.join("r", "eval")
+
+
+def test_summary_by_hand(fs):
+    """Two seeds a mode, closures at steps 0, 100, 200. Baseline seeds reach 0.5 at 100 + 0.3/0.4*100 = 175 and
+    100 + 0.1/0.2*100 = 150; alignment seeds at 0 + 0.5/0.6*100 = 83.3 and 0 + 0.5/1.0*100 = 50."""
+    def run(mode, seed, closures):
+        return {"task": "depth", "mode": mode, "seed": seed, "curve": {"steps": [0, 100, 200], "closures": closures}}
+
+    runs = [run("controlnet", 0, [0.0, 0.2, 0.6]), run("controlnet", 1, [0.0, 0.4, 0.6]),
+            run("alignment", 0, [0.0, 0.6, 0.7]), run("alignment", 1, [0.0, 1.0, 1.0]),
+            run("reward200_alignment", 0, [0.0, 0.1, 0.2]), run("reward200_alignment", 1, [0.0, 0.3, 0.9])]
+    out = fs.summarize_task(runs, "depth", ["controlnet", "alignment", "reward200_alignment"], 0.5)
+    base = out["controlnet"]
+    assert base["steps_to_target"] == pytest.approx([175.0, 150.0])
+    assert base["steps_to_target_stats"]["mean"] == pytest.approx(162.5)
+    assert base["steps_to_target_stats"]["std"] == pytest.approx(math.sqrt(2 * 12.5 ** 2))  # n - 1
+    assert base["closure"][1]["mean"] == pytest.approx(0.3) and base["vs_controlnet"] is None
+    align = out["alignment"]
+    assert align["steps_to_target"] == pytest.approx([500 / 6, 50.0])
+    assert align["vs_controlnet"]["diff"] == pytest.approx((500 / 6 + 50) / 2 - 162.5)
+    both = out["reward200_alignment"]  # seed 0 never reaches 0.5: no mean, no test
+    assert both["steps_to_target"][0] is None and both["reached"] == 1
+    assert both["steps_to_target_stats"] is None and both["vs_controlnet"] is None
+
+
+def test_bad_arguments_fail_before_work(fs, tmp_path):
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", "d", "--tasks", "depth",
+            "--modes", "controlnet"]
+    with pytest.raises(ValueError, match="--eval_every 2000 is beyond --max_train_steps 1000"):
+        fs.parse_args(base + ["--eval_every", "2000"])
+    with pytest.raises(ValueError, match="--target_closure"):
+        fs.parse_args(base + ["--target_closure", "1.5"])
+    with pytest.raises(ValueError, match="--depth_probe"):
+        fs.parse_args(base[:-1] + ["alignment"])
+    args = fs.parse_args(base)  # the shipped ControlNets' recipe, a constant rate
+    assert (args.learning_rate, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps) == (5e-4, "constant_with_warmup", 100, 1000)
+    assert not hasattr(args, "depth_controlnet")  # every run starts from the UNet
+    train = fs.experiment.train_args_for(args, "depth", "controlnet", 0, checkpointing_steps=250)
+    opts = {train[i]: train[i + 1] for i in range(len(train) - 1) if train[i].startswith("--")}
+    assert opts["--checkpointing_steps"] == "250" and opts["--lr_scheduler"] == "constant_with_warmup"
+    assert "--controlnet_model_name_or_path" not in opts
+
+
+@pytest.mark.e2e
+def test_from_scratch_quick(tmp_path, tiny_pipeline_path):
+    """Two modes from the UNet, 4 steps with a checkpoint every 2: each checkpoint and the final ControlNet
+    evaluated, the curves start at the toy SD alone (closure 0), the report and the plot written."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_innercontrol.evaluation import image_path
+    from diffusers_innercontrol.models.readout_probe import ReadoutProbe
+    from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
+
+    data = ShapesWorld(size=32).save_imagefolder(str(tmp_path / "data"), 8)
+    depth_model = save_tiny_reward_model("depth", str(tmp_path / "depth"))
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet")
+    probe_dir = str(tmp_path / "probe")
+    ReadoutProbe.from_unet(unet, **get_task("depth").probe_kwargs(), projection_dim=32, norm_num_groups=8).save_pretrained(probe_dir)
+    out = tmp_path / "fs"
+    cmd = [sys.executable, os.path.join(SW, "from_scratch.py"), "--quick", "--tasks", "depth",
+           "--modes", "controlnet,alignment", "--seeds", "0", "--resolution", "32",
+           "--pretrained_model_name_or_path", tiny_pipeline_path, "--train_data_dir", data,
+           "--depth_probe", probe_dir, "--depth_eval_model", depth_model, "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    result = json.loads((out / "results.json").read_text())
+    assert [(r["mode"], r["train"]) for r in result["runs"]] == [("controlnet", "trained"), ("alignment", "trained")]
+    info = result["tasks"]["depth"]
+    assert info["steps"] == [0, 2, 4] and info["num_conditions"] == 2
+    for run in result["runs"]:
+        assert os.path.isfile(os.path.join(run["dir"], "checkpoint-2", "model.safetensors"))
+        curve = run["curve"]
+        assert curve["steps"] == [0, 2, 4] and curve["values"][0] == info["ceiling"] and curve["closures"][0] == 0.0
+        assert all(math.isfinite(v) for v in curve["closures"])
+        assert curve["closures"][1] == pytest.approx((info["ceiling"] - curve["values"][1]) / (info["ceiling"] - info["floor"]))
+        for folder in ("eval-step2", "eval"):  # one image per held-out scene
+            assert all(os.path.isfile(image_path(os.path.join(run["dir"], folder), i, 0)) for i in (0, 1))
+    # the checkpoint after 2 steps is not the final ControlNet: the evaluations read different weights
+    run_dir = str(out / "runs" / "depth" / "controlnet" / "seed0")
+    assert any(open(image_path(os.path.join(run_dir, "eval-step2"), i, 0), "rb").read()
+               != open(image_path(os.path.join(run_dir, "eval"), i, 0), "rb").read() for i in (0, 1))
+    md = (out / "from_scratch.md").read_text()
+    assert "| Alignment only |" in md and "step 4" in md and "steps to 50 % closure" in md
+    assert result["plots"].get("depth") or "matplotlib" in result.get("plots_note", "")
+    assert (out / result["grids"]["depth"]).is_file()
+    # started again: nothing is trained twice
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["train"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["reused", "reused"]
