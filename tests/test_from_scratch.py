@@ -125,3 +125,41 @@ def test_from_scratch_quick(tmp_path, tiny_pipeline_path):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["train"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["reused", "reused"]
+
+
+# --- protocol.py: the three stages in one command ------------------------------------------------------
+@pytest.fixture(scope="module")
+def protocol():
+    spec = importlib.util.spec_from_file_location("_sw_protocol", os.path.join(SW, "protocol.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_protocol_stages_are_the_documented_settings(protocol, tmp_path, capsys):
+    args = protocol.parse_args(["--output_dir", str(tmp_path / "p"), "--jobs", "2"])
+    stages = protocol.parse_stages(args)
+    t2 = stages["table2"]
+    assert list(t2.modes) == list(protocol.run_experiment.MODES) and t2.seeds == [0, 1, 2, 3, 4]
+    assert (t2.max_train_steps, t2.train_batch_size, t2.learning_rate, t2.num_eval_conditions) == (500, 8, 1e-5, 256)
+    assert t2.tasks == ["hed", "lineart", "depth", "segmentation"] and t2.eval_start_index == 100000 and t2.jobs == 2
+    assert t2.depth_controlnet.endswith("controlnet-depth") and t2.hed_reward_model.endswith("reward-hed")
+    assert stages["fig2"].fig2_only and stages["fig2"].segmentation_probe.endswith("probe-segmentation")
+    fs = stages["from_scratch"]
+    assert fs.tasks == ["depth", "hed"] and fs.seeds == [0, 1, 2] and (fs.max_train_steps, fs.eval_every) == (1500, 250)
+    assert {os.path.basename(s.output_dir) for s in stages.values()} == {"table2", "fig2", "from-scratch"}
+    assert t2.train_data_dir == fs.train_data_dir == str(tmp_path / "p" / "shapes64")  # one set of training scenes
+
+    assert protocol.main(protocol.parse_args(["--output_dir", str(tmp_path / "p"), "--stages", "fig2", "--dry_run"])) == {}
+    out = capsys.readouterr().out
+    assert out.startswith("# fig2\npython ") and "--fig2_only" in out and not (tmp_path / "p").exists()
+    with pytest.raises(ValueError, match="--stages"):
+        protocol.parse_args(["--stages", "table3"])
+
+
+def test_protocol_bad_input_is_one_line(protocol, capsys):
+    with pytest.raises(SystemExit) as info:
+        protocol.cli_main(["--tasks", "depth,colour", "--dry_run"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --tasks ['colour']") and "\n" not in err
