@@ -84,6 +84,10 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint_reward_and_probe", action="store_true",
                         help="Gradient checkpointing on the reward's VAE decode and on the probe only (not on the "
                              "UNet and the ControlNet): what InnerControl adds to a ControlNet step, recomputed in backward.")
+    parser.add_argument("--combined_backward", action="store_true",
+                        help="One backward through the whole step, as before 2026-12-04 (controlnet_step("
+                             "early_branch_backward=False)); by default the reward's decode and the probe backpropagate "
+                             "one sample at a time inside the step: the same gradients, a lower peak.")
     parser.add_argument("--timestep_sampling", default="stratified", choices=("stratified", "uniform"),
                         help="stratified: one t per 1/B of [0, 1000), shuffled (each t still uniform; the "
                              "reward-window share of every batch close to its expectation).")
@@ -179,7 +183,8 @@ def _autocast(device, weight_dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=weight_dtype)
 
 
-def run_step(mode, task, models, optimizer, batch, timesteps, noise, weight_dtype, device, scaler=None):
+def run_step(mode, task, models, optimizer, batch, timesteps, noise, weight_dtype, device, scaler=None,
+             early_branch_backward=True):
     """One optimizer step of the ControlNet in `mode`; returns the `StepOutput`."""
     spec = MODES[mode]
     controlnet = models["controlnet"]
@@ -204,6 +209,7 @@ def run_step(mode, task, models, optimizer, batch, timesteps, noise, weight_dtyp
             reward_decode=spec["reward_decode"],
             weight_dtype=weight_dtype,
             added_cond_kwargs=batch["added_cond_kwargs"],
+            early_branch_backward=early_branch_backward,
         )
     loss = out.loss
     if scaler is not None:
@@ -472,7 +478,8 @@ def main(argv=None):
         for mode in modes[shift:] + modes[:shift]:
             if mode in failed:
                 continue
-            step = lambda: run_step(mode, task, models, optimizer, batch, timesteps, noise, weight_dtype, device, scaler)  # noqa: E731
+            step = lambda: run_step(mode, task, models, optimizer, batch, timesteps, noise, weight_dtype, device,  # noqa: E731
+                                    scaler, not args.combined_backward)
             try:
                 seconds, cpu_seconds, peak, base, out = timed_step(step, device, cuda_memory)
             except OUT_OF_MEMORY as error:
@@ -520,7 +527,8 @@ def main(argv=None):
         for _ in range(2):
             for mode in modes:
                 rounds[mode].append(profiler_step_peak(
-                    lambda: run_step(mode, task, models, optimizer, batch, timesteps, noise, weight_dtype, device, scaler)
+                    lambda: run_step(mode, task, models, optimizer, batch, timesteps, noise, weight_dtype, device, scaler,
+                                    not args.combined_backward)
                 ))
         for mode in modes:
             memory[mode] = dict(peak=resident + min(rounds[mode]), step=min(rounds[mode]), rounds=rounds[mode])

@@ -394,6 +394,7 @@ def test_alignment_gradient_reaches_controlnet_through_frozen_unet(tiny_componen
     out = controlnet_step(
         task=task, unet=unet, controlnet=controlnet, noise_scheduler=scheduler, latents=latents,
         encoder_hidden_states=text, control=control, probe=probe, alpha=0.0, beta=1.0, noise=noise, timesteps=timesteps,
+        early_branch_backward=False,  # the alignment term keeps its graph, for its own backward
     )
     assert out.reward is None and out.alignment is not None and out.alignment.item() > 0
     out.alignment.backward()

@@ -71,7 +71,9 @@ def test_reward_value_and_gradient_match_the_recomputation(setup):
     c, batch, reward = setup
     # HED's reward window is t in [0, 400]: sample 0 (t = 50) counts, sample 1 (t = 700) does not
     assert get_task("hed").reward_window == (0, 400)
-    out = _step(c, batch, reward, [50, 700])
+    # one backward (the reward term keeps its graph; the default early branch backward gives the same total gradient:
+    # tests/test_training_step.py::test_early_branch_backward_gives_the_same_losses_and_gradients)
+    out = _step(c, batch, reward, [50, 700], early_branch_backward=False)
     by_hand = _reward_by_hand(c, batch, [50, 700], [True, False])
     assert out.reward_share == 0.5
     assert out.reward.item() == pytest.approx(by_hand.item(), rel=1e-5)
@@ -111,7 +113,7 @@ def test_masked_decode_equals_full_decode_in_value_and_gradient(setup):
     results = {}
     for mode in ("masked", "full"):
         c["controlnet"].zero_grad(set_to_none=True)
-        out = _step(c, batch, reward, [50, 700], reward_decode=mode)
+        out = _step(c, batch, reward, [50, 700], reward_decode=mode, early_branch_backward=False)
         out.reward.backward()
         results[mode] = (out.reward.item(), _cn_grads(c["controlnet"]))
     assert results["masked"][0] == pytest.approx(results["full"][0], rel=1e-5)

@@ -313,3 +313,60 @@ def test_probe_step_in_float64(c, batch):
                       control=batch["control"], noise=batch["noise"].double(), timesteps=torch.tensor([10, 20]),
                       weight_dtype=torch.float64)
     assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------ early branch backward
+
+
+def _cn_grads(c, batch, **kwargs):
+    c["controlnet"].zero_grad(set_to_none=True)
+    out = _cn_step(c, batch, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in c["controlnet"].named_parameters() if p.grad is not None}
+    c["controlnet"].zero_grad(set_to_none=True)
+    return out, grads
+
+
+def test_early_branch_backward_gives_the_same_losses_and_gradients(c, batch):
+    """InnerControl (reward + alignment) on 4 samples, 3 inside the reward window and 3 inside the alignment window:
+    backpropagating each branch one sample at a time inside the step gives the ControlNet the gradients of the one
+    backward (fp32), the same loss values, and decodes one sample at a time."""
+    g = torch.Generator().manual_seed(11)
+    b4 = {k: torch.cat([v, torch.rand(v.shape, generator=g) if k == "control" else torch.randn(v.shape, generator=g)])
+          for k, v in batch.items()}
+    t = torch.tensor([20, 150, 700, 180])  # hed: reward window [0, 200], alignment window [0, 800]: 3 and 4 samples
+    probe = _probe(c["unet"])
+    kw = dict(alpha=0.7, beta=0.3, reward_model=GreyReward(), probe=probe, timesteps=t)
+    spy = DecodeSpy(c["vae"])
+    early, early_grads = _cn_grads(c, b4, vae=spy, early_branch_backward=True, **kw)
+    assert spy.batches == [1, 1, 1]
+    plain, plain_grads = _cn_grads(c, b4, vae=c["vae"], **kw)
+    assert early.reward_share == plain.reward_share == 0.75
+    for name in ("loss", "diffusion", "reward", "alignment"):
+        assert getattr(early, name).item() == pytest.approx(getattr(plain, name).item(), rel=1e-5)
+    assert set(early_grads) == set(plain_grads) and len(plain_grads) > 0
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(early_grads[name], grad, rtol=1e-4, atol=1e-7)
+    # the branches do reach the ControlNet: without them its gradients differ
+    _, diffusion_only = _cn_grads(c, b4, alpha=0, beta=0, timesteps=t)
+    assert any(not torch.allclose(diffusion_only[n], g) for n, g in plain_grads.items())
+
+
+def test_branch_backward_by_hand():
+    """inputs x (3 samples), per-sample loss sum(w * x_i^2), weight 2: value = mean_i sum(w x_i^2); the surrogate's
+    gradient with respect to x is 2 * 2 w x_i / 3, the gradient of 2 * mean."""
+    from diffusers_innercontrol.training import branch_backward
+
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.0]], requires_grad=True)
+    w = torch.tensor([1.0, 3.0])
+    calls = []
+
+    def losses(leaves, rows):
+        calls.append(rows)
+        return (w * leaves[0] ** 2).sum(1)
+
+    value, surrogate = branch_backward([x], losses, weight=2.0, chunk_size=2)
+    assert calls == [slice(0, 2), slice(2, 3)]
+    assert value.item() == pytest.approx(((1 + 12) + (9 + 3) + 0.25) / 3)
+    surrogate.backward()
+    torch.testing.assert_close(x.grad, 2.0 * 2 * w * x.detach() / 3)

@@ -13,7 +13,7 @@ captured, the probe's loss against the control.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,7 +34,11 @@ REWARD_DECODE_MODES = ("masked", "full")
 
 @dataclass
 class StepOutput:
-    """Losses of one step. `reward` / `alignment` are `None` when the term is off (weight 0 or no model)."""
+    """
+    Losses of one step; `loss` is what to backpropagate. `reward` / `alignment` are `None` when the term is off
+    (weight 0 or no model); with `controlnet_step(early_branch_backward=True)` (the default) they are values without
+    a graph, their gradients already inside `loss`.
+    """
 
     loss: torch.Tensor
     diffusion: torch.Tensor
@@ -115,6 +119,32 @@ def _controlnet_unet_forward(unet, controlnet, noisy_latents, timesteps, encoder
     )[0]
 
 
+def branch_backward(inputs: Sequence[torch.Tensor], per_sample_losses: Callable, weight: float, chunk_size: int = 1):
+    """
+    Backpropagate a loss branch (the reward's decode and reward model, or the probe) to its inputs a few samples at a
+    time, right away, so that only one chunk's activations are alive at once instead of the whole branch's until the
+    step's backward.
+
+    `per_sample_losses(chunk, rows)` maps detached copies of `inputs[k][rows]` (leaves that require grad) to the
+    per-sample losses of those rows. The branch's loss is their mean over the `n` samples. Returns `(value,
+    surrogate)`: the mean (detached) and `sum_k <g_k, inputs[k]>`, where `g_k` is the gradient of `weight * mean` with
+    respect to `inputs[k]`, so that `surrogate.backward()` gives every parameter upstream of the inputs exactly the
+    gradient of `weight * mean` (the chain rule, cut at the inputs). Nothing of the branch is recomputed.
+    """
+    n = inputs[0].shape[0]
+    total = inputs[0].new_zeros((), dtype=torch.float32)
+    surrogate = total
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        leaves = [x[rows].detach().requires_grad_(True) for x in inputs]
+        with torch.enable_grad():
+            losses = per_sample_losses(leaves, rows)
+            grads = torch.autograd.grad(losses.sum() * (weight / n), leaves)
+        total = total + losses.detach().float().sum()
+        surrogate = surrogate + sum((g.detach() * x[rows]).sum().float() for g, x in zip(grads, inputs))
+    return total / n, surrogate
+
+
 def controlnet_step(
     *,
     task,
@@ -136,6 +166,7 @@ def controlnet_step(
     weight_dtype: torch.dtype = torch.float32,
     generator: Optional[torch.Generator] = None,
     added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+    early_branch_backward: bool = True,
 ) -> StepOutput:
     """
     One stage-2 step (Eq. 8). Returns the losses; the caller runs `backward`.
@@ -151,6 +182,12 @@ def controlnet_step(
         reward_decode: `"masked"` (decode only the samples inside the reward window) or `"full"`.
         added_cond_kwargs: SDXL's added conditioning for the UNet and the ControlNet (`text_embeds`: the pooled
             text embedding, `time_ids`: original size, crop and target size); `None` for SD1.5.
+        early_branch_backward: backpropagate the reward's decode and reward model, and the probe, to their inputs
+            one sample at a time inside the step (`branch_backward`, the default), so that their activations are
+            freed before the next sample's instead of living until the caller's backward: a lower peak memory, the
+            same gradients and loss values, nothing recomputed. Only with `reward_decode="masked"`; not under fp16
+            (the branch's gradients would miss the caller's loss scaling), where the step falls back to one backward
+            through everything, as it does with `False`.
     """
     if reward_decode not in REWARD_DECODE_MODES:
         raise ValueError(f"reward_decode must be one of {REWARD_DECODE_MODES}, got {reward_decode!r}.")
@@ -167,6 +204,8 @@ def controlnet_step(
         raise ValueError("Segmentation losses need `control_classes` (class indices of the control).")
 
     bsz = latents.shape[0]
+    early = early_branch_backward and reward_decode == "masked" and weight_dtype != torch.float16 and torch.is_grad_enabled()
+    surrogates = {}
     noise, timesteps, noisy_latents = noise_latents(noise_scheduler, latents, noise, timesteps, generator)
 
     extractor = DecoderFeatureExtractor(unet, probe_config(probe).feature_kind) if use_alignment else None
@@ -201,9 +240,14 @@ def controlnet_step(
                 l_reward = model_pred.sum() * 0.0
             else:
                 x0 = one_step_x0(noisy_latents[idx], model_pred[idx], timesteps[idx], alphas_cumprod, prediction_type)
-                images = decode_latents(vae, x0)
-                losses = reward_loss_per_sample(task, reward_model(images), target_control[idx])
-                l_reward = masked_mean(losses, torch.ones_like(losses))
+                reward_target = target_control[idx]
+                if early:
+                    l_reward, surrogates["reward"] = branch_backward(
+                        [x0], lambda leaves, rows: reward_loss_per_sample(
+                            task, reward_model(decode_latents(vae, leaves[0])), reward_target[rows]), alpha)
+                else:
+                    losses = reward_loss_per_sample(task, reward_model(decode_latents(vae, x0)), reward_target)
+                    l_reward = masked_mean(losses, torch.ones_like(losses))
 
     l_align = None
     align_mask = timestep_mask(timesteps, task.alignment_window)
@@ -214,11 +258,19 @@ def controlnet_step(
             l_align = model_pred.sum() * 0.0
         else:
             subset = features if idx.numel() == bsz else [f[idx] for f in features]
-            readout = probe(subset, timesteps[idx], return_dict=False)[0]
-            losses = alignment_loss_per_sample(task, readout, target_control[idx])
-            l_align = masked_mean(losses, torch.ones_like(losses))
+            align_t, align_target = timesteps[idx], target_control[idx]
+            if early:
+                l_align, surrogates["alignment"] = branch_backward(
+                    subset, lambda leaves, rows: alignment_loss_per_sample(
+                        task, probe(leaves, align_t[rows], return_dict=False)[0], align_target[rows]), beta)
+            else:
+                readout = probe(subset, align_t, return_dict=False)[0]
+                losses = alignment_loss_per_sample(task, readout, align_target)
+                l_align = masked_mean(losses, torch.ones_like(losses))
 
     loss = total_loss(l_diff, l_reward, l_align, alpha, beta)
+    for surrogate in surrogates.values():  # the branches' gradients, already computed; their values are in `loss`
+        loss = loss + (surrogate - surrogate.detach())
     return StepOutput(
         loss=loss,
         diffusion=l_diff,
