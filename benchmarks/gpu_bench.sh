@@ -72,6 +72,10 @@ if [ "$(elapsed)" -lt 150 ]; then
     echo "== profile: exit $?"
 fi
 run sd15_bf16_b8_ckpt 110 --gradient_checkpointing
+# the single backward through the whole step (before 2026-12-04): what the early branch backward saves on the GPU
+if [ "$(elapsed)" -lt 200 ]; then
+    run sd15_bf16_b8_combined 80 --combined_backward
+fi
 # the released launchers' probe (attention features, 64 px head): the cheap probe configuration
 if [ "$(elapsed)" -lt 240 ]; then
     run sd15_bf16_b8_released 80 --task_preset released
