@@ -74,3 +74,35 @@ def write_toy_dataset(
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return folder
+
+
+def toy_depth_experiment(tmp_path, tiny_pipeline_path):
+    """What the ShapesWorld experiment scripts' quick runs need for depth on the tiny pipeline: 8 ShapesWorld scenes
+    at 32 px, a tiny depth model (reward and evaluator) and a probe of the tiny UNet. Returns (data, model, probe)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_innercontrol.models.readout_probe import ReadoutProbe
+    from diffusers_innercontrol.tasks import get_task
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
+    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
+
+    data = ShapesWorld(size=32).save_imagefolder(str(tmp_path / "data"), 8)
+    depth_model = save_tiny_reward_model("depth", str(tmp_path / "depth"))
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet")
+    probe_dir = str(tmp_path / "probe")
+    ReadoutProbe.from_unet(unet, **get_task("depth").probe_kwargs(), projection_dim=32, norm_num_groups=8).save_pretrained(probe_dir)
+    return data, depth_model, probe_dir
+
+
+SHAPESWORLD_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "innercontrol",
+                                   "shapesworld")
+
+
+def load_shapesworld_script(name: str):
+    """A script of examples/innercontrol/shapesworld as a module (its functions, for the tests)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_sw_{name}", os.path.join(SHAPESWORLD_SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """examples/innercontrol/shapesworld/from_scratch.py: the learning-curve bookkeeping by hand, and the protocol's quick
 mode end to end on the tiny models (marked e2e)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -16,10 +15,9 @@ SW = os.path.join(ROOT, "examples", "innercontrol", "shapesworld")
 
 @pytest.fixture(scope="module")
 def fs():
-    spec = importlib.util.spec_from_file_location("_sw_from_scratch", os.path.join(SW, "from_scratch.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from _data_fixtures import load_shapesworld_script
+
+    return load_shapesworld_script("from_scratch")
 
 
 def _env():
@@ -80,19 +78,11 @@ def test_bad_arguments_fail_before_work(fs, tmp_path):
 def test_from_scratch_quick(tmp_path, tiny_pipeline_path):
     """Two modes from the UNet, 4 steps with a checkpoint every 2: each checkpoint and the final ControlNet
     evaluated, the curves start at the toy SD alone (closure 0), the report and the plot written."""
-    from diffusers import UNet2DConditionModel
+    from _data_fixtures import toy_depth_experiment
 
     from diffusers_innercontrol.evaluation import image_path
-    from diffusers_innercontrol.models.readout_probe import ReadoutProbe
-    from diffusers_innercontrol.tasks import get_task
-    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
-    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
 
-    data = ShapesWorld(size=32).save_imagefolder(str(tmp_path / "data"), 8)
-    depth_model = save_tiny_reward_model("depth", str(tmp_path / "depth"))
-    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet")
-    probe_dir = str(tmp_path / "probe")
-    ReadoutProbe.from_unet(unet, **get_task("depth").probe_kwargs(), projection_dim=32, norm_num_groups=8).save_pretrained(probe_dir)
+    data, depth_model, probe_dir = toy_depth_experiment(tmp_path, tiny_pipeline_path)
     out = tmp_path / "fs"
     cmd = [sys.executable, os.path.join(SW, "from_scratch.py"), "--quick", "--tasks", "depth",
            "--modes", "controlnet,alignment", "--seeds", "0", "--resolution", "32",
@@ -130,10 +120,9 @@ def test_from_scratch_quick(tmp_path, tiny_pipeline_path):
 # --- protocol.py: the three stages in one command ------------------------------------------------------
 @pytest.fixture(scope="module")
 def protocol():
-    spec = importlib.util.spec_from_file_location("_sw_protocol", os.path.join(SW, "protocol.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from _data_fixtures import load_shapesworld_script
+
+    return load_shapesworld_script("protocol")
 
 
 def test_protocol_stages_are_the_documented_settings(protocol, tmp_path, capsys):

@@ -1,7 +1,6 @@
 """examples/innercontrol/shapesworld/run_experiment.py and train_toy_evaluators.py (issue 5): the math by hand,
 short end-to-end runs on the tiny random models (marked e2e)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -15,21 +14,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SW = os.path.join(ROOT, "examples", "innercontrol", "shapesworld")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_sw_{name}", os.path.join(SW, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def exp():
-    return _load("run_experiment")
+    from _data_fixtures import load_shapesworld_script
+
+    return load_shapesworld_script("run_experiment")
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return _load("train_toy_evaluators")
+    from _data_fixtures import load_shapesworld_script
+
+    return load_shapesworld_script("train_toy_evaluators")
 
 
 # --- mean +- std ---------------------------------------------------------------------------------
@@ -171,18 +167,9 @@ def test_train_toy_evaluators_smoke(tmp_path):
 
 @pytest.mark.e2e
 def test_run_experiment_quick(tmp_path, tiny_pipeline_path):
-    from diffusers import UNet2DConditionModel
+    from _data_fixtures import toy_depth_experiment
 
-    from diffusers_innercontrol.models.readout_probe import ReadoutProbe
-    from diffusers_innercontrol.tasks import get_task
-    from diffusers_innercontrol.toy.shapesworld import ShapesWorld
-    from diffusers_innercontrol.toy.tiny import save_tiny_reward_model
-
-    data = ShapesWorld(size=32).save_imagefolder(str(tmp_path / "data"), 8)
-    depth_model = save_tiny_reward_model("depth", str(tmp_path / "depth"))
-    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet")
-    probe_dir = str(tmp_path / "probe")
-    ReadoutProbe.from_unet(unet, **get_task("depth").probe_kwargs(), projection_dim=32, norm_num_groups=8).save_pretrained(probe_dir)
+    data, depth_model, probe_dir = toy_depth_experiment(tmp_path, tiny_pipeline_path)
     out = tmp_path / "exp"
     cmd = [sys.executable, os.path.join(SW, "run_experiment.py"), "--quick", "--tasks", "depth",
            "--modes", "controlnet,reward200_alignment", "--seeds", "0", "--resolution", "32",

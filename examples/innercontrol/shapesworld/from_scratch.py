@@ -33,14 +33,11 @@ its checkpoints and the images of every evaluated step). `--quick` shrinks every
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
-
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -278,15 +275,9 @@ def write_plots(result: Dict, output_dir: str) -> Dict[str, str]:
             ax.plot(entry["steps"], mean, marker="o", label=result["mode_labels"][mode])
             ax.fill_between(entry["steps"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
         ax.axhline(result["args"]["target_closure"], color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel("training steps (from the UNet)")
-        ax.set_ylabel("closure of the fidelity gap")
-        ax.set_title(f"{task}: ControlNets from scratch (mean ± std over seeds)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        rel = os.path.join("plots", f"{task}_curves.png")
-        fig.savefig(os.path.join(output_dir, rel), dpi=100)
-        plt.close(fig)
-        paths[task] = rel
+        paths[task] = experiment.save_plot(fig, ax, output_dir, f"{task}_curves", "training steps (from the UNet)",
+                                           "closure of the fidelity gap",
+                                           f"{task}: ControlNets from scratch (mean ± std over seeds)")
     return paths
 
 
@@ -294,19 +285,9 @@ def write_plots(result: Dict, output_dir: str) -> Dict[str, str]:
 def main(args) -> Dict:
     from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(args.output_dir, exist_ok=True)
-    t0 = time.perf_counter()
+    device, t0 = experiment.start(args)
     experiment.ensure_train_data(args)
-    jobs = [(task, mode, seed) for task in args.tasks for mode in args.modes for seed in args.seeds]
-    if args.jobs > 1:  # independent processes; the results keep the order of `jobs`
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(lambda job: experiment.train_run(args, *job, checkpointing_steps=args.eval_every), jobs))
-    else:
-        runs = [experiment.train_run(args, *job, checkpointing_steps=args.eval_every) for job in jobs]
+    runs = experiment.train_runs(args, checkpointing_steps=args.eval_every)
 
     tasks, summary, grids = {}, {}, {}
     for task in args.tasks:
@@ -322,25 +303,11 @@ def main(args) -> Dict:
     result = {"args": dict(vars(args)), "runs": runs, "tasks": tasks, "summary": summary, "grids": grids,
               "mode_labels": {m: experiment.MODES[m][0] for m in args.modes}}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["plots"] = write_plots(result, args.output_dir)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    with open(os.path.join(args.output_dir, "from_scratch.md"), "w") as f:
-        f.write(results_markdown(result))
-    logger.info(f"wrote {args.output_dir}/results.json and from_scratch.md in {result['seconds']} s")
-    return result
+    return experiment.write_results(result, args.output_dir, write_plots, results_markdown, "from_scratch.md")
 
 
 def cli_main(argv=None):
-    """Entry point: bad arguments end with one line and exit status 1."""
-    from diffusers_innercontrol import cli
-
-    try:
-        args = parse_args(argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    return cli.run_main(main, args, training_started=lambda: True)
+    return experiment.run_cli(parse_args, main, argv)
 
 
 if __name__ == "__main__":

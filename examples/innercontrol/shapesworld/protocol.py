@@ -124,16 +124,15 @@ def main(args) -> Dict:
     return record
 
 
-def cli_main(argv=None):
-    from diffusers_innercontrol import cli
+def parse_all(argv=None) -> argparse.Namespace:
+    """`parse_args`, then every stage's checks (the bundled models are there, each stage's options are valid)."""
+    args = parse_args(argv)
+    parse_stages(args)
+    return args
 
-    try:
-        args = parse_args(argv)
-        parse_stages(args)  # the bundled models are there, every stage's options are valid
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    return cli.run_main(main, args, training_started=lambda: True)
+
+def cli_main(argv=None):
+    return run_experiment.run_cli(parse_all, main, argv)
 
 
 if __name__ == "__main__":

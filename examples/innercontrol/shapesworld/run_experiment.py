@@ -363,6 +363,17 @@ def train_run(args, task: str, mode: str, seed: int, checkpointing_steps: Option
     return record
 
 
+def train_runs(args, checkpointing_steps: Optional[int] = None) -> List[Dict]:
+    """`train_run` for every task x mode x seed, `--jobs` at once (independent processes); records in that order."""
+    jobs = [(task, mode, seed) for task in args.tasks for mode in args.modes for seed in args.seeds]
+    if args.jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            return list(pool.map(lambda job: train_run(args, *job, checkpointing_steps=checkpointing_steps), jobs))
+    return [train_run(args, *job, checkpointing_steps=checkpointing_steps) for job in jobs]
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 class EvaluatorFeatures(nn.Module):
     """
@@ -700,6 +711,22 @@ def results_markdown(result: Dict) -> str:
     return "\n".join(lines)
 
 
+def save_plot(fig, ax, output_dir: str, name: str, xlabel: str, ylabel: str, title: str, legend: bool = True) -> str:
+    """Label, lay out and save a matplotlib figure as `plots/<name>.png` in `output_dir`; returns its relative path."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    rel = os.path.join("plots", f"{name}.png")
+    fig.savefig(os.path.join(output_dir, rel), dpi=100)
+    plt.close(fig)
+    return rel
+
+
 def write_plots(result: Dict, output_dir: str) -> List[str]:
     """Bar charts of the control metric per mode and the bucket-error curves; [] (and a note) without matplotlib."""
     try:
@@ -723,13 +750,8 @@ def write_plots(result: Dict, output_dir: str) -> List[str]:
             fig, ax = plt.subplots(figsize=(6, 3))
             ax.bar(range(len(names)), means, yerr=stds, capsize=3)
             ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
-            ax.set_ylabel(CONTROL_METRICS[task][1])
-            ax.set_title(f"{task}: control fidelity by mode")
-            fig.tight_layout()
-            rel = os.path.join("plots", f"{task}_fidelity.png")
-            fig.savefig(os.path.join(output_dir, rel), dpi=100)
-            plt.close(fig)
-            paths.append(rel)
+            paths.append(save_plot(fig, ax, output_dir, f"{task}_fidelity", "", CONTROL_METRICS[task][1],
+                                   f"{task}: control fidelity by mode", legend=False))
         buckets = result.get("buckets", {}).get(task)
         if buckets:
             centres = [(lo + hi) / 2 for lo, hi in buckets["buckets"]]
@@ -741,15 +763,8 @@ def write_plots(result: Dict, output_dir: str) -> List[str]:
                     errors = [0.0 if e is None else e for e in side.get("stderrs") or [None] * len(values)]
                     ax.errorbar(centres, [math.nan if v is None else v for v in values], yerr=errors, marker="o",
                                 capsize=3, label=label)
-            ax.set_xlabel("timestep t")
-            ax.set_ylabel(f"error ({buckets['loss']})")
-            ax.set_title(f"{task}: error vs control per timestep")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            rel = os.path.join("plots", f"{task}_buckets.png")
-            fig.savefig(os.path.join(output_dir, rel), dpi=100)
-            plt.close(fig)
-            paths.append(rel)
+            paths.append(save_plot(fig, ax, output_dir, f"{task}_buckets", "timestep t", f"error ({buckets['loss']})",
+                                   f"{task}: error vs control per timestep"))
     return paths
 
 
@@ -794,35 +809,34 @@ def fig2_only(args, device, t0) -> Dict:
     return result
 
 
-def write_results(result: Dict, output_dir: str) -> Dict:
-    result["plots"] = write_plots(result, output_dir)
+def write_results(result: Dict, output_dir: str, plots=None, markdown=None, report: str = "shapesworld.md") -> Dict:
+    """`results.json`, the markdown `report` (`markdown(result)`) and the plots (`plots(result, output_dir)`; by
+    default this script's) in `output_dir`."""
+    result["plots"] = (plots or write_plots)(result, output_dir)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
-    with open(os.path.join(output_dir, "shapesworld.md"), "w") as f:
-        f.write(results_markdown(result))
-    logger.info(f"wrote {output_dir}/results.json and shapesworld.md in {result['seconds']} s")
+    with open(os.path.join(output_dir, report), "w") as f:
+        f.write((markdown or results_markdown)(result))
+    logger.info(f"wrote {output_dir}/results.json and {report} in {result['seconds']} s")
     return result
+
+
+def start(args):
+    """Logging, the evaluation device and `--output_dir`; returns `(device, t0)`."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    os.makedirs(args.output_dir, exist_ok=True)
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), time.perf_counter()
 
 
 def main(args) -> Dict:
     from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(args.output_dir, exist_ok=True)
-    t0 = time.perf_counter()
+    device, t0 = start(args)
     if args.fig2_only:
         return write_results(fig2_only(args, device, t0), args.output_dir)
     ensure_train_data(args)
 
-    jobs = [(task, mode, seed) for task in args.tasks for mode in args.modes for seed in args.seeds]
-    if args.jobs > 1:  # independent processes; the results keep the order of `jobs`
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(lambda job: train_run(args, *job), jobs))
-    else:
-        runs = [train_run(args, *job) for job in jobs]
+    runs = train_runs(args)
 
     fid_path = fid_feature_path(args)
     features = EvaluatorFeatures.from_pretrained(fid_path).to(device) if fid_path else None
@@ -876,16 +890,21 @@ def main(args) -> Dict:
     return write_results(result, args.output_dir)
 
 
-def cli_main(argv=None):
-    """Entry point: bad arguments (and offline model ids, unusable data) end with one line and exit status 1."""
+def run_cli(parse, main_fn, argv=None):
+    """A ShapesWorld script's entry point: `parse(argv)`'s `ValueError` (bad arguments), and offline model ids or
+    unusable data in `main_fn`, end with one line and exit status 1."""
     from diffusers_innercontrol import cli
 
     try:
-        args = parse_args(argv)
+        args = parse(argv)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1)
-    return cli.run_main(main, args, training_started=lambda: True)
+    return cli.run_main(main_fn, args, training_started=lambda: True)
+
+
+def cli_main(argv=None):
+    return run_cli(parse_args, main, argv)
 
 
 if __name__ == "__main__":
