@@ -267,3 +267,34 @@ def test_toy_evaluator_arguments_and_loss(toy):
     logits = torch.zeros(1, 2, 2, 2)
     logits[:, 1] = math.log(3.0)
     assert toy.task_loss("segmentation", logits, torch.ones(1, 2, 2, dtype=torch.long)).item() == pytest.approx(-math.log(0.75))
+
+
+def test_merge_experiments_by_hand(tmp_path):
+    """Two drivers' results: reward200 in one folder, reward200_alignment (and a duplicate reward200 seed) in the
+    other. The merge keeps the first folder's duplicate, recomputes the means over the union and claim (b) across
+    folders, and keeps each mode's KID; a folder without results.json is refused in one line."""
+    from _data_fixtures import load_shapesworld_script
+
+    merge = load_shapesworld_script("merge_experiments")
+
+    def run(mode, seed, rmse):
+        return {"task": "depth", "mode": mode, "seed": seed, "dir": "elsewhere", "train": "trained",
+                "metrics": {"rmse": rmse, "fid": 1.0}}
+
+    a = {"args": {"resolution": 64}, "runs": [run("reward200", 0, 30.0), run("reward200", 1, 31.0)],
+         "kid": {"depth": {"reward200": {"mean": 0.04}}}, "buckets": {}}
+    b = {"args": {"resolution": 32}, "runs": [run("reward200", 1, 99.0), run("reward200_alignment", 0, 28.0),
+                                              run("reward200_alignment", 1, 29.0)],
+         "kid": {"depth": {"reward200_alignment": {"mean": 0.05}}}, "buckets": {"depth": {"x": 1}}}
+    out = merge.merge([a, b], ["A", "B"])
+    assert [(r["mode"], r["seed"]) for r in out["runs"]] == [("reward200", 0), ("reward200", 1),
+                                                              ("reward200_alignment", 0), ("reward200_alignment", 1)]
+    assert out["runs"][1]["metrics"]["rmse"] == 31.0 and out["runs"][1]["dir"] == os.path.join("A", "runs", "depth", "reward200", "seed1")
+    assert out["table"]["depth"]["reward200"]["control"]["mean"] == pytest.approx(30.5)
+    claim = out["claims"]["depth"]["reward200_alignment_vs_reward200"]
+    assert claim["diff"] == pytest.approx(28.5 - 30.5) and claim["n"] == 2 and claim["n_baseline"] == 2
+    assert out["kid"]["depth"] == {"reward200": {"mean": 0.04}, "reward200_alignment": {"mean": 0.05}}
+    assert out["buckets"] == {"depth": {"x": 1}} and out["args"]["resolution"] == 64
+    assert out["args"]["modes"] == ["reward200", "reward200_alignment"] and out["args"]["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="has no results.json"):
+        merge.parse_args([str(tmp_path), "--output_dir", str(tmp_path / "o")])

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-innercontrol authors. Apache-2.0.
+"""
+One report from several `run_experiment.py` output folders: the protocol split across machines, sessions or
+drivers (for example one driver per mode on each core), put back together without training, generating or scoring
+anything again.
+
+Every run keeps the metrics its driver measured; the tables, the comparisons against the baseline and claim (b) are
+recomputed over the union (`run_experiment.aggregate` / `claims`), KID is each mode's as its driver pooled it (all
+drivers compare with the same real held-out images on the same features when run with the same arguments), Fig. 2
+is the first folder's that has it, and the sample grid is drawn from the runs' saved images.
+
+    python examples/innercontrol/shapesworld/merge_experiments.py --output_dir table2-depth t2-controlnet t2-alignment
+
+A (task, mode, seed) found in several folders is taken from the first one. Output: `results.json` and
+`shapesworld.md` in `--output_dir`, as `run_experiment.py` writes them.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import run_experiment as experiment  # noqa: E402  (the sibling script: tables, claims, grids, the report)
+
+
+def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Merge run_experiment.py output folders into one report.")
+    parser.add_argument("folders", nargs="+", help="run_experiment.py --output_dir folders (each with results.json).")
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--num_grid_rows", type=int, default=4)
+    args = parser.parse_args(input_args)
+    missing = [f for f in args.folders if not os.path.isfile(os.path.join(f, "results.json"))]
+    if missing:
+        raise ValueError(f"{missing[0]!r} has no results.json: give folders that run_experiment.py finished.")
+    return args
+
+
+def merge(results: List[Dict], folders: List[str]) -> Dict:
+    """The merged result (no grids): runs (first folder wins; `dir` resolved in its folder), tables and claims over
+    the union, KID and Fig. 2 from the first folder that has them."""
+    runs, seen, kid, buckets, kid_models = [], set(), {}, {}, {}
+    for result, folder in zip(results, folders):
+        for run in result["runs"]:
+            key = (run["task"], run["mode"], run["seed"])
+            if key in seen or "metrics" not in run:
+                continue
+            seen.add(key)
+            runs.append(dict(run, dir=os.path.join(folder, "runs", run["task"], run["mode"], f"seed{run['seed']}")))
+        for task, per_mode in result.get("kid", {}).items():
+            for mode, value in per_mode.items():
+                kid.setdefault(task, {}).setdefault(mode, value)
+        for task, value in result.get("buckets", {}).items():
+            buckets.setdefault(task, value)
+        for task, value in result.get("kid_feature_models", {}).items():
+            kid_models.setdefault(task, value)
+    tasks = [t for t in experiment.TASKS if any(r["task"] == t for r in runs)]
+    modes = [m for m in experiment.MODES if any(r["mode"] == m for r in runs)]
+    runs.sort(key=lambda r: (tasks.index(r["task"]), modes.index(r["mode"]), r["seed"]))
+    args = dict(results[0]["args"], tasks=tasks, modes=modes, seeds=sorted({r["seed"] for r in runs}))
+    return {"args": args, "runs": runs, "table": experiment.aggregate(runs, tasks, modes),
+            "claims": experiment.claims(runs, tasks, modes), "kid": kid, "kid_feature_models": kid_models,
+            "buckets": buckets, "grids": {}, "fid_feature_model": results[0].get("fid_feature_model"),
+            "mode_labels": {m: experiment.MODES[m][0] for m in modes}, "merged_from": [os.path.abspath(f) for f in folders]}
+
+
+def main(args) -> Dict:
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
+
+    t0 = time.perf_counter()
+    results = []
+    for folder in args.folders:
+        with open(os.path.join(folder, "results.json")) as f:
+            results.append(json.load(f))
+    result = merge(results, args.folders)
+    os.makedirs(args.output_dir, exist_ok=True)
+    a = result["args"]
+    for task in a["tasks"]:
+        dataset = ShapesWorldEvalSet(task, a["resolution"], a["world_seed"], a["eval_start_index"], args.num_grid_rows)
+        grid = experiment.sample_grid(dataset, [r for r in result["runs"] if r["task"] == task], a["modes"],
+                                      args.num_grid_rows, a["generation_seeds"][0])
+        if grid is not None:
+            os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
+            result["grids"][task] = os.path.join("grids", f"{task}.png")
+            grid.save(os.path.join(args.output_dir, result["grids"][task]))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return experiment.write_results(result, args.output_dir)
+
+
+if __name__ == "__main__":
+    experiment.run_cli(parse_args, main)
