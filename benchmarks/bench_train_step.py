@@ -87,7 +87,7 @@ def parse_args(argv=None):
     parser.add_argument("--combined_backward", action="store_true",
                         help="One backward through the whole step, as before 2026-12-04 (controlnet_step("
                              "early_branch_backward=False)); by default the reward's decode and the probe backpropagate "
-                             "one sample at a time inside the step: the same gradients, a lower peak.")
+                             "a few samples at a time inside the step: the same gradients, a lower peak.")
     parser.add_argument("--timestep_sampling", default="stratified", choices=("stratified", "uniform"),
                         help="stratified: one t per 1/B of [0, 1000), shuffled (each t still uniform; the "
                              "reward-window share of every batch close to its expectation).")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SW = os.path.join(ROOT, "examples", "innercontrol", "shapesworld")
@@ -54,6 +55,10 @@ def test_summary_by_hand(fs):
     both = out["reward200_alignment"]  # seed 0 never reaches 0.5: no mean, no test
     assert both["steps_to_target"][0] is None and both["reached"] == 1
     assert both["steps_to_target_stats"] is None and both["vs_controlnet"] is None
+    # a baseline seed that never reaches it: no test for any mode (the slow seeds are not dropped)
+    runs[1] = run("controlnet", 1, [0.0, 0.1, 0.2])
+    out = fs.summarize_task(runs, "depth", ["controlnet", "alignment"], 0.5)
+    assert out["controlnet"]["reached"] == 1 and out["alignment"]["vs_controlnet"] is None
 
 
 def test_bad_arguments_fail_before_work(fs, tmp_path):
@@ -65,6 +70,9 @@ def test_bad_arguments_fail_before_work(fs, tmp_path):
         fs.parse_args(base + ["--target_closure", "1.5"])
     with pytest.raises(ValueError, match="--depth_probe"):
         fs.parse_args(base[:-1] + ["alignment"])
+    for option in ("--use_ema", "--use_lora", "--checkpoints_total_limit 2"):  # checkpoints that are not the curve's
+        with pytest.raises(ValueError, match=f"--extra_train_args {option.split()[0]}: not with learning curves"):
+            fs.parse_args(base + [f"--extra_train_args={option}"])
     args = fs.parse_args(base)  # the shipped ControlNets' recipe, a constant rate
     assert (args.learning_rate, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps) == (5e-4, "constant_with_warmup", 100, 1000)
     assert not hasattr(args, "depth_controlnet")  # every run starts from the UNet
@@ -152,3 +160,27 @@ def test_protocol_bad_input_is_one_line(protocol, capsys):
     assert info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --tasks ['colour']") and "\n" not in err
+
+
+def test_step_zero_is_the_toy_sd_alone(tiny_pipeline_path, fs):
+    """A ControlNet initialised from the UNet (zero output convolutions) adds nothing: its pipeline draws the images
+    of the text-to-image pipeline alone, which is why the curves start at the ceiling."""
+    import numpy as np
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from diffusers_innercontrol.evaluation import load_generation_pipeline
+    from diffusers_innercontrol.training import conditioning_channels_for
+
+    pipe = load_generation_pipeline(tiny_pipeline_path)
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path, subfolder="unet")
+    pipe.controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(
+        pipe.vae_scale_factor))
+    plain = fs.no_controlnet_pipeline(pipe)
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(prompt=["a red circle"], num_inference_steps=2, guidance_scale=7.5, height=32, width=32, output_type="np")
+    with_cn = pipe(image=control, generator=torch.Generator().manual_seed(3), **kw).images
+    alone = plain(generator=torch.Generator().manual_seed(3), **kw).images
+    np.testing.assert_allclose(with_cn, alone, atol=1e-5)
+    trained = pipe.controlnet.controlnet_mid_block
+    torch.nn.init.normal_(trained.weight, std=0.5)  # a ControlNet that adds something draws something else
+    assert np.abs(pipe(image=control, generator=torch.Generator().manual_seed(3), **kw).images - alone).max() > 1e-3

@@ -283,9 +283,11 @@ def test_merge_experiments_by_hand(tmp_path):
 
     a = {"args": {"resolution": 64}, "runs": [run("reward200", 0, 30.0), run("reward200", 1, 31.0)],
          "kid": {"depth": {"reward200": {"mean": 0.04}}}, "buckets": {}}
-    b = {"args": {"resolution": 32}, "runs": [run("reward200", 1, 99.0), run("reward200_alignment", 0, 28.0),
+    b = {"args": {"resolution": 64}, "runs": [run("reward200", 1, 99.0), run("reward200_alignment", 0, 28.0),
                                               run("reward200_alignment", 1, 29.0)],
          "kid": {"depth": {"reward200_alignment": {"mean": 0.05}}}, "buckets": {"depth": {"x": 1}}}
+    with pytest.raises(ValueError, match="'B' ran with resolution=32, 'A' with 64: merge only runs of one protocol"):
+        merge.merge([a, dict(b, args={"resolution": 32})], ["A", "B"])
     out = merge.merge([a, b], ["A", "B"])
     assert [(r["mode"], r["seed"]) for r in out["runs"]] == [("reward200", 0), ("reward200", 1),
                                                               ("reward200_alignment", 0), ("reward200_alignment", 1)]
@@ -294,7 +296,10 @@ def test_merge_experiments_by_hand(tmp_path):
     claim = out["claims"]["depth"]["reward200_alignment_vs_reward200"]
     assert claim["diff"] == pytest.approx(28.5 - 30.5) and claim["n"] == 2 and claim["n_baseline"] == 2
     assert out["kid"]["depth"] == {"reward200": {"mean": 0.04}, "reward200_alignment": {"mean": 0.05}}
-    assert out["buckets"] == {"depth": {"x": 1}} and out["args"]["resolution"] == 64
+    assert out["buckets"] == {"depth": {"x": 1}} and out["args"]["resolution"] == 64 and out["kid_notes"] == []
+    # reward200's seeds split over two folders: its KID pools the first folder's only, and the merge says so
+    c = dict(b, runs=b["runs"] + [run("reward200", 2, 30.2)])
+    assert merge.merge([a, c], ["A", "B"])["kid_notes"] == ["depth/reward200: KID from A only"]
     assert out["args"]["modes"] == ["reward200", "reward200_alignment"] and out["args"]["seeds"] == [0, 1]
     with pytest.raises(ValueError, match="has no results.json"):
         merge.parse_args([str(tmp_path), "--output_dir", str(tmp_path / "o")])

@@ -377,3 +377,24 @@ def test_branch_backward_by_hand():
     assert value.item() == pytest.approx(((1 + 12) + (9 + 3) + 0.25) / 3)
     surrogate.backward()
     torch.testing.assert_close(x.grad, 2.0 * 2 * w * x.detach() / 3)
+
+
+def test_early_branch_backward_falls_back_under_fp16(c, batch):
+    """fp16 weights or fp16 autocast (a GradScaler scales the loss the caller backpropagates): one backward, the reward
+    branch decoded as one batch with its graph kept; bf16 autocast keeps the early backward."""
+    from diffusers_innercontrol.training import _fp16_in_use
+
+    assert _fp16_in_use(torch.float16, torch.device("cpu"))
+    assert not _fp16_in_use(torch.float32, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert _fp16_in_use(torch.float32, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fp16_in_use(torch.float32, torch.device("cpu"))
+    t = torch.tensor([50, 100])  # both inside the reward window
+    spy = DecodeSpy(c["vae"])
+    out = _cn_step(c, batch, alpha=1.0, beta=0, vae=spy, reward_model=GreyReward(), timesteps=t)
+    assert spy.batches == [1, 1] and out.reward.grad_fn is None  # early: one sample at a time, a value
+    with torch.autocast("cpu", dtype=torch.float16):
+        spy = DecodeSpy(c["vae"])
+        out = _cn_step(c, batch, alpha=1.0, beta=0, vae=spy, reward_model=GreyReward(), timesteps=t)
+    assert spy.batches == [2] and out.reward.grad_fn is not None

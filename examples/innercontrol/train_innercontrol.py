@@ -53,7 +53,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="'masked': VAE decode + reward only on samples inside the reward window; 'full': whole batch (released code).")
     g.add_argument("--combined_backward", action="store_true",
                    help="One backward through everything. By default the reward's decode and the probe backpropagate to "
-                        "their inputs one sample at a time inside the step, which frees their activations early (a "
+                        "their inputs a few samples at a time inside the step, which frees their activations early (a "
                         "lower peak memory, the same gradients); fp16 always uses one backward.")
     g.add_argument("--controlnet_model_name_or_path", type=str, default=None,
                    help="ControlNet to start from (e.g. the task's ControlNet v1.1); default: initialised from the UNet.")

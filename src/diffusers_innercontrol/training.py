@@ -152,6 +152,14 @@ def branch_backward(inputs: Sequence[torch.Tensor], per_sample_losses: Callable,
     return total / n, surrogate
 
 
+def _fp16_in_use(weight_dtype: torch.dtype, device: torch.device) -> bool:
+    """fp16 weights, or fp16 autocast on `device`: where a GradScaler scales the loss (the early branch backward's
+    gradients would miss that scaling)."""
+    if weight_dtype == torch.float16:
+        return True
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+
+
 def controlnet_step(
     *,
     task,
@@ -192,9 +200,10 @@ def controlnet_step(
         early_branch_backward: backpropagate the reward's decode and reward model, and the probe, to their inputs
             a few samples at a time inside the step (`branch_backward`, the default; `REWARD_CHUNK`,
             `ALIGNMENT_CHUNK`), so that their activations are freed before the next chunk's instead of living until
-            the caller's backward: a lower peak memory, the same gradients and loss values, nothing recomputed. Only with `reward_decode="masked"`; not under fp16
-            (the branch's gradients would miss the caller's loss scaling), where the step falls back to one backward
-            through everything, as it does with `False`.
+            the caller's backward: a lower peak memory, the same gradients and loss values, nothing recomputed. Only
+            with `reward_decode="masked"`, and not under fp16 weights or fp16 autocast (the branches' gradients
+            would miss the caller's loss scaling): there the step keeps one backward through everything, as with
+            `False`.
     """
     if reward_decode not in REWARD_DECODE_MODES:
         raise ValueError(f"reward_decode must be one of {REWARD_DECODE_MODES}, got {reward_decode!r}.")
@@ -211,7 +220,8 @@ def controlnet_step(
         raise ValueError("Segmentation losses need `control_classes` (class indices of the control).")
 
     bsz = latents.shape[0]
-    early = early_branch_backward and reward_decode == "masked" and weight_dtype != torch.float16 and torch.is_grad_enabled()
+    early = early_branch_backward and reward_decode == "masked" and not _fp16_in_use(weight_dtype, latents.device)
+    early = early and torch.is_grad_enabled()
     surrogates = {}
     noise, timesteps, noisy_latents = noise_latents(noise_scheduler, latents, noise, timesteps, generator)
 

@@ -35,6 +35,7 @@ its checkpoints and the images of every evaluated step). `--quick` shrinks every
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -92,6 +93,12 @@ def validate_args(args):
                          "lower it to evaluate during training.")
     if args.num_eval_conditions < 2:
         raise ValueError("--num_eval_conditions must be >= 2.")
+    extra = set(shlex.split(args.extra_train_args))
+    for option, why in (("--use_ema", "the checkpoints hold the raw weights, the final save the EMA ones"),
+                        ("--use_lora", "the checkpoints hold LoRA weights, not a ControlNet's"),
+                        ("--checkpoints_total_limit", "the curve needs every checkpoint")):
+        if option in extra:
+            raise ValueError(f"--extra_train_args {option}: not with learning curves ({why}); remove it.")
     if not 0.0 < args.target_closure <= 1.0:
         raise ValueError(f"--target_closure {args.target_closure}: give a share of the fidelity gap in (0, 1].")
 
@@ -205,12 +212,14 @@ def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], target
             "steps_to_target_stats": experiment.mean_std(reached) if len(reached) == len(per_seed) else None,
             "reached": len(reached),
         }
-    base = out.get("controlnet", {})
-    base_steps = [s for s in base.get("steps_to_target", []) if s is not None]
+    # Welch's test only where every seed of both modes reached the target: dropping the seeds that did not (the
+    # slowest) would bias the comparison; such a mode is reported by how many seeds reached it.
+    base = out.get("controlnet", {}).get("steps_to_target", [])
     for mode, entry in out.items():
-        mine = [s for s in entry.get("steps_to_target", []) if s is not None]
-        entry["vs_controlnet"] = (welch_test(mine, base_steps) if mode != "controlnet" and len(mine) >= 2
-                                  and len(base_steps) >= 2 else None)
+        mine = entry.get("steps_to_target", [])
+        complete = all(s is not None for s in mine + base)
+        entry["vs_controlnet"] = (welch_test(mine, base) if mode != "controlnet" and complete and len(mine) >= 2
+                                  and len(base) >= 2 else None)
     return out
 
 
@@ -227,6 +236,9 @@ def results_markdown(result: Dict) -> str:
              "(no ControlNet - value) / (no ControlNet - real images), mean ± standard deviation over seeds.", ""]
     for task, info in result["tasks"].items():
         name = CONTROL_METRICS[task][1]
+        if info["ceiling"] is None:
+            lines += [f"## {task}", "", "No trained run to evaluate.", ""]
+            continue
         lines += [f"## {task}", "",
                   f"{name}: real images (floor) {info['floor']:.4f}, toy SD without ControlNet (ceiling) {info['ceiling']:.4f}.", ""]
         summary = result["summary"][task]

@@ -40,10 +40,30 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+# The arguments that make runs comparable: the same toy SD, training budget, held-out scenes, sampler and metrics.
+PROTOCOL = ("pretrained_model_name_or_path", "resolution", "world_seed", "max_train_steps", "train_batch_size",
+            "learning_rate", "lr_scheduler", "lr_warmup_steps", "mixed_precision", "extra_train_args", "eval_start_index",
+            "num_eval_conditions", "generation_seeds", "num_inference_steps", "guidance_scale", "num_kid_real",
+            "kid_subset_size", "kid_feature_model", "fid_feature_model") + tuple(f"{t}_eval_model" for t in experiment.TASKS)
+
+
+def check_same_protocol(results: List[Dict], folders: List[str]):
+    """`ValueError` naming the first argument on which a folder's protocol differs from the first folder's."""
+    first = results[0]["args"]
+    for result, folder in zip(results[1:], folders[1:]):
+        for key in PROTOCOL:
+            if result["args"].get(key) != first.get(key):
+                raise ValueError(f"{folder!r} ran with {key}={result['args'].get(key)!r}, {folders[0]!r} with "
+                                 f"{first.get(key)!r}: merge only runs of one protocol.")
+
+
 def merge(results: List[Dict], folders: List[str]) -> Dict:
     """The merged result (no grids): runs (first folder wins; `dir` resolved in its folder), tables and claims over
-    the union, KID and Fig. 2 from the first folder that has them."""
+    the union, KID and Fig. 2 from the first folder that has them. The folders must share one protocol
+    (`check_same_protocol`)."""
+    check_same_protocol(results, folders)
     runs, seen, kid, buckets, kid_models = [], set(), {}, {}, {}
+    kid_folders = {}
     for result, folder in zip(results, folders):
         for run in result["runs"]:
             key = (run["task"], run["mode"], run["seed"])
@@ -53,11 +73,17 @@ def merge(results: List[Dict], folders: List[str]) -> Dict:
             runs.append(dict(run, dir=os.path.join(folder, "runs", run["task"], run["mode"], f"seed{run['seed']}")))
         for task, per_mode in result.get("kid", {}).items():
             for mode, value in per_mode.items():
-                kid.setdefault(task, {}).setdefault(mode, value)
+                if value and mode not in kid.setdefault(task, {}):
+                    kid[task][mode] = value
+                    kid_folders[(task, mode)] = folder
         for task, value in result.get("buckets", {}).items():
             buckets.setdefault(task, value)
         for task, value in result.get("kid_feature_models", {}).items():
             kid_models.setdefault(task, value)
+    # KID pools one folder's seeds of a mode: say so where the merged table has seeds of that mode from elsewhere
+    kid_notes = sorted(f"{task}/{mode}: KID from {folder} only" for (task, mode), folder in kid_folders.items()
+                       if any(r["task"] == task and r["mode"] == mode and not r["dir"].startswith(folder + os.sep)
+                              for r in runs))
     tasks = [t for t in experiment.TASKS if any(r["task"] == t for r in runs)]
     modes = [m for m in experiment.MODES if any(r["mode"] == m for r in runs)]
     runs.sort(key=lambda r: (tasks.index(r["task"]), modes.index(r["mode"]), r["seed"]))
@@ -65,7 +91,7 @@ def merge(results: List[Dict], folders: List[str]) -> Dict:
     return {"args": args, "runs": runs, "table": experiment.aggregate(runs, tasks, modes),
             "claims": experiment.claims(runs, tasks, modes), "kid": kid, "kid_feature_models": kid_models,
             "buckets": buckets, "grids": {}, "fid_feature_model": results[0].get("fid_feature_model"),
-            "mode_labels": {m: experiment.MODES[m][0] for m in modes}, "merged_from": [os.path.abspath(f) for f in folders]}
+            "mode_labels": {m: experiment.MODES[m][0] for m in modes}, "merged_from": [os.path.abspath(f) for f in folders], "kid_notes": kid_notes}
 
 
 def main(args) -> Dict:

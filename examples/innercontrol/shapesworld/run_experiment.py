@@ -349,7 +349,7 @@ def train_run(args, task: str, mode: str, seed: int, checkpointing_steps: Option
     cmd = launch_command(train_args)
     logger.info(f"training {task}/{mode}/seed{seed}: {shlex.join(cmd)}")
     t0 = time.perf_counter()
-    with open(os.path.join(out, "train.log"), "w") as log:
+    with open(os.path.join(out, "train.log"), "a") as log:  # a resumed run keeps the interrupted attempt's log
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -655,6 +655,9 @@ def results_markdown(result: Dict) -> str:
              f"distance of the features of `{result.get('fid_feature_model')}`. KID x 1000 (± its standard deviation over "
              f"subsets): each mode's images pooled over its seeds against {a.get('num_kid_real')} real held-out images. "
              "Difference to the ControlNet baseline: mean over seeds, 95 % interval and Welch's t-test p-value.", ""]
+    if result.get("merged_from"):
+        lines += ["Merged from " + ", ".join(f"`{f}`" for f in result["merged_from"]) + " (merge_experiments.py)."
+                  + "".join(f" {note}." for note in result.get("kid_notes", [])), ""]
     tasks = list(result["table"]) + [t for t in result.get("buckets", {}) if t not in result["table"]]
     for task in tasks:
         modes = result["table"].get(task, {})
