@@ -10,8 +10,8 @@
 #   1. reward-<task>     train_toy_evaluators.py --model_kind reward   (the models the reward loss uses)
 #      eval-<task>       train_toy_evaluators.py --model_kind eval     (wider, another seed: the evaluators)
 #      controlnet-<task> train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone), in segments of
-#                        STEPS_<TASK> steps, each a cosine schedule with seed 0, 1, 2 ...; LineArt starts from the
-#                        first HED segment, in a second wave
+#                        STEPS_<TASK> steps, each a cosine schedule with seed 0, 1, 2 ...; depth and segmentation
+#                        start from the UNet, HED and LineArt from the finished depth ControlNet, in a second wave
 #      probe-<task>      train_probe.py                                (stage 1 on the toy UNet's decoder features)
 #   2. fidelity/         fidelity_scale.py: floor, VAE round trip, no-ControlNet ceiling, ControlNet, closure
 #   3. the models are copied to the package's assets (ASSETS_DIR overrides where)
@@ -25,10 +25,10 @@
 set -euo pipefail
 WORK=${1:?usage: make_bundle.sh WORK_DIR [JOBS]}
 JOBS=${2:-2}
-# the shipped ControlNets' segments (docs/shapesworld.md): HED 7000 steps, LineArt 5500 after HED's first 2000,
-# depth 2000, segmentation 5500
-STEPS_HED=${STEPS_HED:-2000 1500 3500}
-STEPS_LINEART=${STEPS_LINEART:-1500 1500 2500}
+# the shipped ControlNets' segments (docs/shapesworld.md): depth 2000 steps, segmentation 5500, HED and LineArt
+# 2000 each after depth's 2000
+STEPS_HED=${STEPS_HED:-2000}
+STEPS_LINEART=${STEPS_LINEART:-2000}
 STEPS_DEPTH=${STEPS_DEPTH:-2000}
 STEPS_SEGMENTATION=${STEPS_SEGMENTATION:-2000 3500}
 CN_LR=${CN_LR:-5e-4}
@@ -115,8 +115,10 @@ for task in hed lineart depth segmentation; do
   init=""
   [ -z "${CN_INIT:-}" ] || [ ! -d "$CN_INIT/controlnet-$task" ] || init="$CN_INIT/controlnet-$task"
   segments_var="STEPS_${task^^}"
-  if [ "$task" = lineart ] && [ -z "$init" ]; then  # LineArt starts from HED's first segment: a second wave
-    second_wave+=("$(controlnet_job lineart "${!segments_var}" "$WORK/controlnet-hed-s0")")
+  if [[ "$task" =~ ^(hed|lineart)$ ]] && [ -z "$init" ]; then
+    # the edge tasks start from the finished depth ControlNet, which already draws the shapes in place: after 2000
+    # steps they close more of their gap than after 7000 from the UNet (docs/shapesworld.md). A second wave.
+    second_wave+=("$(controlnet_job "$task" "${!segments_var}" "$WORK/controlnet-depth")")
   else
     jobs_list+=("$(controlnet_job "$task" "${!segments_var}" "$init")")
   fi
