@@ -84,6 +84,33 @@ def test_bootstrap_closure_ends_and_interval():
 
 
 # --- the labelled grid ----------------------------------------------------------------------------
+def test_closure_by_group_by_hand():
+    from diffusers_innercontrol.metrics import closure_by_group, miou_from_confusion
+
+    # SSIM on 4 scenes, groups a (scenes 0, 2) and b (1, 3)
+    floor = torch.tensor([0.9, 0.8, 0.7, 0.8])
+    ceiling = torch.tensor([0.5, 0.4, 0.3, 0.4])
+    value = torch.tensor([0.8, 0.5, 0.5, 0.4])
+    out = closure_by_group(floor, ceiling, value, ["a", "b", "a", "b"])
+    assert list(out) == ["a", "b"]
+    # a: floor 0.8, ceiling 0.4, value 0.65 -> 0.25 / 0.4; b: floor 0.8, ceiling 0.4, value 0.45 -> 0.05 / 0.4
+    assert out["a"]["closure"] == pytest.approx(0.625) and out["b"]["closure"] == pytest.approx(0.125)
+    assert out["a"]["scenes"] == 2 and out["b"]["value"] == pytest.approx(0.45)
+    # one group of everything is the overall closure (floor 0.8, ceiling 0.4, value 0.55); no gap, no closure
+    assert closure_by_group(floor, ceiling, value, ["x"] * 4)["x"]["closure"] == pytest.approx(0.375)
+    assert closure_by_group(floor, floor, value, ["x"] * 4)["x"]["closure"] is None
+    # confusion matrices: the group's matrices are summed before the mIoU
+    perfect = torch.tensor([[2, 0], [0, 2]])
+    half = torch.tensor([[1, 1], [0, 1]])  # IoU 1/2, 1/2
+    none = torch.tensor([[0, 2], [2, 0]])  # IoU 0
+    seg = closure_by_group(torch.stack([perfect, perfect]), torch.stack([none, none]), torch.stack([half, perfect]),
+                           ["a", "a"], reduce=miou_from_confusion)
+    assert seg["a"]["value"] == pytest.approx(miou_from_confusion(half + perfect))
+    assert seg["a"]["closure"] == pytest.approx(miou_from_confusion(half + perfect))  # floor 1, ceiling 0
+    with pytest.raises(ValueError, match="one label"):
+        closure_by_group(floor, ceiling, value, ["a", "b"])
+
+
 def test_labeled_grid_places_tiles_and_draws_labels():
     red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))
     plain = labeled_grid([[red, blue]])
@@ -182,6 +209,11 @@ def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
         expected = (rows["no_controlnet"]["value"] - rows[name]["value"]) / (rows["no_controlnet"]["value"] - floor)
         assert rows[name]["closure"] == pytest.approx(expected, rel=1e-6)
     assert rows["floor"]["closure"] is None and rows["no_controlnet"]["closure"] is None
+    # by background style: the groups cover every scene, and each is the closure of its own scenes
+    styles = [dataset.world.make_scene(7 + i).background.style for i in range(3)]
+    groups = rows["controlnet-tiny"]["closure_by_background"]
+    assert sorted(groups) == sorted(set(styles)) and sum(g["scenes"] for g in groups.values()) == 3
+    assert "Closure by the scene's background style" in (out / "fidelity.md").read_text()
     ci = rows["controlnet-tiny"]["closure_ci"]
     assert ci["low"] <= ci["high"] and ci["level"] == 0.95
 

@@ -474,6 +474,34 @@ def fidelity_closure(value: float, floor: float, ceiling: float) -> float:
     return (ceiling - value) / (ceiling - floor)
 
 
+def closure_by_group(floor, ceiling, value, groups: Sequence, reduce=None) -> Dict:
+    """
+    `fidelity_closure` within each group of scenes: where a model's missing fidelity comes from.
+
+    Args:
+        floor, ceiling, value: per-scene results of the three rows on the same scenes, as for `bootstrap_closure`:
+            `(N,)` metric values (a group's value is their mean), or `(N, K, K)` confusion matrices with
+            `reduce=miou_from_confusion` applied to the group's sum.
+        groups: `N` hashable labels, one per scene (e.g. the scene's background style).
+
+    Returns:
+        `{label: {"closure", "scenes", "floor", "ceiling", "value"}}` in the order the labels first occur; a group
+        whose floor equals its ceiling has closure `None`.
+    """
+    rows = [torch.as_tensor(x).double() for x in (floor, ceiling, value)]
+    n = rows[0].shape[0]
+    if len(groups) != n or any(r.shape[0] != n for r in rows):
+        raise ValueError(f"closure_by_group needs one label and one result per scene in every row, got {len(groups)} "
+                         f"labels and {[r.shape[0] for r in rows]} scenes.")
+    out = {}
+    for label in dict.fromkeys(groups):
+        mask = torch.tensor([g == label for g in groups])
+        f, c, v = (reduce(r[mask].sum(0)) if reduce is not None else r[mask].mean().item() for r in rows)
+        out[label] = {"closure": None if f == c else fidelity_closure(v, f, c), "scenes": int(mask.sum()),
+                      "floor": f, "ceiling": c, "value": v}
+    return out
+
+
 def steps_to_reach(steps: Sequence[float], values: Sequence[float], target: float) -> Optional[float]:
     """
     The training step at which a learning curve first reaches `target` (values rising with training, such as a

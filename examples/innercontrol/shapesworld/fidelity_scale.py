@@ -179,6 +179,16 @@ def fidelity_markdown(result: Dict) -> str:
             interval = "-" if not ci else f"{100 * ci['low']:.0f} - {100 * ci['high']:.0f} %"
             std = row.get("std")
             lines.append(f"| {row['title']} | {row['value']:.4f} | {'-' if std is None else f'{std:.4f}'} | {closure} | {interval} |")
+        by_background = {n: r["closure_by_background"] for n, r in block["rows"].items() if r.get("closure_by_background")}
+        if by_background:
+            styles = list(next(iter(by_background.values())))
+            counts = next(iter(by_background.values()))
+            lines += ["", "Closure by the scene's background style (scenes in each):", "",
+                      "| row | " + " | ".join(f"{s} ({counts[s]['scenes']})" for s in styles) + " |",
+                      "|---|" + "---|" * len(styles)]
+            for n, groups in by_background.items():
+                cells = ["-" if groups[s]["closure"] is None else f"{100 * groups[s]['closure']:.0f} %" for s in styles]
+                lines.append(f"| {block['rows'][n]['title']} | " + " | ".join(cells) + " |")
         lines += ["", f"Evaluator: `{block['evaluator']}`.", ""]
     return "\n".join(lines)
 
@@ -192,6 +202,7 @@ def main(args) -> Dict:
         CONTROL_METRICS,
         ControlFidelity,
         bootstrap_closure,
+        closure_by_group,
         fidelity_closure,
         miou_from_confusion,
     )
@@ -258,6 +269,7 @@ def main(args) -> Dict:
             else:  # the images of a scene (one per seed) averaged
                 per_scene[name] = torch.tensor(fidelity.values[key], dtype=torch.float64).view(len(dataset), -1).mean(1)
         floor, ceiling = rows[FLOOR]["value"], rows[CEILING]["value"]
+        backgrounds = [dataset.world.make_scene(dataset.start + i).background.style for i in indices]
         reduce = miou_from_confusion if task.is_segmentation else None
         for name, row in rows.items():
             row["closure"] = row["closure_ci"] = None
@@ -266,6 +278,9 @@ def main(args) -> Dict:
                 if len(dataset) >= 2:
                     row["closure_ci"] = bootstrap_closure(per_scene[FLOOR], per_scene[CEILING], per_scene[name],
                                                           num_resamples=args.bootstrap_resamples, reduce=reduce)
+                # where the missing fidelity is: textured backgrounds are the hardest to draw for the toy SD
+                row["closure_by_background"] = closure_by_group(per_scene[FLOOR], per_scene[CEILING], per_scene[name],
+                                                                backgrounds, reduce=reduce)
         os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
         grid_for(dataset, rows, args.grid_scenes).save(os.path.join(args.output_dir, "grids", f"{task_name}.png"))
         result["tasks"][task_name] = {"metric": key, "evaluator": os.path.abspath(os.path.join(args.eval_dir, f"eval-{task_name}")),
