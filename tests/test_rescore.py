@@ -1,21 +1,17 @@
 """examples/innercontrol/shapesworld/rescore.py: the saved images of run_experiment.py scored by other models."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "innercontrol", "shapesworld", "rescore.py")
-
 
 @pytest.fixture(scope="module")
 def rescore():
-    spec = importlib.util.spec_from_file_location("_rescore", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from _data_fixtures import load_shapesworld_script
+
+    return load_shapesworld_script("rescore")
 
 
 def _fake_experiment(folder, runs, n=3):
