@@ -73,6 +73,8 @@ def test_rescore_refuses_bad_input_before_work(rescore, tmp_path):
         rescore.parse_args([str(tmp_path), "--task", "hed", "--model", "r=x", "--output", "o.json"])  # no results.json
     with pytest.raises(SystemExit):
         rescore.parse_args([str(tmp_path), "--task", "hed", "--model", "no-label", "--output", "o.json"])
+    with pytest.raises(SystemExit):
+        rescore.parse_args([str(tmp_path), "--task", "canny", "--model", "r=x", "--output", "o.json"])
     _fake_experiment(str(tmp_path / "a"), [("controlnet", 0, lambda x: x)], n=1)
     with pytest.raises(SystemExit):
         rescore.parse_args([str(tmp_path / "a"), "--task", "depth", "--model", f"r={tmp_path / 'missing'}", "--output", "o.json"])

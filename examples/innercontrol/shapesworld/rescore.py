@@ -23,6 +23,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from diffusers_innercontrol.tasks import TASK_NAMES
+
 
 def _labelled(text: str):
     label, sep, path = text.partition("=")
@@ -34,7 +36,7 @@ def _labelled(text: str):
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Score run_experiment.py's saved images with other control models.")
     parser.add_argument("folders", nargs="+", help="run_experiment.py --output_dir folders (each with results.json).")
-    parser.add_argument("--task", required=True, help="hed, lineart, depth or segmentation.")
+    parser.add_argument("--task", required=True, choices=TASK_NAMES, help="The task whose runs are rescored.")
     parser.add_argument("--model", type=_labelled, action="append", required=True, metavar="LABEL=PATH",
                         help="A control model to score with (a reward or evaluation model folder); repeatable.")
     parser.add_argument("--baseline", default="controlnet", help="The mode the others are compared with.")
