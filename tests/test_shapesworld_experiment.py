@@ -60,15 +60,23 @@ def test_modes_against_the_baseline_and_claim_b(exp):
     of the per-seed control metric (10, 14 against 20, 21, 25: difference -9 with its interval), in the markdown."""
     from diffusers_innercontrol.metrics import welch_test
 
-    def rows(mode, values):
-        return [{"task": "depth", "mode": mode, "seed": s, "metrics": {"rmse": v, "fid": None}} for s, v in enumerate(values)]
+    def rows(mode, values, fids=None):
+        fids = fids or [None] * len(values)
+        return [{"task": "depth", "mode": mode, "seed": s, "metrics": {"rmse": v, "fid": f}}
+                for s, (v, f) in enumerate(zip(values, fids))]
 
-    runs = rows("controlnet", [20.0, 21.0, 25.0]) + rows("reward200", [10.0, 14.0]) + rows("reward200_alignment", [9.0, 11.0])
+    runs = (rows("controlnet", [20.0, 21.0, 25.0], [1.0, 1.2, 1.1]) + rows("reward200", [10.0, 14.0], [1.5, 1.9])
+            + rows("reward200_alignment", [9.0, 11.0]))
     modes = ["controlnet", "reward200", "reward200_alignment"]
     table = exp.aggregate(runs, ["depth"], modes)
     test = table["depth"]["reward200"]["vs_controlnet"]
     assert test["diff"] == pytest.approx(12.0 - 22.0) and test["baseline"] == "controlnet"
     assert test["p"] == pytest.approx(welch_test([10.0, 14.0], [20.0, 21.0, 25.0])["p"])
+    # FID per seed, tested the same way: 1.5, 1.9 against 1.0, 1.2, 1.1 -> +0.6; no FID, no test
+    fid = table["depth"]["reward200"]["fid_vs_controlnet"]
+    assert fid["diff"] == pytest.approx(1.7 - 1.1) and fid["p"] == pytest.approx(welch_test([1.5, 1.9], [1.0, 1.2, 1.1])["p"])
+    assert table["depth"]["reward200_alignment"]["fid_vs_controlnet"] is None
+    assert table["depth"]["controlnet"]["fid_vs_controlnet"] is None
     claim = exp.claims(runs, ["depth"], modes)["depth"]["reward200_alignment_vs_reward200"]
     assert claim["diff"] == pytest.approx(-2.0) and claim["n"] == 2 and claim["n_baseline"] == 2
     assert exp.claims(runs, ["depth"], ["controlnet", "reward200"])["depth"] == {}
@@ -80,7 +88,9 @@ def test_modes_against_the_baseline_and_claim_b(exp):
                                "kid": {"depth": {"controlnet": {"mean": 0.0123, "std": 0.0004, "num_generated": 6,
                                                                 "num_real": 4, "subset_size": 4, "subsets": 5}}}})
     lo, hi = test["ci_low"], test["ci_high"]
-    assert f"| Reward, t < 200 | 12.00 ± 2.83 | -10.00 [{lo:+.2f}, {hi:+.2f}] | {test['p']:.3f} | - | - |" in md
+    assert (f"| Reward, t < 200 | 12.00 ± 2.83 | -10.00 [{lo:+.2f}, {hi:+.2f}] | {test['p']:.3f} | - | 1.700 ± 0.283 | "
+            f"+0.600 [{fid['ci_low']:+.3f}, {fid['ci_high']:+.3f}], {fid['p']:.3f} |") in md
+    assert "| Reward t < 200 + alignment | 10.00 ± 1.41 |" in md and md.count("| - | - | - |\n") == 1  # no FID, no test
     assert "| 12.30 ± 0.40 |" in md  # KID x 1000
     assert "Reward t < 200 + alignment against Reward, t < 200: -2.00 [" in md
 

@@ -259,6 +259,11 @@ def format_p(test: Optional[Dict]) -> str:
     return "-" if not test else (f"{test['p']:.3f}" if test["p"] >= 0.001 else f"{test['p']:.1e}")
 
 
+def format_test(test: Optional[Dict], scale: float = 1.0, digits: int = 3) -> str:
+    """`"+d [lo, hi], p"` of a `metrics.welch_test`, `"-"` without one."""
+    return "-" if not test else f"{format_difference(test, scale, digits)}, {format_p(test)}"
+
+
 def format_kid(kid: Optional[Dict]) -> str:
     """KID x 1000 ± its spread over subsets, `"-"` without one."""
     return "-" if not kid else f"{kid['mean'] * 1000:.2f} ± {kid['std'] * 1000:.2f}"
@@ -595,27 +600,29 @@ def sample_grid(dataset, runs: Sequence[Dict], modes: Sequence[str], num_rows: i
 COMPARISONS = (("reward200_alignment", "reward200"),)
 
 
-def control_values(runs: Sequence[Dict], task: str, mode: str) -> List[float]:
-    """The control-fidelity metric of every evaluated seed of (task, mode), in seed order."""
+def control_values(runs: Sequence[Dict], task: str, mode: str, metric: Optional[str] = None) -> List[float]:
+    """The control-fidelity metric (or `metric`, such as "fid") of every evaluated seed of (task, mode), in seed order."""
     from diffusers_innercontrol.metrics import CONTROL_METRICS
 
-    key = CONTROL_METRICS[task][0]
+    key = metric or CONTROL_METRICS[task][0]
     rows = sorted((r for r in runs if r["task"] == task and r["mode"] == mode and "metrics" in r), key=lambda r: r["seed"])
     return [float(r["metrics"][key]) for r in rows if r["metrics"].get(key) is not None]
 
 
-def compare(runs: Sequence[Dict], task: str, mode: str, baseline: str) -> Optional[Dict]:
-    """`metrics.welch_test` of `mode`'s control fidelity against `baseline`'s over seeds (None below 2 seeds a side)."""
+def compare(runs: Sequence[Dict], task: str, mode: str, baseline: str, metric: Optional[str] = None) -> Optional[Dict]:
+    """`metrics.welch_test` of `mode`'s control fidelity (or `metric`) against `baseline`'s over seeds (None below 2
+    seeds a side)."""
     from diffusers_innercontrol.metrics import welch_test
 
-    values, base = control_values(runs, task, mode), control_values(runs, task, baseline)
+    values, base = control_values(runs, task, mode, metric), control_values(runs, task, baseline, metric)
     if len(values) < 2 or len(base) < 2:
         return None
     return dict(welch_test(values, base), baseline=baseline)
 
 
 def aggregate(runs: Sequence[Dict], tasks: Sequence[str], modes: Sequence[str]) -> Dict:
-    """`{task: {mode: {metric: mean_std, "vs_controlnet": welch_test or None}}}` over the seeds of each (task, mode),
+    """`{task: {mode: {metric: mean_std, "vs_controlnet" / "fid_vs_controlnet": welch_test or None}}}` over the seeds of
+    each (task, mode) (the control metric's and FID's test against the ControlNet baseline),
     and `{task: {"mode_vs_baseline": welch_test}}` for `COMPARISONS` under the key `"claims"` of each task."""
     from diffusers_innercontrol.metrics import CONTROL_METRICS
 
@@ -629,6 +636,8 @@ def aggregate(runs: Sequence[Dict], tasks: Sequence[str], modes: Sequence[str]) 
                 "control": mean_std([r["metrics"].get(key) for r in rows]),
                 "fid": mean_std([r["metrics"].get("fid") for r in rows]),
                 "vs_controlnet": compare(runs, task, mode, "controlnet") if mode != "controlnet" else None,
+                # claim (d) is about image quality: FID per seed against the baseline's, as the fidelity is tested
+                "fid_vs_controlnet": compare(runs, task, mode, "controlnet", "fid") if mode != "controlnet" else None,
             }
     return table
 
@@ -669,14 +678,14 @@ def results_markdown(result: Dict) -> str:
         lines += [f"## {task}", ""]
         if modes:
             lines += [f"| mode | {name}{unit} ({'higher' if higher else 'lower'} is better) | "
-                      "difference to ControlNet [95 % interval] | p (Welch) | KID x 1000 | FID (toy features) |",
-                      "|---|---|---|---|---|---|"]
+                      "difference to ControlNet [95 % interval] | p (Welch) | KID x 1000 | FID (toy features) | "
+                      "FID difference to ControlNet [95 % interval], p |", "|---|---|---|---|---|---|---|"]
         for mode, stats in modes.items():
             control = {k: (v * scale if isinstance(v, float) and k != "n" else v) for k, v in stats["control"].items()}
             lines.append(f"| {MODES[mode][0]} | {format_mean_std(control, digits)} | "
                          f"{format_difference(stats.get('vs_controlnet'), scale, digits)} | "
                          f"{format_p(stats.get('vs_controlnet'))} | {format_kid(kid.get(mode))} | "
-                         f"{format_mean_std(stats['fid'], 3)} |")
+                         f"{format_mean_std(stats['fid'], 3)} | {format_test(stats.get('fid_vs_controlnet'), 1.0, 3)} |")
         lines.append("")
         if kid:
             k = next((v for v in kid.values() if v), None)
