@@ -16,7 +16,7 @@ def test_controlnet_card_fields_and_images(tmp_path):
     path = hub.save_model_card(
         str(tmp_path), base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", task=task, probe="me/probe-depth",
         reward_model="Intel/dpt-hybrid-midas", dataset="limingcv/MultiGen-20M_depth", images=images,
-        validation_prompts=["a room", "a street"], train_args={"steps": 12},
+        validation_prompts=["a room", "a street"], train_args={"steps": 12, "validation_guidance_scale": None},
     )
     card = ModelCard.load(path)
     assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -30,6 +30,7 @@ def test_controlnet_card_fields_and_images(tmp_path):
                 "| steps | `12` |", "| alignment loss | `mse` |"):
         assert row in text, row
     assert "Mode: InnerControl (reward + alignment)." in text
+    assert "validation_guidance_scale" not in text  # a setting that did not apply has no row
     assert "![a room](./images_0.png)" in text and "![a street](./images_1.png)" in text
     assert Image.open(tmp_path / "images_1.png").getpixel((0, 0)) == (0, 0, 255)
 

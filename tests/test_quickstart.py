@@ -79,6 +79,8 @@ def test_user_options_are_kept(scripts, fake_assets):
     assert args.reward_model_name_or_path == str(fake_assets / "reward-depth")
     assert (args.resolution, args.max_train_steps) == (32, 7)
     assert (args.validation_prompt, args.validation_image) == (["p"], ["c.png"])
+    assert args.validation_guidance_scale == quickstart.GUIDANCE_SCALE == 3.0  # the toy SD's, not SD1.5's 7.5
+    assert train.parse_args(["--task", "depth", "--validation_guidance_scale", "5"]).validation_guidance_scale == 5.0
     assert args.train_data_dir.endswith("shapesworld-32px-seed0-0-6")
     assert quickstart.prepare_default_world(args) == [args.train_data_dir]  # no validation folder: the user's pair
 
@@ -93,6 +95,7 @@ def test_model_or_data_given_means_sd15(scripts, fake_assets, tmp_path):
     assert args.pretrained_model_name_or_path == DEFAULT_BASE_MODEL and args.train_data_dir is None
     args = train.parse_args(["--task", "depth", "--pretrained_model_name_or_path", "some/model"])
     assert args.pretrained_model_name_or_path == "some/model" and args.train_data_dir is None
+    assert args.validation_guidance_scale == 7.5  # SD1.5's
 
 
 def test_probe_trainer_defaults(scripts, fake_assets):
@@ -170,6 +173,8 @@ def test_quickstart_runs_on_the_bundled_world(task, tmp_path):
     card = (out / "README.md").read_text()
     assert quickstart.bundled_path("toy-sd") not in card and "`toy-sd`, the toy Stable Diffusion of ShapesWorld" in card
     assert "A ShapesWorld toy." in card and 'bundled_path("toy-sd")' in card
+    assert f"guidance_scale={quickstart.GUIDANCE_SCALE}," in card  # the how-to samples as validation did
+    assert f"| validation_guidance_scale | `{quickstart.GUIDANCE_SCALE}` |" in card
 
 
 @pytest.mark.e2e

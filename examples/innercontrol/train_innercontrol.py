@@ -218,7 +218,8 @@ def log_validation(models, tokenizers, controlnet, probe, task, args, accelerato
         for i in range(args.num_validation_images):
             with_readouts = bool(readout_steps) and i == 0
             out = pipeline(
-                prompt, image=control, num_inference_steps=n_steps, generator=generator, height=args.resolution,
+                prompt, image=control, num_inference_steps=n_steps, guidance_scale=args.validation_guidance_scale,
+                generator=generator, height=args.resolution,
                 width=args.resolution, return_readouts=with_readouts, readout_steps=readout_steps or None,
                 readout_task=task if with_readouts else None,
             )
@@ -517,6 +518,7 @@ def main(args):
                 steps=global_step, learning_rate=args.learning_rate, total_batch_size=total_batch_size,
                 resolution=args.resolution, mixed_precision=accelerator.mixed_precision, ema=args.use_ema,
                 reward_decode=args.reward_decode, preset=task.preset,
+                validation_guidance_scale=args.validation_guidance_scale if image_logs else None,
             ), sdxl=sdxl,
         )
         hub.save_model_card(args.output_dir, repo_id=args.hub_model_id, **card)

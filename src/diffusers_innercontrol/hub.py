@@ -198,6 +198,8 @@ def save_model_card(
     if dataset:
         rows.append(("dataset", shown_name(dataset)))
     for key, value in (train_args or {}).items():
+        if value is None:  # a setting that did not apply (e.g. the validation guidance of a run without validation)
+            continue
         rows.append((key, shown_name(value) if isinstance(value, str) and os.path.isabs(value) else value))
     lines.append("## Training\n")
     lines.append("| setting | value |\n|---|---|")
@@ -241,6 +243,8 @@ def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts
     code = ["```py", "import torch", f"from diffusers import ControlNetModel, {family}ControlNetPipeline",
             "from diffusers.utils import load_image"]
     if toy:
+        from .toy.quickstart import GUIDANCE_SCALE as TOY_GUIDANCE_SCALE
+
         code += ["from diffusers_innercontrol.toy.quickstart import bundled_path, validation_pairs", "",
                  f"controlnet = ControlNetModel.from_pretrained(\"{name}\")",
                  "pipe = StableDiffusionControlNetPipeline.from_pretrained(bundled_path(\"toy-sd\"), controlnet=controlnet, "
@@ -248,7 +252,7 @@ def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts
                  f"(prompt,), (control_path,) = validation_pairs(\"{task_name}\", n=1)  # a held-out ShapesWorld scene",
                  "control_image = load_image(control_path)",
                  "image = pipe(prompt, image=control_image, height=64, width=64, num_inference_steps=20,",
-                 "             generator=torch.Generator().manual_seed(0)).images[0]"]
+                 f"             guidance_scale={TOY_GUIDANCE_SCALE}, generator=torch.Generator().manual_seed(0)).images[0]"]
     else:
         prompt = (list(validation_prompts or []) or ["a photograph"])[0].replace('"', "'")
         base = base_model if not os.path.exists(str(base_model)) else shown_name(base_model)

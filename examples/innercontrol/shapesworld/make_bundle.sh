@@ -13,7 +13,8 @@
 #                        STEPS_<TASK> steps, each a cosine schedule with seed 0, 1, 2 ...; depth and segmentation
 #                        start from the UNet, HED and LineArt from the finished depth ControlNet, in a second wave
 #      probe-<task>      train_probe.py                                (stage 1 on the toy UNet's decoder features)
-#   2. fidelity/         fidelity_scale.py: floor, VAE round trip, no-ControlNet ceiling, ControlNet, closure
+#   2. fidelity/         fidelity_scale.py: floor, VAE round trip, no-ControlNet ceiling, ControlNet, closure (guidance
+#                        7.5, as the paper samples SD1.5); fidelity-guidance3/: the same at the toy SD's guidance 3
 #   3. the models are copied to the package's assets (ASSETS_DIR overrides where)
 #
 # Every stage keeps what is already in WORK_DIR (weights present), so the script resumes after an interruption.
@@ -136,6 +137,10 @@ run_jobs "${jobs_list[@]}"
 # ---------------------------------------------------------------- 2. the fidelity table
 timed fidelity python "$HERE/fidelity_scale.py" --output_dir "$WORK/fidelity" --pretrained_model_name_or_path "$TOY_SD" \
   --controlnet "shipped=$WORK" --eval_dir "$WORK" --num_scenes "$FIDELITY_SCENES"
+# and at the toy SD's own guidance (SD1.5's 7.5 over-saturates it), on the next held-out scenes
+timed fidelity-guidance3 python "$HERE/fidelity_scale.py" --output_dir "$WORK/fidelity-guidance3" \
+  --pretrained_model_name_or_path "$TOY_SD" --controlnet "shipped=$WORK" --eval_dir "$WORK" --num_scenes "$FIDELITY_SCENES" \
+  --guidance_scale 3 --start_index $((100000 + FIDELITY_SCENES))
 
 # ---------------------------------------------------------------- 3. into the package
 mkdir -p "$ASSETS"

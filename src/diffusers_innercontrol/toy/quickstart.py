@@ -28,12 +28,16 @@ from .shapesworld import ShapesWorld
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapesworld")
 RESOLUTION = 64
 NUM_SCENES = 1000
+# classifier-free guidance for sampling the toy SD: 7.5 (SD1.5's) over-saturates it and draws wavy background
+# textures; at 2-3 its ControlNets close about 20 more points of the fidelity gap (docs/shapesworld.md)
+GUIDANCE_SCALE = 3.0
 VALIDATION_START = 900_000  # held-out scene indices (the training folder uses 0 .. NUM_SCENES - 1)
 CACHE_ENV = "DIFFUSERS_INNERCONTROL_CACHE"
 
 # unset options -> ShapesWorld values, per script: small enough for a few minutes on 2 CPU cores
 _SCRIPT_DEFAULTS = {
-    "controlnet": dict(resolution=RESOLUTION, max_train_steps=200, learning_rate=1e-4, validation_steps=100),
+    "controlnet": dict(resolution=RESOLUTION, max_train_steps=200, learning_rate=1e-4, validation_steps=100,
+                       validation_guidance_scale=GUIDANCE_SCALE),
     # the toy UNet is about a tenth of SD1.5's width: a 64-wide probe (the paper's 384 on SD1.5), as the shipped ones
     "probe": dict(resolution=RESOLUTION, max_train_steps=300, validation_steps=300, projection_dim=64, norm_num_groups=16,
                   validation_split=32),
