@@ -31,8 +31,17 @@ def test_controlnet_card_fields_and_images(tmp_path):
         assert row in text, row
     assert "Mode: InnerControl (reward + alignment)." in text
     assert "validation_guidance_scale" not in text  # a setting that did not apply has no row
+    assert "guidance_scale=" not in text  # the how-to keeps the pipeline's default guidance
     assert "![a room](./images_0.png)" in text and "![a street](./images_1.png)" in text
     assert Image.open(tmp_path / "images_1.png").getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_card_how_to_samples_at_the_validation_guidance(tmp_path):
+    path = hub.save_model_card(str(tmp_path), base_model="b", task=get_task("hed"),
+                               train_args={"validation_guidance_scale": 3.0})
+    text = ModelCard.load(path).text
+    assert "| validation_guidance_scale | `3.0` |" in text
+    assert 'guidance_scale=3.0, generator=torch.Generator("cuda").manual_seed(0)).images[0]' in text
 
 
 @pytest.mark.parametrize("alpha,beta,mode", [(0, 0, "ControlNet (diffusion loss only)"),

@@ -212,7 +212,8 @@ def save_model_card(
             caption = prompts[i] if i < len(prompts) else ""
             lines.append(f"![{caption or fname}](./{fname})" + (f"\n*{caption}*" if caption else "") + "\n")
     lines.append("## How to use\n")
-    lines.append(_how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts, sdxl))
+    guidance = (train_args or {}).get("validation_guidance_scale")  # the how-to samples as the validation did
+    lines.append(_how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts, sdxl, guidance))
     lines.append("## Limitations\n")
     if toy:
         lines.append("Only for ShapesWorld scenes at 64 px and the toy Stable Diffusion above: a demonstration and test "
@@ -231,8 +232,9 @@ def save_model_card(
     return path
 
 
-def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts, sdxl=False) -> str:
+def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts, sdxl=False, guidance_scale=None) -> str:
     """Code that runs as it is: every name it uses is defined (the control image is the user's file)."""
+    guidance = "" if guidance_scale is None else f"guidance_scale={guidance_scale}, "
     family = "StableDiffusionXL" if sdxl else "StableDiffusion"
     if model_kind == "probe":
         return (
@@ -243,8 +245,6 @@ def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts
     code = ["```py", "import torch", f"from diffusers import ControlNetModel, {family}ControlNetPipeline",
             "from diffusers.utils import load_image"]
     if toy:
-        from .toy.quickstart import GUIDANCE_SCALE as TOY_GUIDANCE_SCALE
-
         code += ["from diffusers_innercontrol.toy.quickstart import bundled_path, validation_pairs", "",
                  f"controlnet = ControlNetModel.from_pretrained(\"{name}\")",
                  "pipe = StableDiffusionControlNetPipeline.from_pretrained(bundled_path(\"toy-sd\"), controlnet=controlnet, "
@@ -252,7 +252,7 @@ def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts
                  f"(prompt,), (control_path,) = validation_pairs(\"{task_name}\", n=1)  # a held-out ShapesWorld scene",
                  "control_image = load_image(control_path)",
                  "image = pipe(prompt, image=control_image, height=64, width=64, num_inference_steps=20,",
-                 f"             guidance_scale={TOY_GUIDANCE_SCALE}, generator=torch.Generator().manual_seed(0)).images[0]"]
+                 f"             {guidance}generator=torch.Generator().manual_seed(0)).images[0]"]
     else:
         prompt = (list(validation_prompts or []) or ["a photograph"])[0].replace('"', "'")
         base = base_model if not os.path.exists(str(base_model)) else shown_name(base_model)
@@ -262,7 +262,7 @@ def _how_to_use(model_kind, name, base_model, task_name, toy, validation_prompts
                  f"control_image = load_image(\"control.png\")  # your {task_name} control, as the task draws it",
                  f"prompt = \"{prompt}\"",
                  "image = pipe(prompt, image=control_image, num_inference_steps=20,",
-                 "             generator=torch.Generator(\"cuda\").manual_seed(0)).images[0]"]
+                 f"             {guidance}generator=torch.Generator(\"cuda\").manual_seed(0)).images[0]"]
     code += ["image.save(\"image.png\")", "```", ""]
     return "\n".join(code)
 
