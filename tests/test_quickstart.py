@@ -95,7 +95,7 @@ def test_model_or_data_given_means_sd15(scripts, fake_assets, tmp_path):
     assert args.pretrained_model_name_or_path == DEFAULT_BASE_MODEL and args.train_data_dir is None
     args = train.parse_args(["--task", "depth", "--pretrained_model_name_or_path", "some/model"])
     assert args.pretrained_model_name_or_path == "some/model" and args.train_data_dir is None
-    assert args.validation_guidance_scale == 7.5  # SD1.5's
+    assert args.validation_guidance_scale is None  # the pipeline's own (7.5 for SD1.5, 5 for SDXL)
 
 
 def test_probe_trainer_defaults(scripts, fake_assets):

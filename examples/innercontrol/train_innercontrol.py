@@ -206,6 +206,8 @@ def log_validation(models, tokenizers, controlnet, probe, task, args, accelerato
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     generator = None if args.seed is None else torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    # the pipeline's own default (SD1.5 7.5, SDXL 5) unless the user or the ShapesWorld defaults set one
+    guidance = {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
     n_steps = args.num_validation_inference_steps
     readout_steps = []
     if probe is not None and args.num_validation_readouts > 0:
@@ -218,10 +220,9 @@ def log_validation(models, tokenizers, controlnet, probe, task, args, accelerato
         for i in range(args.num_validation_images):
             with_readouts = bool(readout_steps) and i == 0
             out = pipeline(
-                prompt, image=control, num_inference_steps=n_steps, guidance_scale=args.validation_guidance_scale,
-                generator=generator, height=args.resolution,
+                prompt, image=control, num_inference_steps=n_steps, generator=generator, height=args.resolution,
                 width=args.resolution, return_readouts=with_readouts, readout_steps=readout_steps or None,
-                readout_task=task if with_readouts else None,
+                readout_task=task if with_readouts else None, **guidance,
             )
             generated.append(out.images[0])
             if with_readouts:

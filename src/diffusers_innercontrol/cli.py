@@ -183,8 +183,9 @@ def add_logging_args(parser: argparse.ArgumentParser, validation_steps: int = 10
                    help="Validation control images; one, or as many as --validation_prompt.")
     g.add_argument("--num_validation_images", type=int, default=2, help="Images per validation prompt.")
     g.add_argument("--num_validation_inference_steps", type=int, default=20, help="Denoising steps of the validation images.")
-    g.add_argument("--validation_guidance_scale", type=float, default=7.5,
-                   help="Classifier-free guidance of the validation images (default: SD1.5's 7.5; ShapesWorld's toy SD: 3).")
+    g.add_argument("--validation_guidance_scale", type=float, default=None,
+                   help="Classifier-free guidance of the validation images (default: the pipeline's, 7.5 for SD1.5 and 5 "
+                        "for SDXL; 3 on ShapesWorld, whose toy SD over-saturates at 7.5).")
     g.add_argument("--validation_steps", type=int, default=validation_steps, help="Validate every N steps.")
     return g
 

@@ -29,7 +29,7 @@ ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", 
 RESOLUTION = 64
 NUM_SCENES = 1000
 # classifier-free guidance for sampling the toy SD: 7.5 (SD1.5's) over-saturates it and draws wavy background
-# textures; at 2-3 its ControlNets close about 20 more points of the fidelity gap (docs/shapesworld.md)
+# textures; at 3 its edge ControlNets close about 20 more points of the fidelity gap (docs/shapesworld.md)
 GUIDANCE_SCALE = 3.0
 VALIDATION_START = 900_000  # held-out scene indices (the training folder uses 0 .. NUM_SCENES - 1)
 CACHE_ENV = "DIFFUSERS_INNERCONTROL_CACHE"
