@@ -727,3 +727,48 @@ def test_the_family_is_read_from_the_unet_config_and_sets_the_default_resolution
         args = ns(path)
         assert resolve_resolution(args, sdxl) == native and args.resolution == native
         assert resolve_resolution(ns(path, 96), sdxl) == 96
+
+
+# --------------------------------------------------------------------------------------------- validation (in process)
+@pytest.mark.parametrize("guidance,expected", [(None, {}), (3.0, {"guidance_scale": 3.0})])
+def test_validation_samples_at_the_given_guidance_or_the_pipelines_own(script, tmp_path, monkeypatch, guidance, expected):
+    """`--validation_guidance_scale` reaches the pipeline call; unset, the pipeline keeps its own default (SD1.5 7.5,
+    SDXL 5). The pipeline and scheduler are stand-ins that record how they were called."""
+    import types
+
+    import diffusers
+    from PIL import Image
+
+    import diffusers_innercontrol.pipeline_readout as pipeline_readout
+    from diffusers_innercontrol import get_task
+
+    calls = []
+
+    class FakePipeline:
+        def __init__(self, **kwargs):
+            pass
+
+        def to(self, device):
+            return self
+
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def __call__(self, prompt, **kwargs):
+            calls.append(kwargs)
+            return types.SimpleNamespace(images=[Image.new("RGB", (8, 8))])
+
+    monkeypatch.setattr(pipeline_readout, "StableDiffusionControlNetReadoutPipeline", FakePipeline)
+    monkeypatch.setattr(diffusers, "UniPCMultistepScheduler",
+                        types.SimpleNamespace(from_pretrained=lambda *args, **kwargs: None))
+    control = tmp_path / "control.png"
+    Image.new("RGB", (8, 8), "white").save(control)
+    args = types.SimpleNamespace(validation_prompt=["p"], validation_image=[str(control)], pretrained_model_name_or_path="x",
+                                 revision=None, seed=0, num_validation_inference_steps=2, num_validation_readouts=0,
+                                 num_validation_images=1, resolution=8, validation_guidance_scale=guidance)
+    models = {"vae": None, "text_encoder": None, "unet": None, "sdxl": False}
+    accelerator = types.SimpleNamespace(device=torch.device("cpu"), trackers=[])
+    controlnet = types.SimpleNamespace(dtype=torch.float32)
+    logs = script.log_validation(models, (None, None), controlnet, None, get_task("hed"), args, accelerator, torch.float32, 1)
+    assert len(logs) == 1 and len(calls) == 1
+    assert {k: v for k, v in calls[0].items() if k == "guidance_scale"} == expected
