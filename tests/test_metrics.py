@@ -16,6 +16,7 @@ from diffusers_innercontrol.metrics import (
     depth_to_0_255,
     edge_ms_ssim,
     edge_ssim,
+    edge_ssim_deficit_by_region,
     mean_iou,
     ms_ssim_min_size,
 )
@@ -45,6 +46,35 @@ def test_ssim_resizes_prediction_to_control():
     pred[..., 4:12, 4:12] = 1.0  # the same square at half the size
     assert edge_ssim(pred, control).item() > 0.7
     assert edge_ssim(1.0 - pred, control).item() < 0.0  # inverted polarity is punished
+
+
+def test_ssim_deficit_by_region_of_constant_maps_by_hand():
+    # Constant maps have the hand SSIM of the test above everywhere; a control above the threshold makes every pixel
+    # "near an edge", one below it every pixel background.
+    a, c1 = 0.5, 1e-4
+    for b, column in ((0.25, 0), (0.04, 1)):
+        deficit = 1 - (2 * a * b + c1) / (a * a + b * b + c1)
+        parts = edge_ssim_deficit_by_region(torch.full((1, 1, 24, 24), a), torch.full((1, 3, 24, 24), b))
+        assert parts.shape == (1, 2)
+        assert abs(parts[0, column].item() - deficit) < 1e-4 and parts[0, 1 - column].item() == 0
+
+
+def test_ssim_deficit_by_region_splits_where_the_maps_differ():
+    control = torch.zeros(2, 1, 48, 48)
+    control[:, :, 8:10, 4:14] = 1.0  # an edge in the top-left corner
+    spurious = control.clone()
+    spurious[:, :, 34:40, 34:40] = 0.8  # an edge the control does not have, far from its edges
+    parts = edge_ssim_deficit_by_region(spurious, control)
+    assert parts[:, 0].abs().max().item() < 1e-9 and (parts[:, 1] > 0.01).all()  # all of it on the background
+    moved = torch.roll(control, 1, dims=-1)  # the control's edge one pixel off; SSIM windows reach 5 px
+    parts = edge_ssim_deficit_by_region(moved, control, near_px=6)
+    assert (parts[:, 0] > 0.01).all() and parts[:, 1].abs().max().item() < 1e-9  # all of it near the edge
+    assert edge_ssim_deficit_by_region(moved, control, near_px=1)[:, 1].min().item() > 0  # a narrower band leaves some
+    # the two parts add up to the SSIM's deficit, per sample
+    pred = torch.rand(3, 1, 40, 40)
+    control = (torch.rand(3, 1, 40, 40) > 0.9).float()
+    torch.testing.assert_close(edge_ssim_deficit_by_region(pred, control).sum(1).float(), 1 - edge_ssim(pred, control),
+                               atol=1e-5, rtol=0)
 
 
 def test_ms_ssim_identical_is_one_and_small_maps_give_none():
@@ -111,6 +141,13 @@ def test_control_fidelity_regression_tasks():
     edges.update(control, control.expand(-1, 3, -1, -1))
     out = edges.compute()
     assert abs(out["ssim"] - 1.0) < 1e-5 and out["ms_ssim"] is None and out["num_images"] == 2
+    edges = ControlFidelity("lineart")  # where the SSIM is lost, split in two parts that add up
+    line = torch.zeros(2, 1, 32, 32)
+    line[..., 4, :] = 1.0
+    edges.update(torch.rand(2, 1, 32, 32), line)
+    out = edges.compute()
+    assert out["ssim_deficit_background"] > 0
+    assert abs(out["ssim_deficit_near_edges"] + out["ssim_deficit_background"] - (1 - out["ssim"])) < 1e-5
     depth = ControlFidelity("depth")
     c = torch.tensor([[1.0, 0.5], [0.5, 1.0]]).view(1, 1, 2, 2)
     depth.update(torch.tensor([[[2.0, 2.0], [1.0, 2.0]]]), c)  # 63.5 (see above)

@@ -90,6 +90,32 @@ def edge_ssim(prediction: torch.Tensor, control: torch.Tensor, **kwargs) -> torc
     return structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none", **kwargs).reshape(-1)
 
 
+def edge_ssim_deficit_by_region(prediction: torch.Tensor, control: torch.Tensor, near_px: int = 3,
+                                threshold: float = 0.05) -> torch.Tensor:
+    """
+    Where an edge map's SSIM is lost: `1 - edge_ssim` split between the pixels near the control's edges (within
+    `near_px` pixels of a control value above `threshold`, a square neighbourhood) and the rest (the background,
+    where the control has no edge at all).
+
+    Both parts are sums of the SSIM map's deficit `1 - ssim(x, y)` over their pixels divided by the number of all
+    pixels, so that `near + background == 1 - edge_ssim` per sample: a model's SSIM shortfall against another's is
+    the sum of the two parts' shortfalls. Background deficit on a generated image is the evaluator reading edges
+    where the control has none (e.g. a background texture the model drew unevenly).
+
+    Returns:
+        `(B, 2)`: columns near the edges, background.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    pred, target = edge_maps(prediction, control)
+    _, ssim_map = structural_similarity_index_measure(pred.double(), target.double(), data_range=1.0,
+                                                      reduction="none", return_full_image=True)
+    deficit = 1.0 - ssim_map[:, 0]
+    near = F.max_pool2d((target > threshold).double(), 2 * near_px + 1, stride=1, padding=near_px)[:, 0] > 0
+    pixels = deficit[0].numel()
+    return torch.stack([(deficit * near).sum((1, 2)), (deficit * ~near).sum((1, 2))], 1) / pixels
+
+
 def ms_ssim_min_size(kernel_size: int = 11, num_scales: int = len(MS_SSIM_BETAS)) -> int:
     """MS-SSIM needs both sides larger than this (torchmetrics: `(kernel_size - 1) * 2 ** (scales - 1)`)."""
     return (kernel_size - 1) * 2 ** (num_scales - 1)
@@ -197,7 +223,8 @@ class ControlFidelity:
     `update(prediction, control, control_classes=None)` with the evaluator's output on a batch of generated
     images; `compute()` -> dict: `ssim`, `ms_ssim` (HED, LineArt), `rmse` (depth), `miou` (segmentation), each
     the mean over all generated images (mIoU: over the accumulated confusion matrix), plus `*_std` and
-    `num_images`.
+    `num_images`; HED and LineArt also `ssim_deficit_near_edges` and `ssim_deficit_background`
+    (`edge_ssim_deficit_by_region`, summing to `1 - ssim`).
     """
 
     def __init__(self, task_name: str, num_classes: Optional[int] = None, quantize_depth: bool = True,
@@ -235,6 +262,9 @@ class ControlFidelity:
         if self.task_name in ("hed", "lineart"):
             control = control.detach().cpu()
             self._add("ssim", edge_ssim(prediction, control))
+            region = edge_ssim_deficit_by_region(prediction, control)  # where the SSIM is lost
+            self._add("ssim_deficit_near_edges", region[:, 0])
+            self._add("ssim_deficit_background", region[:, 1])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._add("ms_ssim", edge_ms_ssim(prediction, control))

@@ -157,6 +157,21 @@ def grid_for(dataset, rows: Dict[str, Dict], n: int, size: int = 96):
 
 
 # --------------------------------------------------------------------------------------------- report
+def closure_by_region(row: Dict, floor: Dict, ceiling: Dict) -> Dict:
+    """
+    An edge row's closure near the control's edges and on the background, from the SSIM deficits that
+    `ControlFidelity` reports (`ssim_deficit_near_edges`, `ssim_deficit_background`, summing to 1 - SSIM), and the
+    share of the row's shortfall against the real images that lies on the background (None without a shortfall).
+    """
+    from diffusers_innercontrol.metrics import fidelity_closure
+
+    near, back = "ssim_deficit_near_edges", "ssim_deficit_background"
+    shortfall = (row[near] - floor[near]) + (row[back] - floor[back])
+    return {"near_edges": fidelity_closure(row[near], floor[near], ceiling[near]) if floor[near] != ceiling[near] else None,
+            "background": fidelity_closure(row[back], floor[back], ceiling[back]) if floor[back] != ceiling[back] else None,
+            "background_share": (row[back] - floor[back]) / shortfall if shortfall > 0 else None}
+
+
 def fidelity_markdown(result: Dict) -> str:
     from diffusers_innercontrol.metrics import CONTROL_METRICS
 
@@ -188,6 +203,16 @@ def fidelity_markdown(result: Dict) -> str:
                       "|---|" + "---|" * len(styles)]
             for n, groups in by_background.items():
                 cells = ["-" if groups[s]["closure"] is None else f"{100 * groups[s]['closure']:.0f} %" for s in styles]
+                lines.append(f"| {block['rows'][n]['title']} | " + " | ".join(cells) + " |")
+        by_region = {n: r["closure_by_region"] for n, r in block["rows"].items() if r.get("closure_by_region")}
+        if by_region:
+            lines += ["", f"Where the {name} is lost: the closure of its deficit (1 - {name} map) near the control's edges "
+                      "(within 3 px) and on the background (everywhere else), and the share of the row's shortfall "
+                      "against the real images that lies on the background:", "",
+                      "| row | closure near the edges | closure on the background | shortfall on the background |",
+                      "|---|---|---|---|"]
+            for n, r in by_region.items():
+                cells = ["-" if r[k] is None else f"{100 * r[k]:.0f} %" for k in ("near_edges", "background", "background_share")]
                 lines.append(f"| {block['rows'][n]['title']} | " + " | ".join(cells) + " |")
         lines += ["", f"Evaluator: `{block['evaluator']}`.", ""]
     return "\n".join(lines)
@@ -281,6 +306,9 @@ def main(args) -> Dict:
                 # where the missing fidelity is: textured backgrounds are the hardest to draw for the toy SD
                 row["closure_by_background"] = closure_by_group(per_scene[FLOOR], per_scene[CEILING], per_scene[name],
                                                                 backgrounds, reduce=reduce)
+                if not task.is_segmentation and "ssim_deficit_background" in row["metrics"]:
+                    row["closure_by_region"] = closure_by_region(row["metrics"], rows[FLOOR]["metrics"],
+                                                                 rows[CEILING]["metrics"])
         os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
         grid_for(dataset, rows, args.grid_scenes).save(os.path.join(args.output_dir, "grids", f"{task_name}.png"))
         result["tasks"][task_name] = {"metric": key, "evaluator": os.path.abspath(os.path.join(args.eval_dir, f"eval-{task_name}")),
