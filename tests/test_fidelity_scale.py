@@ -47,14 +47,16 @@ def test_closure_refuses_no_gap_and_nan():
 
 
 def test_closure_by_region_by_hand(fs):
+    from diffusers_innercontrol.metrics import closure_by_region
+
     floor = {"ssim_deficit_near_edges": 0.02, "ssim_deficit_background": 0.01}
     ceiling = {"ssim_deficit_near_edges": 0.30, "ssim_deficit_background": 0.20}
     row = {"ssim_deficit_near_edges": 0.10, "ssim_deficit_background": 0.05}
-    r = fs.closure_by_region(row, floor, ceiling)
+    r = closure_by_region(row, floor, ceiling)
     assert r["near_edges"] == pytest.approx(0.20 / 0.28) and r["background"] == pytest.approx(0.15 / 0.19)
     assert r["background_share"] == pytest.approx(0.04 / (0.08 + 0.04))  # a third of the shortfall is background
-    assert fs.closure_by_region(floor, floor, ceiling)["background_share"] is None  # no shortfall
-    assert fs.closure_by_region(row, floor, floor)["near_edges"] is None  # no gap to close
+    assert closure_by_region(floor, floor, ceiling)["background_share"] is None  # no shortfall
+    assert closure_by_region(row, floor, floor)["near_edges"] is None  # no gap to close
     md = fs.fidelity_markdown({"args": {"num_scenes": 1, "start_index": 0, "world_seed": 0, "seeds": [0],
                                         "num_inference_steps": 1, "guidance_scale": 3.0},
                                "tasks": {"hed": {"evaluator": "e", "rows": {"controlnet-a": {

@@ -261,8 +261,9 @@ class ControlFidelity:
         prediction = prediction.detach().cpu()
         if self.task_name in ("hed", "lineart"):
             control = control.detach().cpu()
-            self._add("ssim", edge_ssim(prediction, control))
-            region = edge_ssim_deficit_by_region(prediction, control)  # where the SSIM is lost
+            # one SSIM map gives both the SSIM (1 - the deficits' sum) and where it is lost
+            region = edge_ssim_deficit_by_region(prediction, control)
+            self._add("ssim", 1.0 - region.sum(1))
             self._add("ssim_deficit_near_edges", region[:, 0])
             self._add("ssim_deficit_background", region[:, 1])
             with warnings.catch_warnings():
@@ -502,6 +503,20 @@ def fidelity_closure(value: float, floor: float, ceiling: float) -> float:
     if ceiling == floor:
         raise ValueError(f"The floor and the ceiling are both {floor}: there is no fidelity gap to close.")
     return (ceiling - value) / (ceiling - floor)
+
+
+def closure_by_region(row: Dict, floor: Dict, ceiling: Dict) -> Dict:
+    """
+    An edge row's closure near the control's edges and on the background, from the SSIM deficits that
+    `ControlFidelity` reports (`ssim_deficit_near_edges`, `ssim_deficit_background`, summing to 1 - SSIM) for the
+    row, the floor and the ceiling; and the share of the row's shortfall against the floor that lies on the
+    background. A part whose floor equals its ceiling has closure None; a row with no shortfall has share None.
+    """
+    near, back = "ssim_deficit_near_edges", "ssim_deficit_background"
+    shortfall = (row[near] - floor[near]) + (row[back] - floor[back])
+    return {"near_edges": fidelity_closure(row[near], floor[near], ceiling[near]) if floor[near] != ceiling[near] else None,
+            "background": fidelity_closure(row[back], floor[back], ceiling[back]) if floor[back] != ceiling[back] else None,
+            "background_share": (row[back] - floor[back]) / shortfall if shortfall > 0 else None}
 
 
 def closure_by_group(floor, ceiling, value, groups: Sequence, reduce=None) -> Dict:

@@ -157,21 +157,6 @@ def grid_for(dataset, rows: Dict[str, Dict], n: int, size: int = 96):
 
 
 # --------------------------------------------------------------------------------------------- report
-def closure_by_region(row: Dict, floor: Dict, ceiling: Dict) -> Dict:
-    """
-    An edge row's closure near the control's edges and on the background, from the SSIM deficits that
-    `ControlFidelity` reports (`ssim_deficit_near_edges`, `ssim_deficit_background`, summing to 1 - SSIM), and the
-    share of the row's shortfall against the real images that lies on the background (None without a shortfall).
-    """
-    from diffusers_innercontrol.metrics import fidelity_closure
-
-    near, back = "ssim_deficit_near_edges", "ssim_deficit_background"
-    shortfall = (row[near] - floor[near]) + (row[back] - floor[back])
-    return {"near_edges": fidelity_closure(row[near], floor[near], ceiling[near]) if floor[near] != ceiling[near] else None,
-            "background": fidelity_closure(row[back], floor[back], ceiling[back]) if floor[back] != ceiling[back] else None,
-            "background_share": (row[back] - floor[back]) / shortfall if shortfall > 0 else None}
-
-
 def fidelity_markdown(result: Dict) -> str:
     from diffusers_innercontrol.metrics import CONTROL_METRICS
 
@@ -228,6 +213,7 @@ def main(args) -> Dict:
         ControlFidelity,
         bootstrap_closure,
         closure_by_group,
+        closure_by_region,
         fidelity_closure,
         miou_from_confusion,
     )
