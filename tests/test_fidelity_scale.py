@@ -181,6 +181,35 @@ def test_parse_args_refuses_missing_models_before_work(fs, tmp_path):
 
 
 @pytest.mark.e2e
+def test_paired_closure_difference_by_hand():
+    from diffusers_innercontrol.metrics import fidelity_closure, paired_closure_difference
+
+    # SSIM on 4 scenes (higher is better): floor mean 0.8, ceiling mean 0.4, gap -0.4
+    floor = torch.tensor([0.9, 0.8, 0.7, 0.8])
+    ceiling = torch.tensor([0.5, 0.4, 0.3, 0.4])
+    value = torch.tensor([0.8, 0.5, 0.5, 0.4])
+    reference = torch.tensor([0.7, 0.5, 0.4, 0.4])
+    d = paired_closure_difference(floor, ceiling, value, reference)
+    # per scene (reference - value) / gap = 0.25, 0, 0.25, 0: mean 0.125 = closure 0.375 - closure 0.25
+    assert d["diff"] == pytest.approx(0.125)
+    assert d["diff"] == pytest.approx(fidelity_closure(0.55, 0.8, 0.4) - fidelity_closure(0.5, 0.8, 0.4))
+    # sample std 0.125 * sqrt(4/3), standard error half of it; t(3) quantile 3.18245 (tables); t = sqrt(3)
+    half = 3.1824463 * 0.125 * math.sqrt(4 / 3) / 2
+    assert (d["ci_low"], d["ci_high"]) == (pytest.approx(0.125 - half, abs=1e-6), pytest.approx(0.125 + half, abs=1e-6))
+    # two-sided p of t = sqrt(3) with 3 degrees of freedom, in closed form: 2 * (1/4 - 1/(2 pi))
+    assert d["p"] == pytest.approx(0.5 - 1 / math.pi, rel=1e-6) and d["n"] == 4
+    # the sign: the reference against the value is the negative; a lower-is-better metric (RMSE) the same way
+    assert paired_closure_difference(floor, ceiling, reference, value)["diff"] == pytest.approx(-0.125)
+    rmse = paired_closure_difference(-floor, -ceiling, -value, -reference)
+    assert rmse["diff"] == pytest.approx(0.125) and rmse["p"] == pytest.approx(d["p"])
+    assert paired_closure_difference(floor, ceiling, value, value) | {"level": 0.95} == {
+        "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0, "n": 4, "level": 0.95}
+    with pytest.raises(ValueError, match="same >= 2 scenes"):
+        paired_closure_difference(floor, ceiling, value, reference[:3])
+    with pytest.raises(ValueError, match="no fidelity gap"):
+        paired_closure_difference(floor, floor, value, reference)
+
+
 def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
     from diffusers import AutoencoderKL
 
@@ -197,13 +226,17 @@ def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
     out = tmp_path / "out"
     args = fs.parse_args([
         "--output_dir", str(out), "--tasks", "depth", "--pretrained_model_name_or_path", tiny_pipeline_path,
-        "--controlnet", f"tiny={cn_dir}", "--eval_dir", str(eval_dir), "--num_scenes", "3", "--start_index", "7",
+        "--controlnet", f"tiny={cn_dir}", "--controlnet", f"again={cn_dir}", "--eval_dir", str(eval_dir), "--num_scenes", "3", "--start_index", "7",
         "--vae", f"same={tiny_pipeline_path}",
         "--resolution", "32", "--num_inference_steps", "2", "--grid_scenes", "2", "--device", "cpu",
     ])
     result = fs.main(args)
     rows = result["tasks"]["depth"]["rows"]
-    assert list(rows) == ["floor", "vae", "vae-same", "no_controlnet", "controlnet-tiny"]
+    assert list(rows) == ["floor", "vae", "vae-same", "no_controlnet", "controlnet-tiny", "controlnet-again"]
+    # the same ControlNet twice, the same seeds: paired against the first ControlNet row, no difference
+    assert rows["controlnet-again"]["paired_difference"] | {"level": 0.95} == {
+        "reference": "controlnet-tiny", "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0, "n": 3, "level": 0.95}
+    assert "paired_difference" not in rows["controlnet-tiny"]
     # another autoencoder's row: here the same one, so the same score
     assert rows["vae-same"]["value"] == pytest.approx(rows["vae"]["value"], rel=1e-6)
 
@@ -240,6 +273,7 @@ def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
     assert saved_json["tasks"]["depth"]["rows"]["floor"]["value"] == pytest.approx(floor, rel=1e-5)
     md = (out / "fidelity.md").read_text()
     assert "| floor: real images |" in md and "| ControlNet: tiny |" in md
+    assert "| ControlNet: again | ControlNet: tiny | +0.0 | +0.0 - +0.0 | 1 |" in md
     grid = Image.open(out / "grids" / "depth.png")
     assert grid.height > 2 * 96 and grid.width > 5 * 96
 

@@ -199,6 +199,13 @@ def fidelity_markdown(result: Dict) -> str:
             for n, r in by_region.items():
                 cells = ["-" if r[k] is None else f"{100 * r[k]:.0f} %" for k in ("near_edges", "background", "background_share")]
                 lines.append(f"| {block['rows'][n]['title']} | " + " | ".join(cells) + " |")
+        paired = {n: r["paired_difference"] for n, r in block["rows"].items() if r.get("paired_difference")}
+        if paired:
+            lines += ["", "Each ControlNet against the first, on the same scenes and noise (closure points, paired t-test "
+                      "over scenes):", "", "| row | against | difference | 95 % interval | p |", "|---|---|---|---|---|"]
+            for n, d in paired.items():
+                lines.append(f"| {block['rows'][n]['title']} | {block['rows'][d['reference']]['title']} | "
+                             f"{100 * d['diff']:+.1f} | {100 * d['ci_low']:+.1f} - {100 * d['ci_high']:+.1f} | {d['p']:.2g} |")
         lines += ["", f"Evaluator: `{block['evaluator']}`.", ""]
     return "\n".join(lines)
 
@@ -216,6 +223,7 @@ def main(args) -> Dict:
         closure_by_region,
         fidelity_closure,
         miou_from_confusion,
+        paired_closure_difference,
     )
     from diffusers_innercontrol.tasks import get_task
     from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
@@ -295,6 +303,12 @@ def main(args) -> Dict:
                 if not task.is_segmentation and "ssim_deficit_background" in row["metrics"]:
                     row["closure_by_region"] = closure_by_region(row["metrics"], rows[FLOOR]["metrics"],
                                                                  rows[CEILING]["metrics"])
+        # ControlNets compared on the same scenes and noise: each against the first, paired over scenes
+        controlnet_rows = [n for n in rows if n.startswith("controlnet-")]
+        if not task.is_segmentation and len(dataset) >= 2:
+            for name in controlnet_rows[1:]:
+                rows[name]["paired_difference"] = {"reference": controlnet_rows[0], **paired_closure_difference(
+                    per_scene[FLOOR], per_scene[CEILING], per_scene[name], per_scene[controlnet_rows[0]])}
         os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
         grid_for(dataset, rows, args.grid_scenes).save(os.path.join(args.output_dir, "grids", f"{task_name}.png"))
         result["tasks"][task_name] = {"metric": key, "evaluator": os.path.abspath(os.path.join(args.eval_dir, f"eval-{task_name}")),
