@@ -180,7 +180,6 @@ def test_parse_args_refuses_missing_models_before_work(fs, tmp_path):
         fs.parse_args(["--output_dir", str(tmp_path / "out"), "--tasks", "canny"])
 
 
-@pytest.mark.e2e
 def test_paired_closure_difference_by_hand():
     from diffusers_innercontrol.metrics import fidelity_closure, paired_closure_difference
 
@@ -210,6 +209,7 @@ def test_paired_closure_difference_by_hand():
         paired_closure_difference(floor, floor, value, reference)
 
 
+@pytest.mark.e2e
 def test_fidelity_scale_on_tiny_models(fs, tiny_pipeline_path, tmp_path):
     from diffusers import AutoencoderKL
 
