@@ -68,12 +68,13 @@ def test_controlnet_segments_then_tuning_on_the_final_toy_sd(full_build):
     assert (seg0["--max_train_steps"], seg1["--max_train_steps"]) == ("2000", "3500")
     assert {seg0["--pretrained_model_name_or_path"], seg1["--pretrained_model_name_or_path"]} == {base}
     assert seg0["--learning_rate"] == "5e-4" and (seg0["--seed"], seg1["--seed"]) == ("0", "1")
-    tune = runs["controlnet-segmentation-tune-s2"]
-    assert tune["--controlnet_model_name_or_path"] == str(work / "controlnet-segmentation-s1")
+    assert not [name for name in runs if name.startswith("controlnet-segmentation-tune")]  # segmentation: none
+    tune = runs["controlnet-depth-tune-s2"]
+    assert tune["--controlnet_model_name_or_path"] == str(work / "controlnet-depth-s0")
     assert tune["--pretrained_model_name_or_path"] == final
     assert (tune["--learning_rate"], tune["--seed"], tune["--max_train_steps"]) == ("1.5e-3", "2", "1500")
     # the shipped folder is the last segment
-    assert (work / "controlnet-segmentation" / "m.safetensors").exists()
+    assert (work / "controlnet-depth" / "m.safetensors").exists()
 
 
 def test_edge_tasks_start_from_depth_before_its_tuning(full_build):
@@ -92,12 +93,12 @@ def test_a_rerun_keeps_every_model(tmp_path):
     work, _ = _run(tmp_path)
     _, runs = _run(tmp_path)
     assert not [name for name in runs if not name.startswith("fidelity")], runs.keys()
-    # interrupted in segmentation's tuning: only that segment runs again
-    for name in ("controlnet-segmentation", "controlnet-segmentation-tune-s2"):
+    # interrupted in depth's tuning: only that segment runs again
+    for name in ("controlnet-depth", "controlnet-depth-tune-s2"):
         for f in (work / name).iterdir():
             f.unlink()
     _, runs = _run(tmp_path)
-    assert [name for name in runs if not name.startswith("fidelity")] == ["controlnet-segmentation-tune-s2"]
+    assert [name for name in runs if not name.startswith("fidelity")] == ["controlnet-depth-tune-s2"]
 
 
 def test_retuning_a_bundle_on_a_new_toy_sd(tmp_path):
@@ -106,7 +107,7 @@ def test_retuning_a_bundle_on_a_new_toy_sd(tmp_path):
         d.mkdir(parents=True)
     (toy / "README.md").touch()
     work, runs = _run(tmp_path, CN_INIT=str(bundle), TOY_SD=str(toy), STEPS_HED="", STEPS_LINEART="",
-                      STEPS_DEPTH="", STEPS_SEGMENTATION="", TUNE_STEPS_LINEART="700")
+                      STEPS_DEPTH="", STEPS_SEGMENTATION="", TUNE_STEPS_LINEART="700", TUNE_STEPS_SEGMENTATION="1500")
     assert not any(name.startswith("toy-sd") or name.endswith(("-s0", "-s1")) for name in runs), runs.keys()
     for task in ("hed", "lineart", "depth", "segmentation"):
         tune = runs[f"controlnet-{task}-tune-s2"]

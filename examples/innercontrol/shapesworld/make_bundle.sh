@@ -31,7 +31,8 @@ set -euo pipefail
 WORK=${1:?usage: make_bundle.sh WORK_DIR [JOBS]}
 JOBS=${2:-2}
 # the shipped ControlNets' segments (docs/shapesworld.md): on toy-sd-8ch, depth 2000 steps, segmentation 5500, HED
-# and LineArt 2000 each after depth's 2000; then on the final toy SD 1500 steps at the higher rate (LineArt 1500 + 3000)
+# and LineArt 2000 each after depth's 2000; then on the final toy SD 1500 steps at the higher rate (LineArt 1500 + 3000;
+# segmentation none: 1500 did not raise its mIoU)
 STEPS_HED=${STEPS_HED-2000}
 STEPS_LINEART=${STEPS_LINEART-2000}
 STEPS_DEPTH=${STEPS_DEPTH-2000}
@@ -39,7 +40,7 @@ STEPS_SEGMENTATION=${STEPS_SEGMENTATION-2000 3500}
 TUNE_STEPS_HED=${TUNE_STEPS_HED-1500}
 TUNE_STEPS_LINEART=${TUNE_STEPS_LINEART-1500 3000}
 TUNE_STEPS_DEPTH=${TUNE_STEPS_DEPTH-1500}
-TUNE_STEPS_SEGMENTATION=${TUNE_STEPS_SEGMENTATION-1500}
+TUNE_STEPS_SEGMENTATION=${TUNE_STEPS_SEGMENTATION-}
 CN_LR=${CN_LR:-5e-4}
 TUNE_LR=${TUNE_LR:-1.5e-3}
 TUNE_SEED=${TUNE_SEED:-2}
