@@ -314,6 +314,9 @@ def test_pretrain_toy_sd_smoke(tmp_path):
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the data, not SD1.5's constant
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
     assert os.path.isfile(os.path.join(out, "README.md")) and os.path.isfile(os.path.join(out, "samples.png"))
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"measured on the data ({pipe.vae.config.scaling_factor:.3f})" in card
+    assert "Training time: " in card and "{'" not in card  # minutes and seconds, not a Python dict
     ids = pipe.tokenizer("a red circle on a green background").input_ids
     assert len(ids) == 7 + 2
     img = pipe("a red circle on a green background", num_inference_steps=2, height=32, width=32, output_type="np").images
@@ -328,6 +331,14 @@ def _pretrain_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_describe_timings_by_hand():
+    module = _pretrain_module()
+    # 74.2 + 4894.9 s = 4969.1 s = 82.8 minutes, printed to the minute; each part to the second
+    assert module.describe_timings({"render_s": 74.2, "unet_s": 4894.9}) == "83 minutes (rendering 74 s, UNet 4895 s)"
+    assert module.describe_timings({"render_s": 60.0, "vae_s": 120.0}) == "3 minutes (rendering 60 s, VAE 120 s)"
+    assert module.describe_timings({}) == "-"
 
 
 def test_standardize_latent_channels_is_an_exact_reparameterisation(tiny_components):

@@ -96,6 +96,7 @@ fi
 DATA="$WORK/shapes64"
 [ -f "$DATA/metadata.jsonl" ] || python -c "from diffusers_innercontrol.toy.shapesworld import ShapesWorld; ShapesWorld(64, seed=0).save_imagefolder('$DATA', $NUM_SCENES)"
 controlnet_segment() {  # controlnet_segment NAME INIT TOY_SD STEPS LR SEED: one cosine schedule, kept when done
+  # (the task is the caller's `local TASK`, which bash scoping makes visible here)
   local out="$WORK/$1"
   ls "$out"/*.safetensors >/dev/null 2>&1 && return 0
   timed "$1" $LAUNCH "$EX/train_innercontrol.py" --task "$TASK" ${2:+--controlnet_model_name_or_path "$2"} \

@@ -384,7 +384,14 @@ def log_validation(vae, text_encoder, tokenizer, unet, scheduler, args, accelera
     return grid, [r["text"] for r in refs]
 
 
-def save_model_card(args, path, captions, sizes_mb, timings, latent_channels: int = 4):
+def describe_timings(timings: dict) -> str:
+    """The card's training time: `{"render_s": 74.2, "unet_s": 4894.9}` -> "83 minutes (rendering 74 s, UNet 4895 s)"."""
+    labels = {"render_s": "rendering", "vae_s": "VAE", "unet_s": "UNet"}
+    parts = [f"{labels.get(k, k)} {v:.0f} s" for k, v in timings.items()]
+    return f"{sum(timings.values()) / 60:.0f} minutes ({', '.join(parts)})" if timings else "-"
+
+
+def save_model_card(args, path, captions, sizes_mb, timings, latent_channels: int = 4, scaling_factor=None):
     """README.md for the toy pipeline (written after save_pretrained, which would not keep it)."""
     caption_lines = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
     name = lambda folder: os.path.basename(os.path.normpath(folder))  # noqa: E731  (no machine paths in the card)
@@ -412,13 +419,13 @@ scaled down and {origin} on ShapesWorld ({args.resolution} px; `diffusers_innerc
 by `examples/innercontrol/shapesworld/pretrain_toy_sd.py`. It exists to make the InnerControl scripts
 runnable and testable on a CPU; it knows nothing but coloured shapes.
 
-- VAE: block widths {list(args.vae_channels)}, scale factor {2 ** (len(args.vae_channels) - 1)}, {latent_channels} latent channels, latent scaling factor measured on the data.
+- VAE: block widths {list(args.vae_channels)}, scale factor {2 ** (len(args.vae_channels) - 1)}, {latent_channels} latent channels, latent scaling factor measured on the data{"" if scaling_factor is None else f" ({scaling_factor:.3f})"}.
 - UNet: block widths {list(args.unet_channels)}, {args.layers_per_block} layers per block, cross-attention dim {args.text_hidden_size}.
 - Text encoder: CLIP, {args.text_layers} layers, width {args.text_hidden_size}; word-level tokenizer (one token per caption word).
 - Training: VAE {args.vae_steps} steps, then UNet + text encoder {args.unet_steps} steps, batch {args.train_batch_size},
   lr {args.learning_rate} ({args.lr_scheduler}), caption dropout {args.caption_dropout}, EMA {args.use_ema}, seed {args.seed};
   {args.beta_schedule} beta schedule, min-SNR gamma {args.snr_gamma}, offset noise {args.offset_noise}.
-- Weights: {sizes_mb:.2f} MB (safetensors, float32). Training time: {timings}.
+- Weights: {sizes_mb:.2f} MB (safetensors, float32). Training time: {describe_timings(timings)}.
 
 ![samples](samples.png)
 
@@ -632,7 +639,8 @@ def main(args):
         )
         pipe.save_pretrained(args.output_dir, safe_serialization=True)
         saved_mb = folder_megabytes(args.output_dir)
-        save_model_card(args, args.output_dir, captions, saved_mb, timings, latent_channels=vae.config.latent_channels)
+        save_model_card(args, args.output_dir, captions, saved_mb, timings, latent_channels=vae.config.latent_channels,
+                        scaling_factor=vae.config.scaling_factor)
         print(f"Saved the toy Stable Diffusion to {args.output_dir}: total size of the weights {saved_mb:.2f} MB "
               f"(limit {args.max_size_mb} MB); timings {timings}")
         if saved_mb > args.max_size_mb:
