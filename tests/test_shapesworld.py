@@ -403,3 +403,69 @@ def test_unet_init_from_needs_init_from(tmp_path):
     module = _pretrain_module()
     with pytest.raises(ValueError, match="pass --init_from too"):
         module.validate_args(module.parse_args(["--unet_init_from", str(tmp_path)]))
+
+
+def test_denoised_latents_by_hand():
+    """--decoder_latents denoised: the decoder's input is Eq. 5's one-step x0 from the encoder latent noised to
+    t < max_timestep, unscaled. A UNet that predicts the true noise gives back the encoder latent exactly; one that
+    predicts zeros gives x_t / sqrt(abar_t); the caption's ids reach the text encoder, whose states reach the UNet."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from diffusers_innercontrol.toy.tiny import SD15_SCHEDULER_CONFIG
+
+    module = _pretrain_module()
+    scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+    abar = scheduler.alphas_cumprod
+    z = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))  # the encoder's (unscaled) latent
+    scale = 0.5
+    vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=scale),
+                          encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda: z)))
+    ids = torch.tensor([[5, 6], [7, 8], [9, 10]])
+    hidden = torch.randn(3, 2, 8)
+    seen = {}
+
+    def text_encoder(input_ids, return_dict=False):
+        seen["ids"] = input_ids
+        return (hidden,)
+
+    def unet_with(kind):
+        def unet(noisy, t, states, return_dict=False):
+            seen.update(noisy=noisy, t=t, states=states)
+            a = abar[t].view(-1, 1, 1, 1)
+            eps = (noisy - a.sqrt() * z * scale) / (1 - a).sqrt()
+            return (eps if kind == "oracle" else torch.zeros_like(noisy),)
+        return unet
+
+    torch.manual_seed(1)
+    out = module.denoised_latents(vae, unet_with("oracle"), text_encoder, scheduler, torch.zeros(3, 3, 8, 8), ids, 300)
+    torch.testing.assert_close(out, z, rtol=1e-4, atol=1e-4)
+    assert torch.equal(seen["ids"], ids) and seen["states"] is hidden
+    assert ((seen["t"] >= 0) & (seen["t"] < 300)).all()
+    drawn = set()
+    for _ in range(20):
+        module.denoised_latents(vae, unet_with("zeros"), text_encoder, scheduler, torch.zeros(3, 3, 8, 8), ids, 4)
+        drawn |= set(seen["t"].tolist())
+    assert drawn == {0, 1, 2, 3}  # uniform on [0, max_timestep)
+    out = module.denoised_latents(vae, unet_with("zeros"), text_encoder, scheduler, torch.zeros(3, 3, 8, 8), ids, 300)
+    a = abar[seen["t"]].view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, seen["noisy"] / a.sqrt() / scale)
+    assert not torch.allclose(out, z, atol=1e-2)
+
+
+def test_decoder_latents_denoised_is_checked_before_training(tmp_path):
+    module = _pretrain_module()
+    with pytest.raises(ValueError, match="pass --vae_train decoder"):
+        module.validate_args(module.parse_args(["--decoder_latents", "denoised"]))
+    pipe = tmp_path / "toy"
+    (pipe / "scheduler").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
+    args = ["--init_from", str(pipe), "--vae_train", "decoder", "--decoder_latents", "denoised"]
+    with pytest.raises(ValueError, match="pass --beta_schedule scaled_linear"):
+        module.validate_args(module.parse_args(args))
+    module.validate_args(module.parse_args(args + ["--beta_schedule", "scaled_linear"]))
+    with pytest.raises(ValueError, match="--decoder_max_timestep must be in"):
+        module.validate_args(module.parse_args(args + ["--beta_schedule", "scaled_linear", "--decoder_max_timestep", "0"]))

@@ -16,6 +16,7 @@ parameter count before training and printed after saving. See README.md for the 
 """
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -116,6 +117,13 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--vae_train", type=str, default="all", choices=("all", "decoder"),
                    help="'all': encoder and decoder; 'decoder': the decoder alone, the encoder frozen (with --init_from: the "
                         "latent space, its scaling factor and so the UNet stay valid, as SD's fine-tuned ft-MSE VAE decoder).")
+    g.add_argument("--decoder_latents", type=str, default="encoder", choices=("encoder", "denoised"),
+                   help="With --vae_train decoder, what the decoder learns to decode. 'encoder': the encoder's latents. "
+                        "'denoised': the UNet's one-step estimate of the clean latent from the encoder's latent noised to "
+                        "a random timestep below --decoder_max_timestep, i.e. latents like those the UNet hands the "
+                        "decoder when it samples (a decoder fine-tuned on encoder latents alone draws them as speckle).")
+    g.add_argument("--decoder_max_timestep", type=int, default=250,
+                   help="With --decoder_latents denoised: timesteps are drawn uniformly from [0, this).")
     g.add_argument("--vae_lr_scheduler", type=str, default="constant",
                    help="diffusers.optimization scheduler of the VAE stage (no warmup), e.g. 'cosine'.")
     g.add_argument("--standardize_latents", action="store_true",
@@ -177,6 +185,10 @@ def validate_args(args):
         raise ConfigError("--vae_steps and --unet_steps must be >= 0.")
     if args.vae_train == "decoder" and not args.init_from:
         raise ConfigError("--vae_train decoder fine-tunes a trained VAE's decoder: pass --init_from a toy pipeline folder.")
+    if args.decoder_latents == "denoised" and args.vae_train != "decoder":
+        raise ConfigError("--decoder_latents denoised trains the decoder on the UNet's latents: pass --vae_train decoder.")
+    if not 0 < args.decoder_max_timestep <= 1000:
+        raise ConfigError(f"--decoder_max_timestep must be in (0, 1000], got {args.decoder_max_timestep}.")
     if args.vae_steps == 0 and not args.init_from:
         raise ConfigError("--vae_steps 0 needs a trained VAE: pass --init_from a toy pipeline folder.")
     if args.latent_channels < 1:
@@ -187,6 +199,12 @@ def validate_args(args):
         raise ConfigError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     if args.init_from and not os.path.isfile(os.path.join(args.init_from, "model_index.json")):
         raise ConfigError(f"--init_from {args.init_from!r} is not a pipeline folder (no model_index.json).")
+    if args.decoder_latents == "denoised":  # the UNet is used as trained: noise it the way it was trained
+        with open(os.path.join(args.init_from, "scheduler", "scheduler_config.json")) as f:
+            trained_schedule = json.load(f).get("beta_schedule")
+        if trained_schedule != args.beta_schedule:
+            raise ConfigError(f"--init_from's UNet was trained with beta schedule {trained_schedule!r}: pass "
+                              f"--beta_schedule {trained_schedule} (got {args.beta_schedule!r}).")
     if args.unet_init_from and not args.init_from:
         raise ConfigError("--unet_init_from replaces the UNet of --init_from's pipeline: pass --init_from too (the VAE).")
     if args.unet_init_from and not os.path.isfile(os.path.join(args.unet_init_from, "model_index.json")):
@@ -341,9 +359,32 @@ class VAETrainingWrapper(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x):
+    def forward(self, x, latents=None):
+        """`latents` (unscaled) replace the encoder's: the decoder alone learns, there is no KL term (zeros)."""
+        if latents is not None:
+            return self.vae.decode(latents).sample, torch.zeros(x.shape[0], device=x.device)
         posterior = self.vae.encode(x).latent_dist
         return self.vae.decode(posterior.sample()).sample, posterior.kl()
+
+
+@torch.no_grad()
+def denoised_latents(vae, unet, text_encoder, noise_scheduler, pixel_values, input_ids, max_timestep):
+    """
+    The UNet's one-step estimate of the clean latent (Eq. 5) from the encoder's latent of `pixel_values` noised to a
+    timestep drawn uniformly from `[0, max_timestep)`, unscaled for the decoder. At small timesteps these are the
+    latents a sampler ends on: the encoder's content with the UNet's own errors, which a decoder must draw cleanly.
+    """
+    from diffusers_innercontrol.losses import one_step_x0
+
+    scale = vae.config.scaling_factor
+    latents = vae.encode(pixel_values).latent_dist.sample() * scale
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, max_timestep, (latents.shape[0],), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    hidden = text_encoder(input_ids, return_dict=False)[0]
+    pred = unet(noisy, t, hidden, return_dict=False)[0]
+    x0 = one_step_x0(noisy, pred, t, noise_scheduler.alphas_cumprod, noise_scheduler.config.prediction_type)
+    return x0 / scale
 
 
 def _loader(args, dataset):
@@ -509,11 +550,18 @@ def main(args):
             images=images, captions=captions_fixed, seed=args.seed,
         ))
         model, opt, loader = accelerator.prepare(model, opt, loader)
+        if args.decoder_latents == "denoised":  # the UNet and text encoder only read here; they train (if at all) later
+            unet.to(accelerator.device).eval()
+            text_encoder.to(accelerator.device).eval()
         step = 0
         for batch in loader:
             with accelerator.accumulate(model):
                 x = batch["pixel_values"]
-                rec, kl_sum = model(x)
+                z = None
+                if args.decoder_latents == "denoised":
+                    z = denoised_latents(accelerator.unwrap_model(model).vae, unet, text_encoder, noise_scheduler, x,
+                                         batch["input_ids"], args.decoder_max_timestep)
+                rec, kl_sum = model(x, z)
                 rec_loss = F.l1_loss(rec, x)
                 # SD's convention: KL summed over the latent, against the reconstruction summed over the image
                 kl = kl_sum.mean() / x[0].numel()
