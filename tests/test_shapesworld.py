@@ -469,3 +469,25 @@ def test_decoder_latents_denoised_is_checked_before_training(tmp_path):
     module.validate_args(module.parse_args(args + ["--beta_schedule", "scaled_linear"]))
     with pytest.raises(ValueError, match="--decoder_max_timestep must be in"):
         module.validate_args(module.parse_args(args + ["--beta_schedule", "scaled_linear", "--decoder_max_timestep", "0"]))
+
+
+def test_describe_training_by_hand(tmp_path):
+    module = _pretrain_module()
+    pipe = tmp_path / "toy"
+    (pipe / "scheduler").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
+    args = module.parse_args(["--init_from", str(pipe), "--vae_train", "decoder", "--decoder_latents", "denoised",
+                              "--decoder_max_timestep", "500", "--vae_steps", "2000", "--unet_steps", "0",
+                              "--vae_lr_scheduler", "cosine", "--beta_schedule", "scaled_linear", "--seed", "4",
+                              "--train_batch_size", "16"])
+    assert module.describe_training(args) == (
+        "the VAE's decoder alone 2000 steps on the UNet's one-step x0 from encoder latents noised to t < 500 (lr "
+        "0.001, cosine; the encoder kept), then the UNet and text encoder kept; batch 16, seed 4.")
+    args = module.parse_args(["--init_from", str(pipe), "--vae_steps", "0", "--unet_steps", "6000", "--learning_rate", "2.5e-4", "--seed", "3",
+                              "--use_ema", "--snr_gamma", "0", "--offset_noise", "0.15", "--train_batch_size", "16"])
+    assert module.describe_training(args) == (
+        "VAE kept, then UNet + text encoder 6000 steps, batch 16,\n  lr 0.00025 (cosine), caption dropout 0.1, EMA "
+        "True, seed 3;\n  linear beta schedule, min-SNR gamma 0.0, offset noise 0.15.")
+    args = module.parse_args(["--vae_steps", "1500", "--unet_steps", "0"])
+    assert module.describe_training(args).startswith("VAE 1500 steps (lr 0.001, constant), then the UNet and text encoder kept")

@@ -432,6 +432,26 @@ def describe_timings(timings: dict) -> str:
     return f"{sum(timings.values()) / 60:.0f} minutes ({', '.join(parts)})" if timings else "-"
 
 
+def describe_training(args) -> str:
+    """The card's account of what this run trained: the autoencoder's stage, then the UNet's (or that it was kept)."""
+    if args.vae_steps == 0:
+        vae = "VAE kept"
+    elif args.vae_train == "all":
+        vae = f"VAE {args.vae_steps} steps (lr {args.vae_learning_rate}, {args.vae_lr_scheduler})"
+    else:
+        on = "its encoder's latents"
+        if args.decoder_latents == "denoised":
+            on = f"the UNet's one-step x0 from encoder latents noised to t < {args.decoder_max_timestep}"
+        vae = (f"the VAE's decoder alone {args.vae_steps} steps on {on} (lr {args.vae_learning_rate}, "
+               f"{args.vae_lr_scheduler}; the encoder kept)")
+    if args.unet_steps == 0:
+        return f"{vae}, then the UNet and text encoder kept; batch {args.train_batch_size}, seed {args.seed}."
+    return (f"{vae}, then UNet + text encoder {args.unet_steps} steps, batch {args.train_batch_size},\n"
+            f"  lr {args.learning_rate} ({args.lr_scheduler}), caption dropout {args.caption_dropout}, EMA {args.use_ema}, "
+            f"seed {args.seed};\n  {args.beta_schedule} beta schedule, min-SNR gamma {args.snr_gamma}, "
+            f"offset noise {args.offset_noise}.")
+
+
 def save_model_card(args, path, captions, sizes_mb, timings, latent_channels: int = 4, scaling_factor=None):
     """README.md for the toy pipeline (written after save_pretrained, which would not keep it)."""
     caption_lines = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
@@ -463,9 +483,7 @@ runnable and testable on a CPU; it knows nothing but coloured shapes.
 - VAE: block widths {list(args.vae_channels)}, scale factor {2 ** (len(args.vae_channels) - 1)}, {latent_channels} latent channels, latent scaling factor measured on the data{"" if scaling_factor is None else f" ({scaling_factor:.3f})"}.
 - UNet: block widths {list(args.unet_channels)}, {args.layers_per_block} layers per block, cross-attention dim {args.text_hidden_size}.
 - Text encoder: CLIP, {args.text_layers} layers, width {args.text_hidden_size}; word-level tokenizer (one token per caption word).
-- Training: VAE {args.vae_steps} steps, then UNet + text encoder {args.unet_steps} steps, batch {args.train_batch_size},
-  lr {args.learning_rate} ({args.lr_scheduler}), caption dropout {args.caption_dropout}, EMA {args.use_ema}, seed {args.seed};
-  {args.beta_schedule} beta schedule, min-SNR gamma {args.snr_gamma}, offset noise {args.offset_noise}.
+- Training: {describe_training(args)}
 - Weights: {sizes_mb:.2f} MB (safetensors, float32). Training time: {describe_timings(timings)}.
 
 ![samples](samples.png)
