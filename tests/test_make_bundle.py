@@ -52,11 +52,15 @@ def full_build(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("bundle"))
 
 
-def test_toy_sd_is_the_8_channel_one_trained_longer(full_build):
+def test_toy_sd_is_the_8_channel_one_trained_longer_with_its_decoder_tuned(full_build):
     work, runs = full_build
     assert runs["toy-sd-8ch"]["--init_from"] == str(work / "vae8")
-    assert runs["toy-sd"]["--init_from"] == str(work / "toy-sd-8ch")
-    assert runs["toy-sd"]["--unet_steps"] == "6000" and runs["toy-sd"]["--vae_steps"] == "0"
+    assert runs["toy-sd-longer"]["--init_from"] == str(work / "toy-sd-8ch")
+    assert runs["toy-sd-longer"]["--unet_steps"] == "6000" and runs["toy-sd-longer"]["--vae_steps"] == "0"
+    # then the decoder alone, on the UNet's denoised latents, the UNet kept
+    final = runs["toy-sd"]
+    assert final["--init_from"] == str(work / "toy-sd-longer")
+    assert (final["--vae_train"], final["--decoder_latents"], final["--unet_steps"]) == ("decoder", "denoised", "0")
 
 
 def test_controlnet_segments_then_tuning_on_the_final_toy_sd(full_build):

@@ -6,7 +6,8 @@
 #
 #   0. toy-sd            pretrain_toy_sd.py (skipped when WORK_DIR/toy-sd or TOY_SD=DIR exists): a 4-channel toy SD in
 #                        three runs (toy-sd-4ch), an 8-channel VAE (vae8), then the UNet and text encoder on its latents,
-#                        started from the 4-channel ones (toy-sd-8ch), then 6000 more UNet steps (toy-sd)
+#                        started from the 4-channel ones (toy-sd-8ch), then 6000 more UNet steps (toy-sd-longer),
+#                        then its decoder fine-tuned on the UNet's one-step x0 of noised latents (toy-sd)
 #   1. reward-<task>     train_toy_evaluators.py --model_kind reward   (the models the reward loss uses)
 #      eval-<task>       train_toy_evaluators.py --model_kind eval     (wider, another seed: the evaluators)
 #      controlnet-<task> train_innercontrol.py --alpha 0 --beta 0      (the diffusion loss alone), in segments of
@@ -87,9 +88,16 @@ if [ ! -f "$TOY_SD/README.md" ]; then  # the model card is written last
     --snr_gamma 0 --offset_noise 0.15 --num_train_samples 8000 --render_workers 1 --train_batch_size 16 --validation_steps 1000
   # the UNet and text encoder 6000 more steps, the autoencoder kept: the edge ControlNets close 6-9 points more of
   # their gap on it (docs/shapesworld.md)
-  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$BASE_SD" --vae_steps 0 --unet_steps 6000 --use_ema \
+  [ -f "$WORK/toy-sd-longer/README.md" ] || timed toy-sd-longer $P --output_dir "$WORK/toy-sd-longer" \
+    --init_from "$BASE_SD" --vae_steps 0 --unet_steps 6000 --use_ema \
     --beta_schedule scaled_linear --snr_gamma 0 --offset_noise 0.15 --num_train_samples 8000 --render_workers 1 \
     --train_batch_size 16 --learning_rate 2.5e-4 --seed 3 --validation_steps 3000
+  # the decoder alone, on latents like those the UNet hands it when sampling (its one-step x0 from encoder latents
+  # noised to t < 500): LineArt and segmentation were capped by the autoencoder's round trip (docs/shapesworld.md);
+  # the encoder, the latent space and so the UNet, ControlNets and probes stay valid
+  timed toy-sd $P --output_dir "$TOY_SD" --init_from "$WORK/toy-sd-longer" --vae_train decoder \
+    --decoder_latents denoised --decoder_max_timestep 500 --vae_steps 2000 --unet_steps 0 --vae_lr_scheduler cosine \
+    --beta_schedule scaled_linear --seed 4 --train_batch_size 16
 fi
 
 # ---------------------------------------------------------------- 1. rewards, evaluators, ControlNets, probes
