@@ -122,8 +122,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                         "'denoised': the UNet's one-step estimate of the clean latent from the encoder's latent noised to "
                         "a random timestep below --decoder_max_timestep, i.e. latents like those the UNet hands the "
                         "decoder when it samples (a decoder fine-tuned on encoder latents alone draws them as speckle).")
-    g.add_argument("--decoder_max_timestep", type=int, default=250,
-                   help="With --decoder_latents denoised: timesteps are drawn uniformly from [0, this).")
+    g.add_argument("--decoder_max_timestep", type=int, default=500,
+                   help="With --decoder_latents denoised: timesteps are drawn uniformly from [0, this) (the shipped toy SD: "
+                        "500; 250 did about as well).")
     g.add_argument("--vae_lr_scheduler", type=str, default="constant",
                    help="diffusers.optimization scheduler of the VAE stage (no warmup), e.g. 'cosine'.")
     g.add_argument("--standardize_latents", action="store_true",
