@@ -22,7 +22,7 @@ if [ -n "$out" ]; then mkdir -p "$out" && touch "$out/m.safetensors" "$out/READM
 """
 
 
-def _run(tmp_path, **env):
+def _run(tmp_path, expect_error=None, **env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "python"
@@ -37,6 +37,9 @@ def _run(tmp_path, **env):
                     ASSETS_DIR=str(tmp_path / "assets"), **env)
     result = subprocess.run(["bash", str(SCRIPT), str(work), "2"], env=full_env, capture_output=True, text=True,
                             timeout=120)
+    if expect_error:
+        assert result.returncode != 0 and expect_error in result.stderr, result.stdout + result.stderr
+        return work, {}
     assert result.returncode == 0, result.stdout + result.stderr
     runs = {}
     for line in calls.read_text().splitlines() if calls.exists() else []:
@@ -119,3 +122,14 @@ def test_retuning_a_bundle_on_a_new_toy_sd(tmp_path):
         assert tune["--pretrained_model_name_or_path"] == str(toy)
     assert runs["controlnet-lineart-tune-s2"]["--max_train_steps"] == "700"
     assert "controlnet-lineart-tune-s3" not in runs
+
+
+def test_a_work_folder_from_before_the_decoder_fine_tune_is_refused(tmp_path):
+    old = tmp_path / "work" / "toy-sd"
+    old.mkdir(parents=True)
+    (old / "README.md").touch()
+    _run(tmp_path, expect_error="move it to")
+    assert not (tmp_path / "calls.txt").exists()  # nothing ran
+    old.rename(tmp_path / "work" / "toy-sd-longer")
+    work, runs = _run(tmp_path)
+    assert "toy-sd-longer" not in runs and runs["toy-sd"]["--init_from"] == str(work / "toy-sd-longer")

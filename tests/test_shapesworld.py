@@ -322,6 +322,27 @@ def test_pretrain_toy_sd_smoke(tmp_path):
     img = pipe("a red circle on a green background", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
 
+    # the decoder alone on the UNet's denoised latents: only the decoder's weights change
+    tuned = str(tmp_path / "toy_sd_decoder")
+    cmd_dec = cmd[:cmd.index("--output_dir")] + [
+        "--output_dir", tuned, "--init_from", out, "--resolution", "32", "--train_batch_size", "2", "--vae_steps", "2",
+        "--unet_steps", "0", "--vae_train", "decoder", "--decoder_latents", "denoised", "--decoder_max_timestep", "100",
+        "--num_validation_images", "2", "--validation_inference_steps", "2", "--seed", "1",
+    ]
+    proc = subprocess.run(cmd_dec, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import torch
+
+    after = StableDiffusionPipeline.from_pretrained(tuned, safety_checker=None)
+    for name in ("unet", "text_encoder"):
+        for (k, v), w in zip(getattr(pipe, name).state_dict().items(), getattr(after, name).state_dict().values()):
+            assert torch.equal(v, w), f"{name}.{k} changed"
+    enc_before, enc_after = pipe.vae.encoder.state_dict(), after.vae.encoder.state_dict()
+    assert all(torch.equal(enc_before[k], enc_after[k]) for k in enc_before)
+    assert any(not torch.equal(v, after.vae.decoder.state_dict()[k]) for k, v in pipe.vae.decoder.state_dict().items())
+    assert after.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert "one-step x0 from encoder latents noised to t < 100" in open(os.path.join(tuned, "README.md")).read()
+
 
 def _pretrain_module():
     import importlib.util
@@ -463,10 +484,16 @@ def test_decoder_latents_denoised_is_checked_before_training(tmp_path):
     (pipe / "scheduler").mkdir(parents=True)
     (pipe / "model_index.json").write_text("{}")
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
-    args = ["--init_from", str(pipe), "--vae_train", "decoder", "--decoder_latents", "denoised"]
+    args = ["--init_from", str(pipe), "--vae_train", "decoder", "--decoder_latents", "denoised", "--unet_steps", "0"]
+    for extra in (["--unet_steps", "5"], ["--vae_steps", "0"], ["--unet_init_from", str(pipe)]):
+        with pytest.raises(ValueError, match="--vae_steps > 0 and --unet_steps 0, without --unet_init_from"):
+            module.validate_args(module.parse_args(args + ["--beta_schedule", "scaled_linear"] + extra))
     with pytest.raises(ValueError, match="pass --beta_schedule scaled_linear"):
         module.validate_args(module.parse_args(args))
     module.validate_args(module.parse_args(args + ["--beta_schedule", "scaled_linear"]))
+    (pipe / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ValueError, match="has no scheduler/scheduler_config.json"):
+        module.validate_args(module.parse_args(args + ["--beta_schedule", "scaled_linear"]))
     with pytest.raises(ValueError, match="--decoder_max_timestep must be in"):
         module.validate_args(module.parse_args(args + ["--beta_schedule", "scaled_linear", "--decoder_max_timestep", "0"]))
 

@@ -67,6 +67,11 @@ export -f timed
 export WORK
 
 # ---------------------------------------------------------------- 0. the toy SD
+if [ -z "${TOY_SD:-}" ] && [ -f "$WORK/toy-sd/README.md" ] && [ ! -d "$WORK/toy-sd-longer" ]; then
+  # a work folder of the recipe before 2026-12-06's decoder fine-tune: its toy-sd is today's toy-sd-longer
+  echo "make_bundle.sh: $WORK/toy-sd has no decoder fine-tune yet: move it to $WORK/toy-sd-longer and run again." >&2
+  exit 2
+fi
 if [ -n "${TOY_SD:-}" ]; then BASE_SD=${BASE_SD:-$TOY_SD}; fi
 TOY_SD=${TOY_SD:-$WORK/toy-sd}
 BASE_SD=${BASE_SD:-$WORK/toy-sd-8ch}

@@ -201,7 +201,14 @@ def validate_args(args):
     if args.init_from and not os.path.isfile(os.path.join(args.init_from, "model_index.json")):
         raise ConfigError(f"--init_from {args.init_from!r} is not a pipeline folder (no model_index.json).")
     if args.decoder_latents == "denoised":  # the UNet is used as trained: noise it the way it was trained
-        with open(os.path.join(args.init_from, "scheduler", "scheduler_config.json")) as f:
+        if args.unet_init_from or args.unet_steps > 0 or args.vae_steps == 0:
+            raise ConfigError("--decoder_latents denoised tunes the decoder to --init_from's trained UNet as it is: pass "
+                              "--vae_steps > 0 and --unet_steps 0, without --unet_init_from.")
+        scheduler_config = os.path.join(args.init_from, "scheduler", "scheduler_config.json")
+        if not os.path.isfile(scheduler_config):
+            raise ConfigError(f"--init_from {args.init_from!r} has no scheduler/scheduler_config.json: --decoder_latents "
+                              "denoised needs the pipeline's noise schedule.")
+        with open(scheduler_config) as f:
             trained_schedule = json.load(f).get("beta_schedule")
         if trained_schedule != args.beta_schedule:
             raise ConfigError(f"--init_from's UNet was trained with beta schedule {trained_schedule!r}: pass "
