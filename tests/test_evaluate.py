@@ -258,7 +258,7 @@ def test_table1_markdown_on_hand_values(tmp_path):
     depth = {"method": "ours", "t2i_model": "SD1.5", "task": "depth",
              "metrics": {"rmse": 26.094, "fid": None, "clip_score": 31.0}}
     table = table1_markdown([seg, depth]).splitlines()
-    # tasks in the order of SPEC section 5 (HED, LineArt, depth, segmentation), mIoU in percent
+    # tasks in the paper's order (HED, LineArt, depth, segmentation), mIoU in percent
     assert table[0] == "| Method | T2I Model | Depth RMSE ↓ | Seg. mIoU (%) ↑ | Depth FID ↓ | Seg. FID ↓ | Depth CLIP ↑ | Seg. CLIP ↑ |"
     assert table[2] == "| ours | SD1.5 | 26.09 | 40.22 | - | 37.65 | 31.00 | 30.50 |"
     assert len(table) == 3

@@ -7,7 +7,7 @@ import pytest
 from diffusers_innercontrol import get_task, list_tasks
 from diffusers_innercontrol.tasks import Task
 
-# SPEC section 4 (paper Table 4, Section 5.1, Appendix A.1), written out independently of tasks.py:
+# The method's per-task defaults (paper Table 4, Section 5.1, Appendix A.1), written out independently of tasks.py:
 # alpha, reward loss, reward window, beta, alignment loss, alignment window,
 # feature kind, feature scale, upsample head, probe outputs, output activation
 PAPER = {
