@@ -301,8 +301,8 @@ def bundled_plain_pipeline():
 # The shipped ControlNet's fidelity on 8 held-out scenes must beat the toy SD alone by at least this margin (in the
 # metric's units): about half the gain measured on these 8 scenes when the bundle was made (2026-12-06, the toy SD
 # with its UNet trained longer, its decoder fine-tuned on the UNet's latents, and the ControlNets tuned on it: HED SSIM
-# +0.164, LineArt +0.203, depth RMSE -31.0, segmentation mIoU +0.119, 10 PNDM steps at guidance 7.5). A ControlNet that lost its training (zero residuals)
-# gains 0, and the LineArt ControlNet of the 4-channel bundle's first version 0.014.
+# +0.164, LineArt +0.203, depth RMSE -31.0, segmentation mIoU +0.119, 10 PNDM steps at guidance 7.5). A ControlNet
+# that lost its training (zero residuals) gains 0, and the LineArt ControlNet of the 4-channel bundle's first version 0.014.
 MIN_GAIN = {"hed": 0.08, "lineart": 0.1, "depth": 16.0, "segmentation": 0.06}
 
 

@@ -1,4 +1,4 @@
-"""Metric code of the evaluation (SPEC section 5) on hand-made cases."""
+"""Metric code of the evaluation (the paper's protocol) on hand-made cases."""
 
 import math
 import os

@@ -24,7 +24,7 @@ def unet(tiny_components):
 
 
 def _probe_parameters_by_hand(channels, projection, bottleneck, temb, out_channels, head=(128, 32)):
-    """SPEC section 2's architecture, counted by hand (convolutions without bias in the blocks)."""
+    """The probe's architecture (docs/method.md), counted by hand (convolutions without bias in the blocks)."""
     total = 0
     for c in channels:
         total += c * bottleneck + 2 * bottleneck  # conv1 1x1 + GN
@@ -169,7 +169,7 @@ def test_timestep_conditioning_matters(unet):
 
 
 def _block_by_hand(block, x, temb):
-    """SPEC section 2's bottleneck block, written out with the functional ops."""
+    """The probe's bottleneck block (docs/method.md), written out with the functional ops."""
     groups = block.norm1.num_groups
     h = F.relu(F.group_norm(F.conv2d(x, block.conv1.weight), groups, block.norm1.weight, block.norm1.bias))
     h = h + F.relu(F.linear(temb, block.time_emb_proj.weight, block.time_emb_proj.bias))[:, :, None, None]

@@ -327,10 +327,13 @@ def test_pretrain_toy_sd_smoke(tmp_path):
     cmd_dec = cmd[:cmd.index("--output_dir")] + [
         "--output_dir", tuned, "--init_from", out, "--resolution", "32", "--train_batch_size", "2", "--vae_steps", "2",
         "--unet_steps", "0", "--vae_train", "decoder", "--decoder_latents", "denoised", "--decoder_max_timestep", "100",
-        "--num_validation_images", "2", "--validation_inference_steps", "2", "--seed", "1",
+        "--num_validation_images", "2", "--validation_inference_steps", "2", "--seed", "1", "--logging_steps", "1",
     ]
     proc = subprocess.run(cmd_dec, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the decoder got the UNet's latents, not the encoder's posterior (which would give a KL term)
+    logged = [line for line in (proc.stdout + proc.stderr).splitlines() if "vae step " in line]
+    assert len(logged) == 2 and all(line.endswith("kl/elem 0.000") for line in logged), logged
     import torch
 
     after = StableDiffusionPipeline.from_pretrained(tuned, safety_checker=None)

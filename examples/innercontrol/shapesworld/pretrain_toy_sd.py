@@ -576,7 +576,7 @@ def main(args):
             images=images, captions=captions_fixed, seed=args.seed,
         ))
         model, opt, loader = accelerator.prepare(model, opt, loader)
-        if args.decoder_latents == "denoised":  # the UNet and text encoder only read here; they train (if at all) later
+        if args.decoder_latents == "denoised":  # the UNet and text encoder only read (this run trains neither)
             unet.to(accelerator.device).eval()
             text_encoder.to(accelerator.device).eval()
         step = 0
