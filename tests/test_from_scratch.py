@@ -184,3 +184,45 @@ def test_step_zero_is_the_toy_sd_alone(tiny_pipeline_path, fs):
     trained = pipe.controlnet.controlnet_mid_block
     torch.nn.init.normal_(trained.weight, std=0.5)  # a ControlNet that adds something draws something else
     assert np.abs(pipe(image=control, generator=torch.Generator().manual_seed(3), **kw).images - alone).max() > 1e-3
+
+
+def test_protocol_wall_time_sums_the_calls_that_resumed_it(protocol, tmp_path, monkeypatch):
+    """A protocol run over several calls (each resuming the last) records each stage's wall time as the sum of its
+    calls; a call that died is on record as unfinished and adds nothing."""
+    import types
+
+    clock = {"now": 0.0}
+    costs = {"table2": [100.0, 30.0], "fig2": [5.0]}  # seconds each call of the stage takes
+
+    def fake(stage):
+        def main(parsed):
+            if parsed == "die":
+                raise KeyboardInterrupt
+            clock["now"] += costs[stage].pop(0)
+        return types.SimpleNamespace(__name__=stage, parse_args=lambda argv: "die" if die[stage] else "ok", main=main)
+
+    die = {"table2": False, "fig2": False}
+    monkeypatch.setattr(protocol, "SCRIPTS", {"table2": fake("table2"), "fig2": fake("fig2")})
+    monkeypatch.setattr(protocol.time, "perf_counter", lambda: clock["now"])
+    argv = ["--output_dir", str(tmp_path / "p"), "--stages", "table2,fig2"]
+    path = tmp_path / "p" / "protocol.json"
+
+    die["fig2"] = True  # first call: table2 finishes (100 s), then the session ends during fig2
+    with pytest.raises(KeyboardInterrupt):
+        protocol.main(protocol.parse_args(argv))
+    first = json.loads(path.read_text())
+    assert first["stages"]["table2"]["seconds"] == 100.0 and first["seconds"] == 100.0
+    f2 = first["stages"]["fig2"]
+    assert (f2["seconds"], f2["calls"], f2["unfinished_calls"]) == (0.0, 1, 1)
+    assert f2["history"][0]["seconds"] is None and f2["history"][0]["command"]
+
+    die["fig2"] = False  # second call resumes both: table2's rest 30 s, fig2 5 s
+    record = protocol.main(protocol.parse_args(argv))
+    assert json.loads(path.read_text()) == record and not (tmp_path / "p" / "protocol.json.tmp").exists()
+    t2, f2 = record["stages"]["table2"], record["stages"]["fig2"]
+    assert (t2["seconds"], t2["calls"], t2["unfinished_calls"]) == (130.0, 2, 0)
+    assert [call["seconds"] for call in t2["history"]] == [100.0, 30.0]
+    assert (f2["seconds"], f2["calls"], f2["unfinished_calls"]) == (5.0, 2, 1)
+    assert record["seconds"] == 135.0
+    assert protocol.stage_wall_time([{"seconds": 1.5}, {"seconds": None}, {"seconds": 2.0}]) == {
+        "seconds": 3.5, "calls": 3, "unfinished_calls": 1}

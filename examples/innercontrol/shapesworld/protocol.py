@@ -16,7 +16,8 @@ it is available. `--dry_run` prints the three command lines; `--stages` picks so
 
     python examples/innercontrol/shapesworld/protocol.py --output_dir shapesworld-protocol --jobs 2
 
-`protocol.json` in `--output_dir` records each stage's wall time.
+`protocol.json` in `--output_dir` records each stage's wall time, summed over the calls that ran it (a call started
+again after an interruption only does what was left), and the whole protocol's in `seconds`.
 """
 
 import argparse
@@ -107,6 +108,31 @@ def parse_stages(args) -> Dict[str, argparse.Namespace]:
     return {stage: SCRIPTS[stage].parse_args(commands[stage]) for stage in args.stages}
 
 
+def stage_wall_time(calls: List[Dict]) -> Dict:
+    """A stage's wall time over the calls that ran it: a resumed call only does what the earlier ones left, so the
+    stage's cost is their sum. A call that did not finish (its session ended) has no time; it is counted apart, and the
+    sum is then a lower bound."""
+    finished = [call["seconds"] for call in calls if call.get("seconds") is not None]
+    return {"seconds": round(sum(finished), 1), "calls": len(calls), "unfinished_calls": len(calls) - len(finished)}
+
+
+def load_record(path: str, args) -> Dict:
+    """protocol.json of the earlier calls into this --output_dir (their stages' calls are kept), with this call's args."""
+    record = {"stages": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            record = json.load(f)
+    record["args"] = dict(vars(args))
+    return record
+
+
+def save_record(record: Dict, path: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)  # atomic: an interruption leaves the previous record whole
+
+
 def main(args) -> Dict:
     scripts, commands, parsed = SCRIPTS, stage_args(args), parse_stages(args)
     if args.dry_run:
@@ -114,13 +140,20 @@ def main(args) -> Dict:
             print(f"# {stage}\npython {os.path.join(HERE, scripts[stage].__name__ + '.py')} {shlex.join(commands[stage])}")
         return {}
     os.makedirs(args.output_dir, exist_ok=True)
-    record = {"args": dict(vars(args)), "stages": {}}
+    path = os.path.join(args.output_dir, "protocol.json")
+    record = load_record(path, args)
     for stage in args.stages:
+        entry = record["stages"].setdefault(stage, {"history": []})
+        call = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": None, "command": commands[stage]}
+        entry["history"].append(call)
+        entry.update(stage_wall_time(entry["history"]))
+        save_record(record, path)  # before the stage: an interrupted call is on record as unfinished
         t0 = time.perf_counter()
         scripts[stage].main(parsed[stage])
-        record["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1), "command": commands[stage]}
-        with open(os.path.join(args.output_dir, "protocol.json"), "w") as f:  # after every stage: nothing lost
-            json.dump(record, f, indent=2)
+        call["seconds"] = round(time.perf_counter() - t0, 1)
+        entry.update(stage_wall_time(entry["history"]))
+        record["seconds"] = round(sum(e["seconds"] for e in record["stages"].values()), 1)
+        save_record(record, path)  # after every stage: nothing lost
     return record
 
 
