@@ -309,7 +309,17 @@ def test_merge_experiments_by_hand(tmp_path):
     assert out["buckets"] == {"depth": {"x": 1}} and out["args"]["resolution"] == 64 and out["kid_notes"] == []
     # reward200's seeds split over two folders: its KID pools the first folder's only, and the merge says so
     c = dict(b, runs=b["runs"] + [run("reward200", 2, 30.2)])
-    assert merge.merge([a, c], ["A", "B"])["kid_notes"] == ["depth/reward200: KID from A only"]
+    split = merge.merge([a, c], ["A", "B"])
+    assert split["kid_notes"] == ["depth/reward200: KID from A only"]
+    assert merge.split_modes(split["runs"]) == [("depth", "reward200")]
+    # ... and main pools it again over both folders' runs (here a fake pooling that records what it was given)
+    calls = []
+    merge.recompute_split_kid(split, lambda task, runs: calls.append((task, runs)) or {"mean": 0.03, "num_generated": 9})
+    assert [(task, [(r["folder"], r["seed"]) for r in runs]) for task, runs in calls] == [
+        ("depth", [("A", 0), ("A", 1), ("B", 2)])]
+    assert split["kid"]["depth"] == {"reward200": {"mean": 0.03, "num_generated": 9}, "reward200_alignment": {"mean": 0.05}}
+    assert split["kid_notes"] == ["depth/reward200: KID pooled over A, B (recomputed from the saved images)"]
+    assert merge.recompute_split_kid(out, lambda task, runs: 1 / 0)["kid"] == out["kid"]  # nothing split: nothing redone
     assert out["args"]["modes"] == ["reward200", "reward200_alignment"] and out["args"]["seeds"] == [0, 1]
     with pytest.raises(ValueError, match="has no results.json"):
         merge.parse_args([str(tmp_path), "--output_dir", str(tmp_path / "o")])

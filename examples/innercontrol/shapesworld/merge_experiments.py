@@ -7,7 +7,8 @@ anything again.
 
 Every run keeps the metrics its driver measured; the tables, the comparisons against the baseline and claim (b) are
 recomputed over the union (`run_experiment.aggregate` / `claims`), KID is each mode's as its driver pooled it (all
-drivers compare with the same real held-out images on the same features when run with the same arguments), Fig. 2
+drivers compare with the same real held-out images on the same features when run with the same arguments) or, for a
+mode whose seeds several drivers trained, pooled again over all of them from their saved images, Fig. 2
 is the first folder's that has it, and the sample grid is drawn from the runs' saved images.
 
     python examples/innercontrol/shapesworld/merge_experiments.py --output_dir table2-depth t2-controlnet t2-alignment
@@ -21,7 +22,9 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -57,6 +60,28 @@ def check_same_protocol(results: List[Dict], folders: List[str]):
                                  f"{first.get(key)!r}: merge only runs of one protocol.")
 
 
+def split_modes(runs: List[Dict]) -> List[Tuple[str, str]]:
+    """The (task, mode) pairs whose merged runs come from more than one folder (a run's folder: its `folder` key)."""
+    folders: Dict[Tuple[str, str], set] = {}
+    for run in runs:
+        folders.setdefault((run["task"], run["mode"]), set()).add(run["folder"])
+    return sorted(key for key, found in folders.items() if len(found) > 1)
+
+
+def recompute_split_kid(result: Dict, pooled: Callable[[str, List[Dict]], Dict]) -> Dict:
+    """KID of every mode whose seeds the merge took from several folders, pooled again over all its runs by
+    `pooled(task, runs)` (a driver pooled only its own seeds, fewer images than the protocol asks for). Updates
+    `result["kid"]` and replaces the merge's notes on those modes; returns `result`."""
+    notes = []
+    for task, mode in split_modes(result["runs"]):
+        runs = [r for r in result["runs"] if r["task"] == task and r["mode"] == mode]
+        result["kid"].setdefault(task, {})[mode] = pooled(task, runs)
+        notes.append(f"{task}/{mode}: KID pooled over {', '.join(sorted({r['folder'] for r in runs}))} "
+                     "(recomputed from the saved images)")
+    result["kid_notes"] = notes
+    return result
+
+
 def merge(results: List[Dict], folders: List[str]) -> Dict:
     """The merged result (no grids): runs (first folder wins; `dir` resolved in its folder), tables and claims over
     the union, KID and Fig. 2 from the first folder that has them. The folders must share one protocol
@@ -70,7 +95,8 @@ def merge(results: List[Dict], folders: List[str]) -> Dict:
             if key in seen or "metrics" not in run:
                 continue
             seen.add(key)
-            runs.append(dict(run, dir=os.path.join(folder, "runs", run["task"], run["mode"], f"seed{run['seed']}")))
+            runs.append(dict(run, folder=folder,
+                             dir=os.path.join(folder, "runs", run["task"], run["mode"], f"seed{run['seed']}")))
         for task, per_mode in result.get("kid", {}).items():
             for mode, value in per_mode.items():
                 if value and mode not in kid.setdefault(task, {}):
@@ -81,9 +107,9 @@ def merge(results: List[Dict], folders: List[str]) -> Dict:
         for task, value in result.get("kid_feature_models", {}).items():
             kid_models.setdefault(task, value)
     # KID pools one folder's seeds of a mode: say so where the merged table has seeds of that mode from elsewhere
+    # (`main` then pools them all again: `recompute_split_kid`)
     kid_notes = sorted(f"{task}/{mode}: KID from {folder} only" for (task, mode), folder in kid_folders.items()
-                       if any(r["task"] == task and r["mode"] == mode and not r["dir"].startswith(folder + os.sep)
-                              for r in runs))
+                       if (task, mode) in split_modes(runs))
     tasks = [t for t in experiment.TASKS if any(r["task"] == t for r in runs)]
     modes = [m for m in experiment.MODES if any(r["mode"] == m for r in runs)]
     runs.sort(key=lambda r: (tasks.index(r["task"]), modes.index(r["mode"]), r["seed"]))
@@ -105,6 +131,15 @@ def main(args) -> Dict:
     result = merge(results, args.folders)
     os.makedirs(args.output_dir, exist_ok=True)
     a = result["args"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def pooled(task: str, runs: List[Dict]) -> Dict:  # the drivers' KID, on their features and real images
+        features = experiment.EvaluatorFeatures.from_pretrained(result["kid_feature_models"][task]).to(device)
+        real = ShapesWorldEvalSet(task, a["resolution"], a["world_seed"], a["eval_start_index"], a["num_kid_real"])
+        torch.manual_seed(0)  # KID's random subsets
+        return experiment.pooled_kid(argparse.Namespace(**a), task, runs, real, features, device)
+
+    recompute_split_kid(result, pooled)
     for task in a["tasks"]:
         dataset = ShapesWorldEvalSet(task, a["resolution"], a["world_seed"], a["eval_start_index"], args.num_grid_rows)
         grid = experiment.sample_grid(dataset, [r for r in result["runs"] if r["task"] == task], a["modes"],
