@@ -209,11 +209,13 @@ def labeled_grid(
     pad = 3
     top = (max(text_size(t)[1] for t in column_labels) + 2 * pad) if column_labels else 0
     left = (max(text_size(t)[0] for t in row_labels) + 2 * pad) if row_labels else 0
-    grid = PIL.Image.new("RGB", (left + cols * (width + pad) + pad, top + len(rows) * (height + pad) + pad), "white")
+    # a column is as wide as its widest label, so a long label ("reward200_alignment") never runs into the next one
+    column = max([width] + [text_size(t)[0] + pad for t in column_labels or []])
+    grid = PIL.Image.new("RGB", (left + cols * (column + pad) + pad, top + len(rows) * (height + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for j, text in enumerate(column_labels or []):
         w, _ = text_size(text)
-        draw.multiline_text((left + pad + j * (width + pad) + max(0, (width - w) // 2), pad), text, fill="black",
+        draw.multiline_text((left + pad + j * (column + pad) + max(0, (column - w) // 2), pad), text, fill="black",
                             font=font, align="center")
     for i, row in enumerate(rows):
         y = top + pad + i * (height + pad)
@@ -221,5 +223,6 @@ def labeled_grid(
             _, h = text_size(row_labels[i])
             draw.multiline_text((pad, y + max(0, (height - h) // 2)), row_labels[i], fill="black", font=font)
         for j, tile in enumerate(row):
-            grid.paste(tile.convert("RGB").resize((width, height), PIL.Image.NEAREST), (left + pad + j * (width + pad), y))
+            x = left + pad + j * (column + pad) + (column - width) // 2
+            grid.paste(tile.convert("RGB").resize((width, height), PIL.Image.NEAREST), (x, y))
     return grid
