@@ -145,16 +145,17 @@ def test_labeled_grid_places_tiles_and_draws_labels():
     top = arr[: arr.shape[0] - 2 * (16 + 3) - 3]
     assert (top.min(-1) < 128).any()
     assert tuple(arr[-4, -4]) == (255, 255, 255)
-    # a label wider than its tile widens its column: the text stays over its own tile, the tiles stay centred
+    # a label wider than its tile widens its own column only: the text stays over its tile, the tile is centred
     wide = labeled_grid([[red, blue]], ["reward200_alignment", ""], tile_size=(8, 8))
     arr = np.asarray(wide)
     dark = np.nonzero(arr[:, :, 0] < 128)
     label_right = dark[1][dark[0] < 3 + 8].max()  # rightmost dark pixel in the label band's first rows
-    column = (wide.width - 3) // 2 - 3
-    assert column > 8 and wide.width == 3 + 2 * (column + 3)
+    column = wide.width - (3 + 3 + 8 + 3)  # pads and the second column, which keeps its tile's 8 px
+    assert column > 8
     assert label_right < 3 + column + 3  # the first label ends before the second column starts
     assert wide.getpixel((3 + (column - 8) // 2, wide.height - 3 - 8)) == (255, 0, 0)
-    assert wide.getpixel((3 + column + 3 + (column - 8) // 2 + 7, wide.height - 3 - 1)) == (0, 0, 255)
+    assert wide.getpixel((3 + column + 3, wide.height - 3 - 8)) == (0, 0, 255)
+    assert wide.getpixel((3 + column + 3 + 7, wide.height - 3 - 1)) == (0, 0, 255)
     with pytest.raises(ValueError, match="row labels"):
         labeled_grid([[red]], row_labels=["a", "b"])
     with pytest.raises(ValueError, match="column labels"):

@@ -209,20 +209,22 @@ def labeled_grid(
     pad = 3
     top = (max(text_size(t)[1] for t in column_labels) + 2 * pad) if column_labels else 0
     left = (max(text_size(t)[0] for t in row_labels) + 2 * pad) if row_labels else 0
-    # a column is as wide as its widest label, so a long label ("reward200_alignment") never runs into the next one
-    column = max([width] + [text_size(t)[0] + pad for t in column_labels or []])
-    grid = PIL.Image.new("RGB", (left + cols * (column + pad) + pad, top + len(rows) * (height + pad) + pad), "white")
+    # a column is as wide as its label, so a long label ("reward200_alignment") never runs into the next one
+    labels = list(column_labels or []) + [""] * (cols - len(column_labels or []))
+    columns = [max(width, text_size(t)[0] + pad if t else 0) for t in labels]
+    starts = [left + pad + sum(columns[:j]) + j * pad for j in range(cols)]
+    grid = PIL.Image.new("RGB", (starts[-1] + columns[-1] + pad, top + len(rows) * (height + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for j, text in enumerate(column_labels or []):
         w, _ = text_size(text)
-        draw.multiline_text((left + pad + j * (column + pad) + max(0, (column - w) // 2), pad), text, fill="black",
-                            font=font, align="center")
+        draw.multiline_text((starts[j] + max(0, (columns[j] - w) // 2), pad), text, fill="black", font=font,
+                            align="center")
     for i, row in enumerate(rows):
         y = top + pad + i * (height + pad)
         if row_labels:
             _, h = text_size(row_labels[i])
             draw.multiline_text((pad, y + max(0, (height - h) // 2)), row_labels[i], fill="black", font=font)
         for j, tile in enumerate(row):
-            x = left + pad + j * (column + pad) + (column - width) // 2
+            x = starts[j] + (columns[j] - width) // 2
             grid.paste(tile.convert("RGB").resize((width, height), PIL.Image.NEAREST), (x, y))
     return grid
