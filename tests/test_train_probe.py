@@ -240,7 +240,8 @@ def test_train_probe_every_task(task_name, tmp_path, tiny_pipeline_path, data_ro
     assert all(b["error"] > 0 for b in errors["buckets"])
 
     grid = Image.open(out / "validation_grid.png")
-    assert grid.size[0] == 5 * (32 + 3) + 3 and grid.size[1] > 2 * 32  # image, control, 3 timesteps (labelled); 2 rows
+    # image, control, 3 timesteps (labelled; a label wider than a 32 px tile widens its column); 2 rows
+    assert grid.size[0] >= 5 * (32 + 3) + 3 and grid.size[1] > 2 * 32
 
     card = (out / "README.md").read_text()
     assert tiny_pipeline_path not in card  # no machine paths: the folder's name
