@@ -181,7 +181,8 @@ def labeled_grid(
 
     Args:
         rows: one list of PIL images per row; rows may be shorter than the longest one (left-aligned).
-        column_labels: a label per column (text over the column; `\\n` breaks a line).
+        column_labels: a label per column (text over the column; `\\n` breaks a line). A label wider than the tiles
+            widens its own column, the tile centred under it.
         row_labels: a label per row (text left of the row).
         tile_size: `(width, height)` every tile is resized to (nearest-neighbour, so small maps stay sharp);
             default: the first tile's size.
