@@ -36,29 +36,62 @@ def test_evaluated_steps_and_where_their_weights_are(fs):
 
 def test_summary_by_hand(fs):
     """Two seeds a mode, closures at steps 0, 100, 200. Baseline seeds reach 0.5 at 100 + 0.3/0.4*100 = 175 and
-    100 + 0.1/0.2*100 = 150; alignment seeds at 0 + 0.5/0.6*100 = 83.3 and 0 + 0.5/1.0*100 = 50."""
+    100 + 0.1/0.2*100 = 150; alignment seeds at 0 + 0.5/0.6*100 = 83.3 and 0 + 0.5/1.0*100 = 50. At 0.25:
+    baseline 100 + 0.05/0.4*100 = 112.5 and 0.25/0.4*100 = 62.5; alignment 0.25/0.6*100 = 41.7 and 25."""
     def run(mode, seed, closures):
         return {"task": "depth", "mode": mode, "seed": seed, "curve": {"steps": [0, 100, 200], "closures": closures}}
 
     runs = [run("controlnet", 0, [0.0, 0.2, 0.6]), run("controlnet", 1, [0.0, 0.4, 0.6]),
             run("alignment", 0, [0.0, 0.6, 0.7]), run("alignment", 1, [0.0, 1.0, 1.0]),
             run("reward200_alignment", 0, [0.0, 0.1, 0.2]), run("reward200_alignment", 1, [0.0, 0.3, 0.9])]
-    out = fs.summarize_task(runs, "depth", ["controlnet", "alignment", "reward200_alignment"], 0.5)
-    base = out["controlnet"]
-    assert base["steps_to_target"] == pytest.approx([175.0, 150.0])
-    assert base["steps_to_target_stats"]["mean"] == pytest.approx(162.5)
-    assert base["steps_to_target_stats"]["std"] == pytest.approx(math.sqrt(2 * 12.5 ** 2))  # n - 1
-    assert base["closure"][1]["mean"] == pytest.approx(0.3) and base["vs_controlnet"] is None
-    align = out["alignment"]
-    assert align["steps_to_target"] == pytest.approx([500 / 6, 50.0])
-    assert align["vs_controlnet"]["diff"] == pytest.approx((500 / 6 + 50) / 2 - 162.5)
-    both = out["reward200_alignment"]  # seed 0 never reaches 0.5: no mean, no test
-    assert both["steps_to_target"][0] is None and both["reached"] == 1
-    assert both["steps_to_target_stats"] is None and both["vs_controlnet"] is None
+    out = fs.summarize_task(runs, "depth", ["controlnet", "alignment", "reward200_alignment"], [0.5, 0.25])
+    base, base_q = out["controlnet"]["targets"]["0.5"], out["controlnet"]["targets"]["0.25"]
+    assert base["steps_to_target"] == pytest.approx([175.0, 150.0]) and base_q["steps_to_target"] == pytest.approx([112.5, 62.5])
+    assert base["stats"]["mean"] == pytest.approx(162.5)
+    assert base["stats"]["std"] == pytest.approx(math.sqrt(2 * 12.5 ** 2))  # n - 1
+    assert out["controlnet"]["closure"][1]["mean"] == pytest.approx(0.3) and base["vs_controlnet"] is None
+    assert out["controlnet"]["closure_vs_controlnet"] is None
+    align = out["alignment"]["targets"]
+    assert align["0.5"]["steps_to_target"] == pytest.approx([500 / 6, 50.0])
+    assert align["0.5"]["vs_controlnet"]["diff"] == pytest.approx((500 / 6 + 50) / 2 - 162.5)
+    assert align["0.25"]["steps_to_target"] == pytest.approx([250 / 6, 25.0])
+    assert align["0.25"]["vs_controlnet"]["diff"] == pytest.approx((250 / 6 + 25) / 2 - 87.5)
+    # the closure against the baseline's at each step: step 0 is the toy SD everywhere (no test); step 100:
+    # 0.8 - 0.3, variances 0.08 and 0.02 over 2 seeds: t = 0.5 / sqrt(0.05), df = 0.05^2 / (0.04^2 + 0.01^2);
+    # step 200: the baseline does not vary, 0.85 - 0.6, t = 0.25 / sqrt(0.045 / 2), df = 1
+    tests = out["alignment"]["closure_vs_controlnet"]
+    assert tests[0] is None
+    assert tests[1]["diff"] == pytest.approx(0.5) and tests[1]["t"] == pytest.approx(0.5 / math.sqrt(0.05))
+    assert tests[1]["df"] == pytest.approx(0.05 ** 2 / (0.04 ** 2 + 0.01 ** 2))
+    assert tests[2]["t"] == pytest.approx(0.25 / 0.15) and tests[2]["df"] == pytest.approx(1.0)
+    both = out["reward200_alignment"]["targets"]  # seed 0 never reaches 0.5 nor 0.25: no mean, no test
+    assert both["0.5"]["steps_to_target"][0] is None and both["0.5"]["reached"] == 1
+    assert both["0.5"]["stats"] is None and both["0.5"]["vs_controlnet"] is None
+    assert both["0.25"]["steps_to_target"] == pytest.approx([None, 250 / 3]) and both["0.25"]["reached"] == 1
     # a baseline seed that never reaches it: no test for any mode (the slow seeds are not dropped)
     runs[1] = run("controlnet", 1, [0.0, 0.1, 0.2])
-    out = fs.summarize_task(runs, "depth", ["controlnet", "alignment"], 0.5)
-    assert out["controlnet"]["reached"] == 1 and out["alignment"]["vs_controlnet"] is None
+    out = fs.summarize_task(runs, "depth", ["controlnet", "alignment"], [0.5])
+    assert out["controlnet"]["targets"]["0.5"]["reached"] == 1 and out["alignment"]["targets"]["0.5"]["vs_controlnet"] is None
+
+
+def test_report_has_every_level_and_the_per_step_tests(fs):
+    def run(mode, seed, closures):
+        return {"task": "depth", "mode": mode, "seed": seed, "curve": {"steps": [0, 100, 200], "closures": closures}}
+
+    runs = [run("controlnet", 0, [0.0, 0.2, 0.6]), run("controlnet", 1, [0.0, 0.4, 0.6]),
+            run("alignment", 0, [0.0, 0.6, 0.7]), run("alignment", 1, [0.0, 1.0, 1.0])]
+    modes = ["controlnet", "alignment"]
+    args = {"max_train_steps": 200, "train_batch_size": 8, "learning_rate": 5e-4, "lr_scheduler": "constant",
+            "lr_warmup_steps": 0, "seeds": [0, 1], "eval_every": 100, "num_eval_conditions": 2, "eval_start_index": 0,
+            "num_inference_steps": 2, "guidance_scale": 7.5, "target_closure": [0.5, 0.25]}
+    result = {"args": args, "tasks": {"depth": {"floor": 1.0, "ceiling": 2.0, "steps": [0, 100, 200]}},
+              "summary": {"depth": fs.summarize_task(runs, "depth", modes, [0.5, 0.25])},
+              "mode_labels": {"controlnet": "ControlNet", "alignment": "Alignment only"}, "seconds": 1.0}
+    md = fs.results_markdown(result)
+    assert "| steps to 50 % closure | steps to 25 % closure |" in md
+    assert "| ControlNet | 162 ± 18 | 88 ± 35 |" in md  # (175 + 150) / 2 and (112.5 + 62.5) / 2
+    assert "| Alignment only | 67 ± 24: -96 [" in md  # (83.3 + 50) / 2 - 162.5
+    assert "| Alignment only | - | +50.0 (" in md  # the closure 0.8 against 0.3 at step 100, none at step 0
 
 
 def test_bad_arguments_fail_before_work(fs, tmp_path):
@@ -66,8 +99,10 @@ def test_bad_arguments_fail_before_work(fs, tmp_path):
             "--modes", "controlnet"]
     with pytest.raises(ValueError, match="--eval_every 2000 is beyond --max_train_steps 1000"):
         fs.parse_args(base + ["--eval_every", "2000"])
-    with pytest.raises(ValueError, match="--target_closure"):
-        fs.parse_args(base + ["--target_closure", "1.5"])
+    for levels in ("1.5", "0.2,0", ",", "0.2,0.2"):
+        with pytest.raises(ValueError, match="--target_closure"):
+            fs.parse_args(base + ["--target_closure", levels])
+    assert fs.parse_args(base + ["--target_closure", "0.15,0.25"]).target_closure == [0.15, 0.25]
     with pytest.raises(ValueError, match="--depth_probe"):
         fs.parse_args(base[:-1] + ["alignment"])
     for option in ("--use_ema", "--use_lora", "--checkpoints_total_limit 2"):  # checkpoints that are not the curve's
@@ -122,7 +157,37 @@ def test_from_scratch_quick(tmp_path, tiny_pipeline_path):
     # started again: nothing is trained twice
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["train"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["reused", "reused"]
+    before = json.loads((out / "results.json").read_text())
+    assert [r["train"] for r in before["runs"]] == ["reused", "reused"]
+    # a larger --max_train_steps resumes the finished run from its checkpoint-4: the step-4 evaluation reads those
+    # weights again (the same images, the same value), the superseded final weights and images are kept aside
+    longer = cmd[:cmd.index("--modes")] + ["--modes", "controlnet", "--max_train_steps", "6"] + cmd[cmd.index("--modes") + 2:]
+    proc = subprocess.run(longer, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["train"] == "trained" and run["extended_from"] == 4 and run["curve"]["steps"] == [0, 2, 4, 6]
+    assert run["curve"]["values"][:3] == pytest.approx(before["runs"][0]["curve"]["values"])
+    assert os.path.isfile(os.path.join(run_dir, "checkpoint-6", "model.safetensors"))
+    assert os.path.isfile(os.path.join(run_dir, "superseded-4", "diffusion_pytorch_model.safetensors"))
+    assert os.path.isfile(image_path(os.path.join(run_dir, "superseded-4", "eval"), 0, 0))
+    assert "trained 6 steps" in open(os.path.join(run_dir, "train.log")).read()
+
+
+def test_extension_needs_a_finished_shorter_run_and_a_constant_rate(fs, tmp_path):
+    run = tmp_path / "runs" / "depth" / "controlnet" / "seed0"
+    for step in (250, 500):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    assert fs.experiment.trained_to_fewer_steps(str(run), 1000, 250) is None  # not finished: an interrupted run resumes
+    (run / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert fs.experiment.trained_to_fewer_steps(str(run), 1000, 250) == 500
+    assert fs.experiment.trained_to_fewer_steps(str(run), 600, 250) is None  # 600 saves no checkpoint after 500
+    assert fs.experiment.trained_to_fewer_steps(str(run), 750, 250) == 500
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", "d", "--tasks", "depth",
+            "--modes", "controlnet", "--seeds", "0", "--eval_every", "250", "--output_dir", str(tmp_path)]
+    fs.check_extensions(fs.parse_args(base))  # constant: resuming is the longer run
+    with pytest.raises(ValueError, match="seed0 was trained to fewer steps .*--lr_scheduler cosine"):
+        fs.check_extensions(fs.parse_args(base + ["--lr_scheduler", "cosine"]))
+    fs.check_extensions(fs.parse_args(base + ["--lr_scheduler", "cosine", "--max_train_steps", "500"]))
 
 
 # --- protocol.py: the three stages in one command ------------------------------------------------------

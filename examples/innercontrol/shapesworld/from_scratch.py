@@ -7,15 +7,17 @@ The paper fine-tunes ControlNets that already follow their controls. Here every 
 SD's UNet (`ControlNetModel.from_unet`: its zero-initialised output convolutions add nothing at step 0, so the
 first evaluation is the toy SD alone), where the reward can help little because the one-step x0 is poor. For each
 task, mode and seed, `train_innercontrol.py` runs in its own process with a checkpoint every `--eval_every` steps
-(`run_experiment.train_run`; a run started again resumes from its latest checkpoint). Then every checkpoint
+(`run_experiment.train_run`; a run started again resumes from its latest checkpoint, and a finished run is
+extended by a larger `--max_train_steps` the same way, the rate being constant). Then every checkpoint
 generates the same held-out scenes (20 UniPC steps, guidance 7.5) and the task's separately trained evaluation
 model scores them against the exact controls. Each value becomes a closure of the fidelity gap
 (`metrics.fidelity_closure`) between the real images (the floor) and the toy SD without ControlNet (the ceiling),
 measured on the same scenes.
 
 Reported per task: the learning curves (closure against steps, mean and standard deviation over seeds: a band per
-mode), and the steps each run needs to reach `--target_closure` (`metrics.steps_to_reach`, interpolated between
-evaluations), with mean, standard deviation and Welch's test of each mode against the diffusion-loss baseline.
+mode, with Welch's test of each mode against the diffusion-loss baseline at every evaluated step), and the steps
+each run needs to reach every `--target_closure` level (`metrics.steps_to_reach`, interpolated between evaluations),
+with mean, standard deviation and Welch's test of each mode against the baseline.
 
 Modes are those of `run_experiment.py` (default: `controlnet`, `alignment`, `reward200_alignment`, the last being
 InnerControl). The defaults are the recipe of the shipped toy ControlNets (lr 5e-4 after 100 warm-up steps, here
@@ -59,9 +61,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                    help=f"Comma-separated modes of run_experiment.py: {', '.join(experiment.MODES)}.")
     g.add_argument("--seeds", type=experiment._csv(int), default=[0, 1, 2], help="Training seeds (one ControlNet each).")
     g.add_argument("--eval_every", type=int, default=250, help="Steps between the evaluated checkpoints.")
-    g.add_argument("--target_closure", type=float, default=0.5,
-                   help="The fixed fidelity whose steps are reported: this share of the gap between no ControlNet and "
-                        "the real images.")
+    g.add_argument("--target_closure", type=experiment._csv(float), default=[0.5],
+                   help="The fixed fidelities whose steps are reported (comma-separated, e.g. 0.15,0.25): shares of the "
+                        "gap between no ControlNet and the real images.")
     g.add_argument("--scenes_per_batch", type=int, default=8, help="Held-out scenes per pipeline call.")
     g.add_argument("--quick", action="store_true", help="Tiny counts everywhere (tests): 4 steps, 2 conditions.")
     g.add_argument("--output_dir", type=str, default="shapesworld-from-scratch")
@@ -72,10 +74,13 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     experiment.add_generation_args(parser)
     parser.set_defaults(max_train_steps=1000, learning_rate=5e-4, lr_scheduler="constant_with_warmup", lr_warmup_steps=100)
     args = parser.parse_args(input_args)
-    if args.quick:
-        args.max_train_steps, args.eval_every, args.train_batch_size, args.lr_warmup_steps = 4, 2, 2, 0
-        args.num_eval_conditions, args.num_inference_steps = 2, 2
-        args.num_train_samples = min(args.num_train_samples, 8)
+    if args.quick:  # tiny counts, except where an option is given
+        given = {a.split("=")[0] for a in (sys.argv[1:] if input_args is None else input_args)}
+        tiny = dict(max_train_steps=4, eval_every=2, train_batch_size=2, lr_warmup_steps=0, num_eval_conditions=2,
+                    num_inference_steps=2, num_train_samples=min(args.num_train_samples, 8))
+        for name, value in tiny.items():
+            if f"--{name}" not in given:
+                setattr(args, name, value)
     experiment.set_eval_models(args)
     validate_args(args)
     return args
@@ -99,8 +104,32 @@ def validate_args(args):
                         ("--checkpoints_total_limit", "the curve needs every checkpoint")):
         if option in extra:
             raise ValueError(f"--extra_train_args {option}: not with learning curves ({why}); remove it.")
-    if not 0.0 < args.target_closure <= 1.0:
-        raise ValueError(f"--target_closure {args.target_closure}: give a share of the fidelity gap in (0, 1].")
+    if not args.target_closure or not all(0.0 < level <= 1.0 for level in args.target_closure):
+        raise ValueError(f"--target_closure {','.join(map(str, args.target_closure)) or '(empty)'}: give shares of the "
+                         "fidelity gap in (0, 1], comma-separated.")
+    if len(set(args.target_closure)) != len(args.target_closure):
+        raise ValueError(f"--target_closure {','.join(map(str, args.target_closure))}: a level is repeated; give each once.")
+
+
+def check_extensions(args):
+    """
+    A finished run trained to fewer steps is extended by resuming it (`run_experiment.trained_to_fewer_steps`),
+    which gives the curve of a run trained to `--max_train_steps` from the start only when the learning rate does not
+    depend on the run's length: refuse the others before anything is trained.
+    """
+    if args.skip_training or args.lr_scheduler in ("constant", "constant_with_warmup"):
+        return
+    for task in args.tasks:
+        for mode in args.modes:
+            for seed in args.seeds:
+                out = experiment.run_dir(args, task, mode, seed)
+                step = experiment.trained_to_fewer_steps(out, args.max_train_steps, args.eval_every)
+                if step is not None:
+                    raise ValueError(
+                        f"{out} was trained to fewer steps (its latest checkpoint is step {step}) and --lr_scheduler "
+                        f"{args.lr_scheduler} depends on the run's length: resuming it would not give the curve of a "
+                        f"run trained to {args.max_train_steps} steps from the start. Give a new --output_dir, or keep "
+                        "the rate constant (--lr_scheduler constant_with_warmup).")
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -187,39 +216,72 @@ def evaluate_task(args, task_name: str, runs: Sequence[Dict], device) -> Dict:
 
 
 # --------------------------------------------------------------------------------------------- reports
-def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], target: float) -> Dict:
+def target_key(level: float) -> str:
+    """The key of a `--target_closure` level in the summary (`0.25` -> `"0.25"`)."""
+    return f"{level:g}"
+
+
+def closure_tests(closures: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> List[Optional[Dict]]:
     """
-    Per mode: the closure at every evaluated step (mean and standard deviation over seeds) and the steps to reach
-    `target` (per seed, their mean and standard deviation when every seed reached it, and Welch's test against the
-    `controlnet` mode when both have at least 2 seeds that reached it).
+    Welch's test of a mode's closures against the baseline's at every evaluated step (`closures[seed][step]`): one
+    `metrics.welch_test` per step, None where a side has fewer than 2 seeds or neither side varies (step 0, where
+    every run is the toy SD alone).
+    """
+    from diffusers_innercontrol.metrics import welch_test
+
+    tests = []
+    for i in range(len(closures[0]) if closures else 0):
+        a, b = [c[i] for c in closures], [c[i] for c in baseline]
+        varies = len(set(a)) > 1 or len(set(b)) > 1
+        tests.append(welch_test(a, b) if len(a) >= 2 and len(b) >= 2 and varies else None)
+    return tests
+
+
+def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], targets: Sequence[float]) -> Dict:
+    """
+    Per mode: the closure at every evaluated step (mean and standard deviation over seeds), Welch's test of it
+    against the `controlnet` mode at every step (`closure_vs_controlnet`, `closure_tests`), and for every level in
+    `targets`, under `targets[target_key(level)]`, the steps to reach it (per seed, their mean and standard
+    deviation when every seed reached it, and Welch's test against the `controlnet` mode when every seed of both
+    modes reached it).
     """
     from diffusers_innercontrol.metrics import steps_to_reach, welch_test
 
+    rows = {mode: sorted((r for r in runs if r["task"] == task and r["mode"] == mode and "curve" in r),
+                         key=lambda r: r["seed"]) for mode in modes}
+    base_rows = rows.get("controlnet", [])
     out = {}
     for mode in modes:
-        rows = sorted((r for r in runs if r["task"] == task and r["mode"] == mode and "curve" in r), key=lambda r: r["seed"])
-        if not rows:
+        if not rows[mode]:
             out[mode] = {"seeds": []}
             continue
-        steps = rows[0]["curve"]["steps"]
-        per_seed = [steps_to_reach(steps, r["curve"]["closures"], target) for r in rows]
-        reached = [s for s in per_seed if s is not None]
+        steps = rows[mode][0]["curve"]["steps"]
+        closures = [r["curve"]["closures"] for r in rows[mode]]
         out[mode] = {
-            "seeds": [r["seed"] for r in rows],
+            "seeds": [r["seed"] for r in rows[mode]],
             "steps": steps,
-            "closure": [experiment.mean_std([r["curve"]["closures"][i] for r in rows]) for i in range(len(steps))],
-            "steps_to_target": per_seed,
-            "steps_to_target_stats": experiment.mean_std(reached) if len(reached) == len(per_seed) else None,
-            "reached": len(reached),
+            "closure": [experiment.mean_std([c[i] for c in closures]) for i in range(len(steps))],
+            "closure_vs_controlnet": (closure_tests(closures, [r["curve"]["closures"] for r in base_rows])
+                                      if mode != "controlnet" and base_rows else None),
+            "targets": {},
         }
+        for level in targets:
+            per_seed = [steps_to_reach(steps, c, level) for c in closures]
+            reached = [s for s in per_seed if s is not None]
+            out[mode]["targets"][target_key(level)] = {
+                "level": level,
+                "steps_to_target": per_seed,
+                "stats": experiment.mean_std(reached) if len(reached) == len(per_seed) else None,
+                "reached": len(reached),
+            }
     # Welch's test only where every seed of both modes reached the target: dropping the seeds that did not (the
     # slowest) would bias the comparison; such a mode is reported by how many seeds reached it.
-    base = out.get("controlnet", {}).get("steps_to_target", [])
     for mode, entry in out.items():
-        mine = entry.get("steps_to_target", [])
-        complete = all(s is not None for s in mine + base)
-        entry["vs_controlnet"] = (welch_test(mine, base) if mode != "controlnet" and complete and len(mine) >= 2
-                                  and len(base) >= 2 else None)
+        for key, mine in entry.get("targets", {}).items():
+            base = out.get("controlnet", {}).get("targets", {}).get(key, {}).get("steps_to_target", [])
+            complete = all(s is not None for s in mine["steps_to_target"] + base)
+            mine["vs_controlnet"] = (welch_test(mine["steps_to_target"], base) if mode != "controlnet" and complete
+                                     and len(mine["steps_to_target"]) >= 2 and len(base) >= 2 else None)
     return out
 
 
@@ -227,7 +289,7 @@ def results_markdown(result: Dict) -> str:
     from diffusers_innercontrol.metrics import CONTROL_METRICS
 
     a = result["args"]
-    target = a["target_closure"]
+    targets = a["target_closure"]
     lines = ["# ShapesWorld: ControlNets trained from scratch", "",
              f"Every ControlNet starts from the toy SD's UNet; {a['max_train_steps']} steps at batch {a['train_batch_size']}, "
              f"lr {a['learning_rate']} ({a['lr_scheduler']}, {a['lr_warmup_steps']} warm-up steps), seeds {a['seeds']}. "
@@ -241,21 +303,34 @@ def results_markdown(result: Dict) -> str:
             continue
         lines += [f"## {task}", "",
                   f"{name}: real images (floor) {info['floor']:.4f}, toy SD without ControlNet (ceiling) {info['ceiling']:.4f}.", ""]
-        summary = result["summary"][task]
+        summary = {mode: entry for mode, entry in result["summary"][task].items() if entry["seeds"]}
         steps = info["steps"]
-        lines += ["| mode | " + " | ".join(f"step {s}" for s in steps) + f" | steps to {100 * target:.0f} % closure | "
-                  "difference to ControlNet [95 % interval] | p (Welch) |",
-                  "|---|" + "---|" * (len(steps) + 3)]
+        lines += ["| mode | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
         for mode, entry in summary.items():
-            if not entry["seeds"]:
-                continue
             cells = [f"{100 * c['mean']:.0f} ± {100 * c['std']:.0f} %" if c["mean"] is not None else "-" for c in entry["closure"]]
-            stats = entry["steps_to_target_stats"]
-            reach = (f"{stats['mean']:.0f} ± {stats['std']:.0f}" if stats else
-                     f"{entry['reached']} of {len(entry['seeds'])} seeds reached it")
-            test = entry["vs_controlnet"]
-            lines.append(f"| {result['mode_labels'][mode]} | " + " | ".join(cells) + f" | {reach} | "
-                         f"{experiment.format_difference(test, digits=0)} | {experiment.format_p(test)} |")
+            lines.append(f"| {result['mode_labels'][mode]} | " + " | ".join(cells) + " |")
+        lines += ["", "Steps to reach each closure level (mean ± standard deviation over seeds; the difference to the "
+                  "ControlNet with its 95 % interval and Welch's p):", "",
+                  "| mode | " + " | ".join(f"steps to {100 * level:g} % closure" for level in targets) + " |",
+                  "|---|" + "---|" * len(targets)]
+        for mode, entry in summary.items():
+            cells = []
+            for level in targets:
+                reach = entry["targets"][target_key(level)]
+                stats, test = reach["stats"], reach["vs_controlnet"]
+                cell = (f"{stats['mean']:.0f} ± {stats['std']:.0f}" if stats else
+                        f"{reach['reached']} of {len(entry['seeds'])} seeds reached it")
+                cells.append(cell + (f": {experiment.format_difference(test, digits=0)}, p = {experiment.format_p(test)}"
+                                     if test else ""))
+            lines.append(f"| {result['mode_labels'][mode]} | " + " | ".join(cells) + " |")
+        tested = {mode: entry for mode, entry in summary.items() if entry.get("closure_vs_controlnet")}
+        if tested:
+            lines += ["", "Closure difference to the ControlNet per step, in points (Welch's p):", "",
+                      "| mode | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+            for mode, entry in tested.items():
+                cells = ["-" if t is None else f"{100 * t['diff']:+.1f} ({experiment.format_p(t)})"
+                         for t in entry["closure_vs_controlnet"]]
+                lines.append(f"| {result['mode_labels'][mode]} | " + " | ".join(cells) + " |")
         lines.append("")
         if task in result.get("plots", {}):
             lines += [f"![{task}: closure against steps]({result['plots'][task]})", ""]
@@ -286,7 +361,8 @@ def write_plots(result: Dict, output_dir: str) -> Dict[str, str]:
             std = [c["std"] for c in entry["closure"]]
             ax.plot(entry["steps"], mean, marker="o", label=result["mode_labels"][mode])
             ax.fill_between(entry["steps"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
-        ax.axhline(result["args"]["target_closure"], color="grey", linestyle="--", linewidth=1)
+        for level in result["args"]["target_closure"]:
+            ax.axhline(level, color="grey", linestyle="--", linewidth=1)
         paths[task] = experiment.save_plot(fig, ax, output_dir, f"{task}_curves", "training steps (from the UNet)",
                                            "closure of the fidelity gap",
                                            f"{task}: ControlNets from scratch (mean ± std over seeds)")
@@ -297,6 +373,7 @@ def write_plots(result: Dict, output_dir: str) -> Dict[str, str]:
 def main(args) -> Dict:
     from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
+    check_extensions(args)
     device, t0 = experiment.start(args)
     experiment.ensure_train_data(args)
     runs = experiment.train_runs(args, checkpointing_steps=args.eval_every)

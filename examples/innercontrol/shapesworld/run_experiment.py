@@ -337,16 +337,26 @@ def train_run(args, task: str, mode: str, seed: int, checkpointing_steps: Option
     Train one ControlNet in its own process (skipped when its weights exist). Returns the run's record.
 
     With `checkpointing_steps`, the run saves a checkpoint every so many steps and, started again after an
-    interruption, resumes from its latest one.
+    interruption, resumes from its latest one; a finished run trained to fewer steps than `--max_train_steps` is
+    resumed from its latest checkpoint too (`trained_to_fewer_steps`), its last weights and `eval` images moved to
+    `superseded-<step>/` (record: `extended_from`).
     """
     out = run_dir(args, task, mode, seed)
     record = {"task": task, "mode": mode, "seed": seed, "dir": out}
-    if os.path.isfile(os.path.join(out, WEIGHTS_FILE)):
+    shorter = checkpointing_steps and trained_to_fewer_steps(out, args.max_train_steps, checkpointing_steps)
+    if os.path.isfile(os.path.join(out, WEIGHTS_FILE)) and (not shorter or getattr(args, "skip_training", False)):
         record["train"] = "reused"
         return record
     if getattr(args, "skip_training", False):
         record["train"] = "missing"
         return record
+    if shorter:  # a finished run, extended: keep what its last step gave, out of the way of the longer run's
+        keep = os.path.join(out, f"superseded-{shorter}")
+        os.makedirs(keep, exist_ok=True)
+        for name in (WEIGHTS_FILE, "eval"):
+            if os.path.exists(os.path.join(out, name)):
+                os.replace(os.path.join(out, name), os.path.join(keep, name))
+        record["extended_from"] = shorter
     os.makedirs(out, exist_ok=True)
     train_args = train_args_for(args, task, mode, seed, checkpointing_steps)
     if checkpointing_steps:
@@ -366,6 +376,22 @@ def train_run(args, task: str, mode: str, seed: int, checkpointing_steps: Option
         raise RuntimeError(f"Training {task}/{mode}/seed{seed} failed ({proc.returncode}); {out}/train.log ends:\n{tail}")
     record["train"] = "trained"
     return record
+
+
+def trained_to_fewer_steps(out: str, max_train_steps: int, checkpointing_steps: int) -> Optional[int]:
+    """
+    The step of the latest checkpoint of a finished run (its final weights saved) that lacks a checkpoint a run of
+    `max_train_steps` with one every `checkpointing_steps` would have: it was trained to fewer steps, and a larger
+    `--max_train_steps` resumes it from there. None for a run that is not finished, has every such checkpoint, or
+    has none at all (nothing to resume from).
+    """
+    from diffusers_innercontrol.checkpointing import list_checkpoints
+
+    if not os.path.isfile(os.path.join(out, WEIGHTS_FILE)):
+        return None
+    found = list_checkpoints(out)
+    latest = found[-1][0] if found else None
+    return latest if latest is not None and latest < max_train_steps - max_train_steps % checkpointing_steps else None
 
 
 def train_runs(args, checkpointing_steps: Optional[int] = None) -> List[Dict]:
