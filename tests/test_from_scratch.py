@@ -99,6 +99,8 @@ def test_bad_arguments_fail_before_work(fs, tmp_path):
             "--modes", "controlnet"]
     with pytest.raises(ValueError, match="--eval_every 2000 is beyond --max_train_steps 1000"):
         fs.parse_args(base + ["--eval_every", "2000"])
+    with pytest.raises(ValueError, match="--seeds 0,0: a seed is repeated"):
+        fs.parse_args(base + ["--seeds", "0,0"])
     for levels in ("1.5", "0.2,0", ",", "0.2,0.2"):
         with pytest.raises(ValueError, match="--target_closure"):
             fs.parse_args(base + ["--target_closure", levels])
@@ -169,25 +171,115 @@ def test_from_scratch_quick(tmp_path, tiny_pipeline_path):
     assert run["curve"]["values"][:3] == pytest.approx(before["runs"][0]["curve"]["values"])
     assert os.path.isfile(os.path.join(run_dir, "checkpoint-6", "model.safetensors"))
     assert os.path.isfile(os.path.join(run_dir, "superseded-4", "diffusion_pytorch_model.safetensors"))
-    assert os.path.isfile(image_path(os.path.join(run_dir, "superseded-4", "eval"), 0, 0))
+    assert any(open(image_path(os.path.join(run_dir, "superseded-4", "eval"), i, 0), "rb").read()
+               != open(image_path(os.path.join(run_dir, "eval"), i, 0), "rb").read() for i in (0, 1))  # made again
     assert "trained 6 steps" in open(os.path.join(run_dir, "train.log")).read()
 
 
-def test_extension_needs_a_finished_shorter_run_and_a_constant_rate(fs, tmp_path):
-    run = tmp_path / "runs" / "depth" / "controlnet" / "seed0"
-    for step in (250, 500):
-        (run / f"checkpoint-{step}").mkdir(parents=True)
-    assert fs.experiment.trained_to_fewer_steps(str(run), 1000, 250) is None  # not finished: an interrupted run resumes
-    (run / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    assert fs.experiment.trained_to_fewer_steps(str(run), 1000, 250) == 500
-    assert fs.experiment.trained_to_fewer_steps(str(run), 600, 250) is None  # 600 saves no checkpoint after 500
-    assert fs.experiment.trained_to_fewer_steps(str(run), 750, 250) == 500
-    base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", "d", "--tasks", "depth",
+def _finished_run(fs, tmp_path, steps=500, extra=()):
+    """A fake run trained to `steps` with a checkpoint every 250: weights, config, eval images, run.json."""
+    args = fs.parse_args(_base(tmp_path) + ["--max_train_steps", str(steps), *extra])
+    out = tmp_path / "runs" / "depth" / "controlnet" / "seed0"
+    for step in range(250, steps + 1, 250):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+    (out / "eval").mkdir()
+    (out / "eval" / "0.png").write_bytes(b"old")
+    (out / "config.json").write_text("{}")
+    (out / "diffusion_pytorch_model.safetensors").write_bytes(b"w")
+    train_args = fs.experiment.train_args_for(args, "depth", "controlnet", 0, checkpointing_steps=250)
+    (out / "run.json").write_text(json.dumps({"max_train_steps": steps, "train_args": train_args}))
+    return out
+
+
+def _base(tmp_path):
+    return ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", "d", "--tasks", "depth",
             "--modes", "controlnet", "--seeds", "0", "--eval_every", "250", "--output_dir", str(tmp_path)]
-    fs.check_extensions(fs.parse_args(base))  # constant: resuming is the longer run
-    with pytest.raises(ValueError, match="seed0 was trained to fewer steps .*--lr_scheduler cosine"):
-        fs.check_extensions(fs.parse_args(base + ["--lr_scheduler", "cosine"]))
-    fs.check_extensions(fs.parse_args(base + ["--lr_scheduler", "cosine", "--max_train_steps", "500"]))
+
+
+def test_run_record_from_run_json_or_the_training_log(fs, tmp_path):
+    assert fs.experiment.run_record(str(tmp_path)) is None
+    (tmp_path / "train.log").write_text("Steps: 100%\n[process 0/1] trained 750 steps; last losses {}\n"
+                                        "[process 0/1] trained 1500 steps; last losses {}\n")
+    assert fs.experiment.run_record(str(tmp_path)) == {"max_train_steps": 1500, "train_args": None}  # the last
+    (tmp_path / "run.json").write_text(json.dumps({"max_train_steps": 3000, "train_args": ["--seed", "0"]}))
+    assert fs.experiment.run_record(str(tmp_path))["max_train_steps"] == 3000
+
+
+def test_existing_runs_are_checked_before_anything_is_trained(fs, tmp_path):
+    _finished_run(fs, tmp_path, 500)
+    base = _base(tmp_path)
+    assert fs.parse_args(base + ["--max_train_steps", "1000"]).max_train_steps == 1000  # constant: extended
+    assert fs.parse_args(base + ["--max_train_steps", "500", "--skip_training"]).skip_training  # the same length
+    for extra, message in (
+        (["--max_train_steps", "1000", "--skip_training"], "trained to 500 steps: drop --skip_training"),
+        (["--max_train_steps", "400"], "trained to step 500, beyond --max_train_steps 400: give --max_train_steps 500"),
+        (["--max_train_steps", "1000", "--eval_every", "200"], "has no checkpoint-200, which --eval_every 200"),
+        (["--max_train_steps", "1000", "--learning_rate", "1e-3"], r"other settings \(--learning_rate\)"),
+        (["--max_train_steps", "1000", "--lr_scheduler", "cosine"], r"other settings \(--lr_scheduler\)"),
+        (["--max_train_steps", "1000", "--extra_train_args=--lr_scheduler cosine"], r"other settings \(--lr_scheduler\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            fs.parse_args(base + extra)
+
+
+def test_a_schedule_that_depends_on_the_length_is_not_extended(fs, tmp_path):
+    _finished_run(fs, tmp_path, 500, extra=["--lr_scheduler", "cosine"])
+    with pytest.raises(ValueError, match="--lr_scheduler cosine depends on the run's length"):
+        fs.parse_args(_base(tmp_path) + ["--max_train_steps", "1000", "--lr_scheduler", "cosine"])
+    fs.parse_args(_base(tmp_path) + ["--max_train_steps", "500", "--lr_scheduler", "cosine"])
+
+
+def test_an_unfinished_run_with_checkpoints_beyond_the_steps_is_refused(fs, tmp_path):
+    (tmp_path / "runs" / "depth" / "controlnet" / "seed0" / "checkpoint-750").mkdir(parents=True)
+    with pytest.raises(ValueError, match="trained to step 750, beyond --max_train_steps 500"):
+        fs.parse_args(_base(tmp_path) + ["--max_train_steps", "500"])
+
+
+def test_train_run_extends_a_finished_run(fs, tmp_path, monkeypatch):
+    out = _finished_run(fs, tmp_path, 500)
+    calls = []
+    monkeypatch.setattr(fs.experiment.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    args = fs.parse_args(_base(tmp_path) + ["--max_train_steps", "1000"])
+    args.skip_training = True  # (refused at parse time) nothing moves, nothing trains
+    assert fs.experiment.train_run(args, "depth", "controlnet", 0, checkpointing_steps=250)["train"] == "reused"
+    assert not calls and (out / "eval").is_dir()
+    args.skip_training = False
+    record = fs.experiment.train_run(args, "depth", "controlnet", 0, checkpointing_steps=250)
+    assert record["train"] == "trained" and record["extended_from"] == 500
+    (cmd,) = calls
+    assert cmd[cmd.index("--max_train_steps") + 1] == "1000" and cmd[cmd.index("--resume_from_checkpoint") + 1] == "latest"
+    kept = out / "superseded-500"
+    assert (kept / "diffusion_pytorch_model.safetensors").read_bytes() == b"w" and (kept / "eval" / "0.png").is_file()
+    assert (kept / "config.json").is_file() and not (out / "eval").exists()
+    assert json.loads((out / "run.json").read_text())["max_train_steps"] == 1000
+    # interrupted after the weights moved (the fake training wrote none): started again, it still says where from
+    (out / "run.json").write_text(json.dumps({"max_train_steps": 500, "train_args": None}))
+    assert fs.experiment.train_run(args, "depth", "controlnet", 0, checkpointing_steps=250)["extended_from"] == 500
+    # the weights move last: a copy of the eval images that cannot be moved stops before the finished marker does
+    (tmp_path / "b").mkdir()
+    out2 = _finished_run(fs, tmp_path / "b", 500)
+    (out2 / "superseded-500" / "eval").mkdir(parents=True)
+    (out2 / "superseded-500" / "eval" / "x").write_text("")  # os.replace onto a non-empty folder fails
+    args.output_dir = str(tmp_path / "b")
+    with pytest.raises(OSError):
+        fs.experiment.train_run(args, "depth", "controlnet", 0, checkpointing_steps=250)
+    assert (out2 / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_quick_keeps_the_options_given(fs, tmp_path):
+    args = fs.parse_args(_base(tmp_path)[:-4] + ["--quick", "--max_train_steps", "6"])
+    assert (args.max_train_steps, args.eval_every, args.num_eval_conditions) == (6, 2, 2)
+    with pytest.raises(SystemExit):  # no abbreviations: --quick could not tell them from its own counts
+        fs.parse_args(_base(tmp_path) + ["--max_train", "6"])
+
+
+def test_one_seed_a_mode_gives_no_tests(fs):
+    runs = [{"task": "depth", "mode": m, "seed": 0, "curve": {"steps": [0, 100], "closures": [0.0, c]}}
+            for m, c in (("controlnet", 0.6), ("alignment", 0.8))]
+    out = fs.summarize_task(runs, "depth", ["controlnet", "alignment"], [0.5])
+    assert out["alignment"]["closure_vs_controlnet"] == [None, None]
+    assert out["alignment"]["targets"]["0.5"]["vs_controlnet"] is None
+    assert fs.welch_or_none([1.0, 1.0], [2.0, 2.0]) is None and fs.welch_or_none([1.0, 2.0], [2.0, 2.0])["diff"] == -0.5
 
 
 # --- protocol.py: the three stages in one command ------------------------------------------------------

@@ -8,7 +8,7 @@ SD's UNet (`ControlNetModel.from_unet`: its zero-initialised output convolutions
 first evaluation is the toy SD alone), where the reward can help little because the one-step x0 is poor. For each
 task, mode and seed, `train_innercontrol.py` runs in its own process with a checkpoint every `--eval_every` steps
 (`run_experiment.train_run`; a run started again resumes from its latest checkpoint, and a finished run is
-extended by a larger `--max_train_steps` the same way, the rate being constant). Then every checkpoint
+extended by a larger `--max_train_steps` the same way where that gives the longer run: `check_existing_runs`). Then every checkpoint
 generates the same held-out scenes (20 UniPC steps, guidance 7.5) and the task's separately trained evaluation
 model scores them against the exact controls. Each value becomes a closure of the fidelity gap
 (`metrics.fidelity_closure`) between the real images (the floor) and the toy SD without ControlNet (the ceiling),
@@ -54,7 +54,8 @@ CHECKPOINT_WEIGHTS = "model.safetensors"  # what accelerate's save_state writes 
 
 
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="ShapesWorld: ControlNets trained from scratch, fidelity against steps.")
+    parser = argparse.ArgumentParser(description="ShapesWorld: ControlNets trained from scratch, fidelity against steps.",
+                                     allow_abbrev=False)  # --quick keeps the options given, found by their full names
     g = parser.add_argument_group("protocol")
     g.add_argument("--tasks", type=experiment._csv(str), default=["depth", "hed"], help="Comma-separated tasks.")
     g.add_argument("--modes", type=experiment._csv(str), default=DEFAULT_MODES,
@@ -65,7 +66,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="The fixed fidelities whose steps are reported (comma-separated, e.g. 0.15,0.25): shares of the "
                         "gap between no ControlNet and the real images.")
     g.add_argument("--scenes_per_batch", type=int, default=8, help="Held-out scenes per pipeline call.")
-    g.add_argument("--quick", action="store_true", help="Tiny counts everywhere (tests): 4 steps, 2 conditions.")
+    g.add_argument("--quick", action="store_true", help="Tiny counts (tests): 4 steps, 2 conditions, except options given.")
     g.add_argument("--output_dir", type=str, default="shapesworld-from-scratch")
     g.add_argument("--skip_training", action="store_true", help="Only evaluate the runs already in --output_dir.")
     g.add_argument("--jobs", type=int, default=1, help="Training runs at once (separate processes; see run_experiment.py).")
@@ -83,6 +84,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
                 setattr(args, name, value)
     experiment.set_eval_models(args)
     validate_args(args)
+    check_existing_runs(args)
     return args
 
 
@@ -111,25 +113,66 @@ def validate_args(args):
         raise ValueError(f"--target_closure {','.join(map(str, args.target_closure))}: a level is repeated; give each once.")
 
 
-def check_extensions(args):
+def _options(train_args: Sequence[str]) -> Dict[str, object]:
+    """`train_innercontrol.py` options of a command line (`--name value` or a flag; the last one given wins)."""
+    out = {}
+    for i, token in enumerate(train_args):
+        if token.startswith("--"):
+            nxt = train_args[i + 1] if i + 1 < len(train_args) else None
+            out[token] = nxt if nxt is not None and not nxt.startswith("--") else True
+    return out
+
+
+def check_existing_runs(args):
     """
-    A finished run trained to fewer steps is extended by resuming it (`run_experiment.trained_to_fewer_steps`),
-    which gives the curve of a run trained to `--max_train_steps` from the start only when the learning rate does not
-    depend on the run's length: refuse the others before anything is trained.
+    Every run already in `--output_dir` must serve this call's curve, checked before anything is trained:
+
+    - a run trained to more steps than `--max_train_steps`, or with a checkpoint beyond it, would be read as if it
+      had stopped there;
+    - every evaluated step up to a run's latest checkpoint needs its checkpoint (the same `--eval_every`);
+    - a finished run trained to fewer steps is extended by resuming it (`run_experiment.train_run`), which gives
+      the run `--max_train_steps` asks for only with the settings it was trained with and a learning rate that does
+      not depend on the run's length; `--skip_training` cannot extend it.
+
+    Raises `ValueError` naming the run and the fix.
     """
-    if args.skip_training or args.lr_scheduler in ("constant", "constant_with_warmup"):
-        return
+    from diffusers_innercontrol.checkpointing import list_checkpoints
+
+    ignored = {"--max_train_steps", "--resume_from_checkpoint"}
     for task in args.tasks:
         for mode in args.modes:
             for seed in args.seeds:
                 out = experiment.run_dir(args, task, mode, seed)
-                step = experiment.trained_to_fewer_steps(out, args.max_train_steps, args.eval_every)
-                if step is not None:
-                    raise ValueError(
-                        f"{out} was trained to fewer steps (its latest checkpoint is step {step}) and --lr_scheduler "
-                        f"{args.lr_scheduler} depends on the run's length: resuming it would not give the curve of a "
-                        f"run trained to {args.max_train_steps} steps from the start. Give a new --output_dir, or keep "
-                        "the rate constant (--lr_scheduler constant_with_warmup).")
+                found = [step for step, _ in list_checkpoints(out)]
+                before = experiment.run_record(out)
+                steps = before["max_train_steps"] if before else None
+                if (steps or 0) > args.max_train_steps or (found and found[-1] > args.max_train_steps):
+                    have = steps if (steps or 0) > args.max_train_steps else found[-1]
+                    raise ValueError(f"{out} was trained to step {have}, beyond --max_train_steps {args.max_train_steps}: "
+                                     f"give --max_train_steps {have}, or a new --output_dir.")
+                missing = [s for s in evaluated_steps(args.max_train_steps, args.eval_every)
+                           if found and s <= found[-1] and s not in found]
+                if missing:
+                    raise ValueError(f"{out} has no checkpoint-{missing[0]}, which --eval_every {args.eval_every} "
+                                     "evaluates: give the --eval_every it was trained with, or a new --output_dir.")
+                if steps is None or steps >= args.max_train_steps:
+                    continue
+                if args.skip_training:
+                    raise ValueError(f"{out} was trained to {steps} steps: drop --skip_training to extend it to "
+                                     f"--max_train_steps {args.max_train_steps}, or give --max_train_steps {steps}.")
+                now = _options(experiment.train_args_for(args, task, mode, seed, checkpointing_steps=args.eval_every))
+                if before.get("train_args") is not None:
+                    then = _options(before["train_args"])
+                    differ = sorted(k for k in set(now) | set(then) if k not in ignored and now.get(k) != then.get(k))
+                    if differ:
+                        raise ValueError(f"{out} was trained with other settings ({', '.join(differ)}): extending it to "
+                                         f"{args.max_train_steps} steps would mix two recipes. Give the options it was "
+                                         "trained with, or a new --output_dir.")
+                scheduler = now.get("--lr_scheduler", "constant")
+                if scheduler not in ("constant", "constant_with_warmup"):
+                    raise ValueError(f"{out} was trained to {steps} steps and --lr_scheduler {scheduler} depends on the "
+                                     f"run's length: resuming it would not give the curve of a run trained to "
+                                     f"{args.max_train_steps} steps from the start. Give a new --output_dir.")
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -218,23 +261,24 @@ def evaluate_task(args, task_name: str, runs: Sequence[Dict], device) -> Dict:
 # --------------------------------------------------------------------------------------------- reports
 def target_key(level: float) -> str:
     """The key of a `--target_closure` level in the summary (`0.25` -> `"0.25"`)."""
-    return f"{level:g}"
+    return repr(float(level))
+
+
+def welch_or_none(values: Sequence[float], baseline: Sequence[float]) -> Optional[Dict]:
+    """`metrics.welch_test`, or None where a side has fewer than 2 seeds or neither side varies (no test to make)."""
+    from diffusers_innercontrol.metrics import welch_test
+
+    if len(values) < 2 or len(baseline) < 2 or (len(set(values)) == 1 and len(set(baseline)) == 1):
+        return None
+    return welch_test(values, baseline)
 
 
 def closure_tests(closures: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> List[Optional[Dict]]:
     """
-    Welch's test of a mode's closures against the baseline's at every evaluated step (`closures[seed][step]`): one
-    `metrics.welch_test` per step, None where a side has fewer than 2 seeds or neither side varies (step 0, where
-    every run is the toy SD alone).
+    Welch's test of a mode's closures against the baseline's at every evaluated step (`closures[seed][step]`):
+    `welch_or_none` per step (None at step 0, where every run is the toy SD alone).
     """
-    from diffusers_innercontrol.metrics import welch_test
-
-    tests = []
-    for i in range(len(closures[0]) if closures else 0):
-        a, b = [c[i] for c in closures], [c[i] for c in baseline]
-        varies = len(set(a)) > 1 or len(set(b)) > 1
-        tests.append(welch_test(a, b) if len(a) >= 2 and len(b) >= 2 and varies else None)
-    return tests
+    return [welch_or_none([c[i] for c in closures], [c[i] for c in baseline]) for i in range(len(closures[0]) if closures else 0)]
 
 
 def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], targets: Sequence[float]) -> Dict:
@@ -245,7 +289,7 @@ def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], target
     deviation when every seed reached it, and Welch's test against the `controlnet` mode when every seed of both
     modes reached it).
     """
-    from diffusers_innercontrol.metrics import steps_to_reach, welch_test
+    from diffusers_innercontrol.metrics import steps_to_reach
 
     rows = {mode: sorted((r for r in runs if r["task"] == task and r["mode"] == mode and "curve" in r),
                          key=lambda r: r["seed"]) for mode in modes}
@@ -280,8 +324,7 @@ def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], target
         for key, mine in entry.get("targets", {}).items():
             base = out.get("controlnet", {}).get("targets", {}).get(key, {}).get("steps_to_target", [])
             complete = all(s is not None for s in mine["steps_to_target"] + base)
-            mine["vs_controlnet"] = (welch_test(mine["steps_to_target"], base) if mode != "controlnet" and complete
-                                     and len(mine["steps_to_target"]) >= 2 and len(base) >= 2 else None)
+            mine["vs_controlnet"] = welch_or_none(mine["steps_to_target"], base) if mode != "controlnet" and complete else None
     return out
 
 
@@ -323,9 +366,10 @@ def results_markdown(result: Dict) -> str:
                 cells.append(cell + (f": {experiment.format_difference(test, digits=0)}, p = {experiment.format_p(test)}"
                                      if test else ""))
             lines.append(f"| {result['mode_labels'][mode]} | " + " | ".join(cells) + " |")
-        tested = {mode: entry for mode, entry in summary.items() if entry.get("closure_vs_controlnet")}
+        tested = {mode: entry for mode, entry in summary.items() if any(entry.get("closure_vs_controlnet") or [])}
         if tested:
-            lines += ["", "Closure difference to the ControlNet per step, in points (Welch's p):", "",
+            lines += ["", "Closure difference to the ControlNet per step, in points (Welch's p, one test per step, not "
+                      "corrected for multiple comparisons):", "",
                       "| mode | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
             for mode, entry in tested.items():
                 cells = ["-" if t is None else f"{100 * t['diff']:+.1f} ({experiment.format_p(t)})"
@@ -373,7 +417,6 @@ def write_plots(result: Dict, output_dir: str) -> Dict[str, str]:
 def main(args) -> Dict:
     from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
 
-    check_extensions(args)
     device, t0 = experiment.start(args)
     experiment.ensure_train_data(args)
     runs = experiment.train_runs(args, checkpointing_steps=args.eval_every)

@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -218,6 +219,8 @@ def check_tasks_modes_seeds(args):
         raise ValueError(f"--modes {bad or args.modes}: choose from {', '.join(MODES)}.")
     if not args.seeds:
         raise ValueError("--seeds: give at least one seed.")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds {','.join(map(str, args.seeds))}: a seed is repeated (the same run twice); give each once.")
     if not os.path.isdir(args.pretrained_model_name_or_path):
         raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not a folder "
                          "(the toy SD pipeline: pretrain_toy_sd.py --output_dir).")
@@ -332,31 +335,60 @@ def launch_command(train_args: List[str]) -> List[str]:
     return cmd + [TRAIN_SCRIPT] + train_args
 
 
+RUN_RECORD = "run.json"  # what train_run trained: the steps and the command line, for extending a finished run
+
+
+def run_record(out: str) -> Optional[Dict]:
+    """
+    What a finished run was trained with: `{"max_train_steps", "train_args"}` from its `run.json`, or for a run
+    trained before that file existed, the steps of the last "trained N steps" line of its `train.log`
+    (`train_args` None). None when neither says.
+    """
+    import re
+
+    path = os.path.join(out, RUN_RECORD)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    log = os.path.join(out, "train.log")
+    if os.path.isfile(log):
+        with open(log, errors="replace") as f:
+            found = re.findall(r"\] trained (\d+) steps", f.read())
+        if found:
+            return {"max_train_steps": int(found[-1]), "train_args": None}
+    return None
+
+
 def train_run(args, task: str, mode: str, seed: int, checkpointing_steps: Optional[int] = None) -> Dict:
     """
     Train one ControlNet in its own process (skipped when its weights exist). Returns the run's record.
 
     With `checkpointing_steps`, the run saves a checkpoint every so many steps and, started again after an
-    interruption, resumes from its latest one; a finished run trained to fewer steps than `--max_train_steps` is
-    resumed from its latest checkpoint too (`trained_to_fewer_steps`), its last weights and `eval` images moved to
-    `superseded-<step>/` (record: `extended_from`).
+    interruption, resumes from its latest one; a finished run trained to fewer steps than `--max_train_steps`
+    (`run_record`) is resumed from its latest checkpoint too, its final weights (with their config) and `eval`
+    images moved to `superseded-<steps>/` first (record: `extended_from`). Whether extending it gives the run that
+    `--max_train_steps` asks for is the caller's check (`from_scratch.check_extensions`).
     """
     out = run_dir(args, task, mode, seed)
     record = {"task": task, "mode": mode, "seed": seed, "dir": out}
-    shorter = checkpointing_steps and trained_to_fewer_steps(out, args.max_train_steps, checkpointing_steps)
-    if os.path.isfile(os.path.join(out, WEIGHTS_FILE)) and (not shorter or getattr(args, "skip_training", False)):
+    finished = os.path.isfile(os.path.join(out, WEIGHTS_FILE))
+    before = run_record(out)  # an interrupted extension has moved the weights, not the record
+    shorter = bool(checkpointing_steps and before and before["max_train_steps"] < args.max_train_steps)
+    if finished and not shorter:
         record["train"] = "reused"
         return record
     if getattr(args, "skip_training", False):
-        record["train"] = "missing"
+        record["train"] = "reused" if finished else "missing"
         return record
-    if shorter:  # a finished run, extended: keep what its last step gave, out of the way of the longer run's
-        keep = os.path.join(out, f"superseded-{shorter}")
+    if shorter:
+        record["extended_from"] = before["max_train_steps"]
+    if shorter and finished:  # the weights last: they mark the run finished, an interruption in between redoes it
+        keep = os.path.join(out, f"superseded-{before['max_train_steps']}")
         os.makedirs(keep, exist_ok=True)
-        for name in (WEIGHTS_FILE, "eval"):
+        shutil.copy(os.path.join(out, "config.json"), keep)
+        for name in ("eval", WEIGHTS_FILE):
             if os.path.exists(os.path.join(out, name)):
                 os.replace(os.path.join(out, name), os.path.join(keep, name))
-        record["extended_from"] = shorter
     os.makedirs(out, exist_ok=True)
     train_args = train_args_for(args, task, mode, seed, checkpointing_steps)
     if checkpointing_steps:
@@ -374,24 +406,12 @@ def train_run(args, task: str, mode: str, seed: int, checkpointing_steps: Option
         with open(os.path.join(out, "train.log")) as f:
             tail = f.read()[-3000:]
         raise RuntimeError(f"Training {task}/{mode}/seed{seed} failed ({proc.returncode}); {out}/train.log ends:\n{tail}")
+    tmp = os.path.join(out, RUN_RECORD + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"max_train_steps": args.max_train_steps, "train_args": train_args}, f, indent=1)
+    os.replace(tmp, os.path.join(out, RUN_RECORD))
     record["train"] = "trained"
     return record
-
-
-def trained_to_fewer_steps(out: str, max_train_steps: int, checkpointing_steps: int) -> Optional[int]:
-    """
-    The step of the latest checkpoint of a finished run (its final weights saved) that lacks a checkpoint a run of
-    `max_train_steps` with one every `checkpointing_steps` would have: it was trained to fewer steps, and a larger
-    `--max_train_steps` resumes it from there. None for a run that is not finished, has every such checkpoint, or
-    has none at all (nothing to resume from).
-    """
-    from diffusers_innercontrol.checkpointing import list_checkpoints
-
-    if not os.path.isfile(os.path.join(out, WEIGHTS_FILE)):
-        return None
-    found = list_checkpoints(out)
-    latest = found[-1][0] if found else None
-    return latest if latest is not None and latest < max_train_steps - max_train_steps % checkpointing_steps else None
 
 
 def train_runs(args, checkpointing_steps: Optional[int] = None) -> List[Dict]:
