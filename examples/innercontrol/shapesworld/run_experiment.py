@@ -367,7 +367,7 @@ def train_run(args, task: str, mode: str, seed: int, checkpointing_steps: Option
     interruption, resumes from its latest one; a finished run trained to fewer steps than `--max_train_steps`
     (`run_record`) is resumed from its latest checkpoint too, its final weights (with their config) and `eval`
     images moved to `superseded-<steps>/` first (record: `extended_from`). Whether extending it gives the run that
-    `--max_train_steps` asks for is the caller's check (`from_scratch.check_extensions`).
+    `--max_train_steps` asks for is the caller's check (`from_scratch.check_existing_runs`).
     """
     out = run_dir(args, task, mode, seed)
     record = {"task": task, "mode": mode, "seed": seed, "dir": out}
