@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,8 +68,48 @@ def test_generate_images_saves_by_group_and_resumes(tmp_path):
     assert not [f for f in os.listdir(os.path.join(out, "images")) if ".tmp" in f]  # no temporary files left
 
     pipe = FakePipe()
-    stats = generate_images(pipe, FakeData(), [0, 1, 2], out, seeds=[0, 2], progress=False)
+    stats = generate_images(pipe, FakeData(), [0, 1, 2], out, seeds=[0, 2], num_inference_steps=3, resolution=8, progress=False)
     assert (stats.generated, stats.skipped) == (0, 6) and pipe.calls == []
+
+
+def test_a_folder_serves_only_the_scenes_and_settings_its_images_were_made_with(tmp_path):
+    """Images are named by position and seed: another eval set or other settings in the same folder are refused
+    (DataError, one line naming what differs) before anything is made; a folder from before records is adopted."""
+    from diffusers_innercontrol.data import DataError
+    from diffusers_innercontrol.evaluation import IMAGES_RECORD
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
+
+    class Scenes(FakeData):
+        def __init__(self, start):
+            self.fingerprint = {"start": start}
+
+    out = str(tmp_path / "a")
+    generate_images(FakePipe(), Scenes(100), [0], out, seeds=[0], num_inference_steps=3, resolution=8, progress=False)
+    for kwargs, what in ((dict(data=Scenes(2000)), "conditions = {'start': 100}, not {'start': 2000}"),
+                         (dict(num_inference_steps=4), "num_inference_steps = 3, not 4"),
+                         (dict(guidance_scale=1.0), "guidance_scale = 7.5, not 1.0"),
+                         (dict(negative_prompt=None), "negative_prompt"), (dict(resolution=16), "resolution = 8"),
+                         (dict(with_control=False), "with_control = True, not False")):
+        pipe = FakePipe()
+        call = dict(dict(data=Scenes(100), num_inference_steps=3, resolution=8), **kwargs)
+        with pytest.raises(DataError, match="holds images made with " + re.escape(what)):
+            generate_images(pipe, call.pop("data"), [0, 1], out, seeds=[0], progress=False, **call)
+        assert pipe.calls == [] and not os.path.exists(image_path(out, 1, 0))
+    stats = generate_images(FakePipe(), Scenes(100), [0, 1], out, seeds=[0], num_inference_steps=3, resolution=8, progress=False)
+    assert (stats.generated, stats.skipped) == (1, 1)  # more conditions of the same scenes: served
+    old = str(tmp_path / "old")  # images without a record: taken as they are, and recorded
+    os.makedirs(os.path.join(old, "images"))
+    Image.new("RGB", (8, 8)).save(image_path(old, 0, 0))
+    stats = generate_images(FakePipe(), Scenes(5), [0], old, seeds=[0], resolution=8, progress=False)
+    assert stats.skipped == 1 and os.path.isfile(os.path.join(old, IMAGES_RECORD))
+    with pytest.raises(DataError):
+        generate_images(FakePipe(), Scenes(6), [0], old, seeds=[0], resolution=8, progress=False)
+    # ShapesWorld eval sets name their first scene, not their length (position i is scene start + i)
+    a, b = ShapesWorldEvalSet("depth", 64, 0, 100000, 64), ShapesWorldEvalSet("depth", 64, 0, 100000, 256)
+    assert a.fingerprint == b.fingerprint
+    for other in (ShapesWorldEvalSet("depth", 64, 0, 2000, 64), ShapesWorldEvalSet("hed", 64, 0, 100000, 64),
+                  ShapesWorldEvalSet("depth", 32, 0, 100000, 64), ShapesWorldEvalSet("depth", 64, 1, 100000, 64)):
+        assert other.fingerprint != a.fingerprint
 
 
 def test_generate_images_groups_conditions_per_call(tmp_path):

@@ -617,6 +617,12 @@ class ShapesWorldEvalSet:
         self.world = ShapesWorld(size=resolution, seed=world_seed)
         self._cache = {}
 
+    @property
+    def fingerprint(self):
+        """What names the scene at each position (`evaluation.check_images_record`): eval set `i` is scene `start + i`."""
+        return {"world": "ShapesWorld", "task": self.task.name, "resolution": self.world.size, "world_seed": self.world.seed,
+                "start": self.start}
+
     def __len__(self):
         return self.n
 
