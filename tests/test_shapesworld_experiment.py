@@ -132,6 +132,28 @@ def test_bad_arguments_fail_before_work(exp, tmp_path):
         exp.parse_args(base + ["--tasks", "depth", "--modes", "controlnet", "--depth_eval_model", ""])
 
 
+def test_held_out_scenes_come_after_the_training_data(exp, tmp_path):
+    """The scenes of --train_data_dir are read from its image names: 10 scenes (0-9) written where
+    --num_train_samples says 4 put the default held-out scenes at 10; given ones that overlap them are refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"images/{i:06d}.png", "text": "t"}) + "\n"
+                                                 for i in range(10)))
+    assert exp.training_scenes(str(data)) == (0, 10) and exp.training_scenes(str(tmp_path / "none")) is None
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", str(data), "--tasks", "depth",
+            "--modes", "controlnet", "--num_eval_conditions", "3"]
+    assert exp.parse_args(base + ["--num_train_samples", "4"]).eval_start_index == 10
+    assert exp.parse_args(base + ["--num_train_samples", "20"]).eval_start_index == 20
+    assert exp.parse_args(base + ["--eval_start_index", "10"]).eval_start_index == 10
+    for start in ("0", "7", "9"):  # 7-9 overlap at the end
+        with pytest.raises(ValueError, match=f"--eval_start_index {start}: .* overlap the training scenes 0-9 .*give --eval_start_index 10 or more"):
+            exp.parse_args(base + ["--eval_start_index", start])
+    unwritten = base + ["--eval_start_index", "7", "--train_data_dir", str(tmp_path / "none")]  # nothing to overlap yet
+    assert exp.parse_args(unwritten).eval_start_index == 7
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "images/cat.png"}) + "\n")  # not ShapesWorld's names
+    assert exp.training_scenes(str(data)) is None
+
+
 def test_cli_bad_input_is_one_line(exp, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         exp.cli_main(["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--train_data_dir", "d",

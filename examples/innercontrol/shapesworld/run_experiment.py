@@ -55,7 +55,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -123,20 +123,48 @@ def add_training_args(parser: argparse.ArgumentParser):
 def add_generation_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("evaluation")
     g.add_argument("--num_eval_conditions", type=int, default=64, help="Held-out scenes (after the training ones).")
-    g.add_argument("--eval_start_index", type=int, default=None, help="First held-out scene (default: --num_train_samples).")
+    g.add_argument("--eval_start_index", type=int, default=None, help="First held-out scene (default: after the training scenes: --num_train_samples, or the scenes already in "
+                   "--train_data_dir where it holds more; scenes that overlap those are refused).")
     g.add_argument("--num_inference_steps", type=int, default=20)
     g.add_argument("--guidance_scale", type=float, default=7.5)
     g.add_argument("--device", type=str, default=None, help="Evaluation device (default: cuda if available).")
     return g
 
 
+def training_scenes(train_data_dir: str) -> Optional[Tuple[int, int]]:
+    """`(first, last + 1)` of the scenes in a ShapesWorld `--train_data_dir` (`ShapesWorld.save_imagefolder` names
+    each image by its scene); None where the folder is not written yet or its images are not named so."""
+    path = os.path.join(train_data_dir, "metadata.jsonl")
+    if not os.path.isfile(path):
+        return None
+    scenes = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                stem = os.path.splitext(os.path.basename(json.loads(line).get("file_name", "")))[0]
+                if not stem.isdigit():
+                    return None
+                scenes.append(int(stem))
+    return (min(scenes), max(scenes) + 1) if scenes else None
+
+
 def set_eval_models(args):
-    """The held-out scenes start after the training ones unless given; the bundled `eval-<task>` evaluates every
-    task whose `--<task>_eval_model` is not given."""
+    """
+    The held-out scenes: by default they start after the training ones (after `--num_train_samples`, or after the
+    scenes already in `--train_data_dir` where it holds more); given ones that overlap the scenes of
+    `--train_data_dir` are refused (`ValueError`). The bundled `eval-<task>` evaluates every task whose
+    `--<task>_eval_model` is not given.
+    """
     from diffusers_innercontrol.toy.quickstart import bundled_path
 
+    held = training_scenes(args.train_data_dir)
+    n = max(args.num_eval_conditions, getattr(args, "num_bucket_conditions", 0))  # Fig. 2 may use more scenes
     if args.eval_start_index is None:
-        args.eval_start_index = args.num_train_samples
+        args.eval_start_index = max(args.num_train_samples, held[1] if held else 0)
+    elif held and args.eval_start_index < held[1] and args.eval_start_index + n > held[0]:
+        raise ValueError(f"--eval_start_index {args.eval_start_index}: the held-out scenes {args.eval_start_index}-"
+                         f"{args.eval_start_index + n - 1} overlap the training scenes {held[0]}-"
+                         f"{held[1] - 1} of --train_data_dir {args.train_data_dir}; give --eval_start_index {held[1]} or more.")
     for task in TASKS:
         if getattr(args, f"{task}_eval_model") is None:
             setattr(args, f"{task}_eval_model", bundled_path(f"eval-{task}"))
