@@ -78,15 +78,18 @@ def check_same_protocol(results: List[Dict], names: List[str]):
             if result["args"].get(key) != first["args"].get(key):
                 raise ValueError(f"{name} was run with --{key} {result['args'].get(key)}, {name0} with "
                                  f"{first['args'].get(key)}: merge only runs of one protocol.")
+    scale = {}  # task -> (the first input that evaluated it, its info)
+    for result, name in zip(results, names):
         for task, info in result["tasks"].items():
-            ref = first["tasks"].get(task)
-            if ref is None or info["ceiling"] is None or ref["ceiling"] is None:
+            if info["ceiling"] is None:
                 continue
+            ref_name, ref = scale.setdefault(task, (name, info))
             if info["steps"] != ref["steps"]:
-                raise ValueError(f"{name} evaluated {task} at steps {info['steps']}, {name0} at {ref['steps']}: merge only runs of one protocol.")
+                raise ValueError(f"{name} evaluated {task} at steps {info['steps']}, {ref_name} at {ref['steps']}: "
+                                 "merge only runs of one protocol.")
             for end in ("floor", "ceiling"):
                 if not math.isclose(info[end], ref[end], rel_tol=SCALE_RTOL):
-                    raise ValueError(f"{task}'s {end} is {info[end]:.6g} in {name} but {ref[end]:.6g} in {name0}: another "
+                    raise ValueError(f"{task}'s {end} is {info[end]:.6g} in {name} but {ref[end]:.6g} in {ref_name}: another "
                                      "evaluator, toy SD or set of scenes; merge only runs measured on one scale.")
     seen = {}
     for result, name in zip(results, names):
