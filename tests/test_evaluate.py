@@ -104,6 +104,15 @@ def test_a_folder_serves_only_the_scenes_and_settings_its_images_were_made_with(
     assert stats.skipped == 1 and os.path.isfile(os.path.join(old, IMAGES_RECORD))
     with pytest.raises(DataError):
         generate_images(FakePipe(), Scenes(6), [0], old, seeds=[0], resolution=8, progress=False)
+    # scoring without generating (evaluate_innercontrol.py --skip_generation) compares and writes nothing
+    from diffusers_innercontrol.evaluation import check_images_record, images_record
+
+    record = images_record(Scenes(100), 3, 7.5, "worst quality, low quality", 8)
+    check_images_record(out, record, write=False)
+    with pytest.raises(DataError, match="guidance_scale = 7.5, not 2.0"):
+        check_images_record(out, dict(record, guidance_scale=2.0), write=False)
+    check_images_record(str(tmp_path / "new"), record, write=False)
+    assert not os.path.exists(tmp_path / "new")
     # ShapesWorld eval sets name their first scene, not their length (position i is scene start + i)
     a, b = ShapesWorldEvalSet("depth", 64, 0, 100000, 64), ShapesWorldEvalSet("depth", 64, 0, 100000, 256)
     assert a.fingerprint == b.fingerprint

@@ -63,6 +63,15 @@ def test_two_drivers_make_the_summary_of_their_union(merger, tmp_path):
     with open(os.path.join(out, "from_scratch.md")) as f:
         md = f.read()
     assert "| ControlNet | 162 ± 18 |" in md and "Merged from:" in md
+    # a run of one input never evaluated there (no curve) is not a repeat of another input's
+    unevaluated = _result(1, {"controlnet": [0.0, 0.4, 0.6]})
+    unevaluated["runs"][0].pop("curve")
+    assert [r["seed"] for r in merger.merge([json.load(open(os.path.join(b, "results.json"))), unevaluated],
+                                            ["b", "u"])["runs"]] == [1, 1]
+    # results written when --target_closure took one level keep a number
+    older = json.load(open(os.path.join(a, "results.json")))
+    older["args"]["target_closure"] = 0.5
+    assert list(merger.merge([older], ["a"])["summary"]["depth"]["controlnet"]["targets"]) == ["0.5"]
     # without --target_closure: the first input's levels
     merged = merger.merge([json.load(open(os.path.join(p, "results.json"))) for p in (a, b)], ["a", "b"])
     assert set(merged["summary"]["depth"]["controlnet"]["targets"]) == {"0.5", "0.25"}

@@ -148,8 +148,19 @@ def test_held_out_scenes_come_after_the_training_data(exp, tmp_path):
     for start in ("0", "7", "9"):  # 7-9 overlap at the end
         with pytest.raises(ValueError, match=f"--eval_start_index {start}: .* overlap the training scenes 0-9 .*give --eval_start_index 10 or more"):
             exp.parse_args(base + ["--eval_start_index", start])
-    unwritten = base + ["--eval_start_index", "7", "--train_data_dir", str(tmp_path / "none")]  # nothing to overlap yet
-    assert exp.parse_args(unwritten).eval_start_index == 7
+    # a folder not written yet will hold scenes 0 .. --num_train_samples - 1
+    unwritten = base + ["--eval_start_index", "7", "--train_data_dir", str(tmp_path / "none")]
+    assert exp.parse_args(unwritten + ["--num_train_samples", "7"]).eval_start_index == 7
+    with pytest.raises(ValueError, match="overlap the training scenes 0-7 "):
+        exp.parse_args(unwritten + ["--num_train_samples", "8"])
+    # an --output_dir evaluated before keeps its scenes (its images are named by position)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"args": {"eval_start_index": 20}}))
+    with pytest.raises(ValueError, match=f"--output_dir {out} was evaluated on held-out scenes from 20 .*would start at 2000: "
+                                         "give --eval_start_index 20, or another --output_dir"):
+        exp.parse_args(base + ["--output_dir", str(out)])
+    assert exp.parse_args(base + ["--output_dir", str(out), "--eval_start_index", "20"]).eval_start_index == 20
     (data / "metadata.jsonl").write_text(json.dumps({"file_name": "images/cat.png"}) + "\n")  # not ShapesWorld's names
     assert exp.training_scenes(str(data)) is None
 

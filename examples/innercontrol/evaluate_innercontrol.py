@@ -38,8 +38,10 @@ from diffusers_innercontrol.evaluation import (
     DEFAULT_RESOLUTION,
     DEFAULT_SEEDS,
     annotator_from_evaluator,
+    check_images_record,
     compute_metrics,
     generate_images,
+    images_record,
     load_control_evaluator,
     load_eval_dataset,
     load_generation_pipeline,
@@ -175,7 +177,10 @@ def main(args):
 
     pipe = None
     stats = {"generated": 0, "skipped": 0}
-    if not args.skip_generation:
+    if args.skip_generation:  # score the images there only if they were made with this call's settings
+        check_images_record(args.output_dir, images_record(dataset, args.num_inference_steps, args.guidance_scale,
+                                                           args.negative_prompt or None, args.resolution), write=False)
+    else:
         pipe = load_generation_pipeline(
             args.pretrained_model_name_or_path, args.controlnet_model_name_or_path, revision=args.revision,
             variant=args.variant, torch_dtype=weight_dtype, cache_dir=args.cache_dir,

@@ -19,6 +19,7 @@
 import json
 import math
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -99,13 +100,24 @@ def save_image_atomic(image, path: str):
 IMAGES_RECORD = "generation.json"
 
 
-def check_images_record(output_dir: str, record: Dict) -> None:
+def images_record(dataset, num_inference_steps: int, guidance_scale: float, negative_prompt: Optional[str],
+                  resolution: Optional[int], with_control: bool = True) -> Dict:
+    """What `generate_images` makes a folder's images with: the generation settings and, where the dataset names
+    them (`dataset.fingerprint`, e.g. a ShapesWorld eval set's first scene), the conditions. Not which model made
+    them: each ControlNet gets its own folder."""
+    return {"conditions": getattr(dataset, "fingerprint", None), "num_inference_steps": int(num_inference_steps),
+            "guidance_scale": float(guidance_scale), "negative_prompt": negative_prompt,
+            "resolution": None if resolution is None else int(resolution), "with_control": bool(with_control)}
+
+
+def check_images_record(output_dir: str, record: Dict, write: bool = True) -> None:
     """
     Saved images are named by the condition's position in the dataset and the seed (`image_path`), and a run that
-    finds them makes only the missing ones, so a folder serves only the scenes and settings its images were made
-    with. The first call writes `record` (JSON values) to `output_dir/generation.json`; a later call with another
-    record raises `DataError` naming what differs, before any image is made. A folder of images from before records
-    were kept has none: it is taken as it is, and gets this record.
+    finds them makes only the missing ones, so a folder serves only the conditions and settings its images were
+    made with. The first call writes `record` (JSON values) to `output_dir/generation.json` (`write=False`: only
+    compares, for a caller that scores without generating); a later call with another record raises `DataError`
+    naming what differs, before any image is made. A folder of images from before records were kept has none: it
+    is taken as it is, and gets this record.
     """
     path = os.path.join(output_dir, IMAGES_RECORD)
     if os.path.isfile(path):
@@ -114,19 +126,15 @@ def check_images_record(output_dir: str, record: Dict) -> None:
         for key in sorted(set(old) | set(record)):
             if old.get(key) != record.get(key):
                 raise DataError(f"{output_dir} holds images made with {key} = {old.get(key)!r}, not {record.get(key)!r}: "
-                                "remove the folder to make them again, or give another one.")
+                                "remove that folder to make them again, or write to another folder.")
+        return
+    if not write:
         return
     os.makedirs(output_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{IMAGES_RECORD}.")  # several processes may write it at once
+    with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
-
-
-def dataset_fingerprint(dataset) -> Optional[Dict]:
-    """What names a dataset's conditions by position (`dataset.fingerprint`, e.g. a ShapesWorld eval set's first
-    scene); None for a dataset that does not say."""
-    return getattr(dataset, "fingerprint", None)
 
 
 def load_image01(path: str) -> torch.Tensor:
@@ -307,10 +315,8 @@ def generate_images(
         raise ValueError(f"conditions_per_call must be >= 1, got {conditions_per_call}.")
     stats = GenerationStats()
     indices = list(indices)
-    check_images_record(output_dir, {
-        "conditions": dataset_fingerprint(dataset), "num_inference_steps": int(num_inference_steps),
-        "guidance_scale": float(guidance_scale), "negative_prompt": negative_prompt,
-        "resolution": None if resolution is None else int(resolution), "with_control": bool(with_control)})
+    check_images_record(output_dir, images_record(dataset, num_inference_steps, guidance_scale, negative_prompt, resolution,
+                                                  with_control))
     group = []  # (index, sample, missing seeds) of the conditions that go through the pipeline together
 
     def flush():

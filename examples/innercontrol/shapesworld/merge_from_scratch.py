@@ -93,7 +93,7 @@ def check_same_protocol(results: List[Dict], names: List[str]):
                                      "evaluator, toy SD or set of scenes; merge only runs measured on one scale.")
     seen = {}
     for result, name in zip(results, names):
-        for run in result["runs"]:
+        for run in (r for r in result["runs"] if "curve" in r):  # a run never evaluated there is not in the merge
             key = (run["task"], run["mode"], run["seed"])
             if key in seen:
                 raise ValueError(f"{key[0]}/{key[1]}/seed{key[2]} is in both {seen[key]} and {name}: remove one of them.")
@@ -107,6 +107,7 @@ def merge(results: List[Dict], names: List[str], targets: Optional[List[float]] 
     modes = list(dict.fromkeys(m for r in results for m in r["args"]["modes"]))
     task_names = list(dict.fromkeys(t for r in results for t in r["args"]["tasks"]))
     targets = targets or results[0]["args"]["target_closure"]
+    targets = [targets] if isinstance(targets, (int, float)) else list(targets)  # older results kept one level
     tasks = {}
     for task in task_names:  # the first input that evaluated the task gives its floor and ceiling
         held = [r["tasks"][task] for r in results if task in r["tasks"]]

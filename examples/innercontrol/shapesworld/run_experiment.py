@@ -151,20 +151,32 @@ def training_scenes(train_data_dir: str) -> Optional[Tuple[int, int]]:
 def set_eval_models(args):
     """
     The held-out scenes: by default they start after the training ones (after `--num_train_samples`, or after the
-    scenes already in `--train_data_dir` where it holds more); given ones that overlap the scenes of
-    `--train_data_dir` are refused (`ValueError`). The bundled `eval-<task>` evaluates every task whose
-    `--<task>_eval_model` is not given.
+    scenes already in `--train_data_dir` where it holds more); given ones that overlap the training scenes (those
+    of `--train_data_dir`, or the `--num_train_samples` it will be written with) are refused, and so is a start
+    other than that of the `results.json` already in `--output_dir` (its images are named by position). Raises
+    `ValueError` naming the fix. The bundled `eval-<task>` evaluates every task whose `--<task>_eval_model` is not
+    given.
     """
     from diffusers_innercontrol.toy.quickstart import bundled_path
 
-    held = training_scenes(args.train_data_dir)
-    n = max(args.num_eval_conditions, getattr(args, "num_bucket_conditions", 0))  # Fig. 2 may use more scenes
-    if args.eval_start_index is None:
-        args.eval_start_index = max(args.num_train_samples, held[1] if held else 0)
-    elif held and args.eval_start_index < held[1] and args.eval_start_index + n > held[0]:
+    held = training_scenes(args.train_data_dir) or (0, args.num_train_samples)  # ensure_train_data writes 0 .. N - 1
+    # every held-out set starts at --eval_start_index: the scored scenes, Fig. 2's and KID's real images
+    n = max(args.num_eval_conditions, getattr(args, "num_bucket_conditions", 0), getattr(args, "num_kid_real", 0))
+    given = args.eval_start_index is not None
+    if not given:
+        args.eval_start_index = max(args.num_train_samples, held[1])
+    elif args.eval_start_index < held[1] and args.eval_start_index + n > held[0]:
         raise ValueError(f"--eval_start_index {args.eval_start_index}: the held-out scenes {args.eval_start_index}-"
-                         f"{args.eval_start_index + n - 1} overlap the training scenes {held[0]}-"
-                         f"{held[1] - 1} of --train_data_dir {args.train_data_dir}; give --eval_start_index {held[1]} or more.")
+                         f"{args.eval_start_index + n - 1} overlap the training scenes {held[0]}-{held[1] - 1} of "
+                         f"--train_data_dir {args.train_data_dir}; give --eval_start_index {held[1]} or more.")
+    earlier = os.path.join(args.output_dir, "results.json")
+    if os.path.isfile(earlier):
+        with open(earlier) as f:
+            start = json.load(f).get("args", {}).get("eval_start_index")
+        if start is not None and start != args.eval_start_index:
+            raise ValueError(f"--output_dir {args.output_dir} was evaluated on held-out scenes from {start} (its results.json), "
+                             f"this call {'asks for' if given else 'would start at'} {args.eval_start_index}: give "
+                             f"--eval_start_index {start}, or another --output_dir.")
     for task in TASKS:
         if getattr(args, f"{task}_eval_model") is None:
             setattr(args, f"{task}_eval_model", bundled_path(f"eval-{task}"))
