@@ -266,6 +266,36 @@ def test_train_run_extends_a_finished_run(fs, tmp_path, monkeypatch):
     assert (out2 / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_images_of_another_protocol_are_refused_before_training(fs, tmp_path):
+    """An images folder in --output_dir made with other scenes or settings stops the call at parse time."""
+    from diffusers_innercontrol.evaluation import IMAGES_RECORD
+
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", "d", "--tasks", "depth",
+            "--modes", "controlnet", "--seeds", "0", "--output_dir", str(tmp_path / "o"), "--eval_start_index", "100000"]
+    args = fs.parse_args(base)  # nothing there yet
+    from diffusers_innercontrol.evaluation import images_record
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
+
+    made = images_record(ShapesWorldEvalSet("depth", 64, 0, 100000, 64), 20, 7.5, None, 64)
+    for folder, record in (("runs/depth/controlnet/seed0/eval-step250", made), ("depth/no-controlnet", dict(made, with_control=False)),
+                           ("depth/real", {"conditions": made["conditions"], "images": "real"})):
+        os.makedirs(tmp_path / "o" / folder)
+        with open(tmp_path / "o" / folder / IMAGES_RECORD, "w") as f:
+            json.dump(record, f)
+    assert fs.parse_args(base).guidance_scale == 7.5  # the same protocol: served
+    with pytest.raises(ValueError, match="no-controlnet holds images made with guidance_scale = 7.5, not 2.0"):
+        fs.parse_args(base + ["--guidance_scale", "2"])
+    with pytest.raises(ValueError, match="no-controlnet holds images made with conditions"):
+        fs.parse_args(base[:-1] + ["100064"])
+    os.remove(tmp_path / "o" / "depth" / "no-controlnet" / IMAGES_RECORD)
+    with pytest.raises(ValueError, match="real holds images made with conditions"):
+        fs.parse_args(base[:-1] + ["100064"])
+    os.remove(tmp_path / "o" / "depth" / "real" / IMAGES_RECORD)
+    with pytest.raises(ValueError, match="seed0/eval-step250 holds images made with guidance_scale = 7.5, not 2.0"):
+        fs.parse_args(base + ["--guidance_scale", "2"])
+    assert args.eval_start_index == 100000
+
+
 def test_quick_keeps_the_options_given(fs, tmp_path):
     args = fs.parse_args(_base(tmp_path)[:-4] + ["--quick", "--max_train_steps", "6"])
     assert (args.max_train_steps, args.eval_every, args.num_eval_conditions) == (6, 2, 2)

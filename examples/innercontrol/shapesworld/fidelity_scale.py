@@ -114,13 +114,17 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------- images
+def reference_record(dataset, vae=None) -> Dict:
+    """What `save_reference_images` records of a folder (`evaluation.check_images_record`)."""
+    return {"conditions": getattr(dataset, "fingerprint", None), "images": "real" if vae is None else "VAE round trip"}
+
+
 @torch.no_grad()
 def save_reference_images(dataset, out_dir: str, vae=None, batch_size: int = 32) -> None:
     """The real images (`vae=None`) or their VAE round trip `decode(encode(x))` (posterior mean), as seed-0 PNGs."""
     from diffusers_innercontrol.evaluation import check_images_record, image_path, save_image_atomic, tensor_to_pil
 
-    check_images_record(out_dir, {"conditions": getattr(dataset, "fingerprint", None),
-                                  "images": "real" if vae is None else "VAE round trip"})
+    check_images_record(out_dir, reference_record(dataset, vae))
     todo = [i for i in range(len(dataset)) if not os.path.isfile(image_path(out_dir, i, 0))]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]

@@ -134,10 +134,15 @@ def check_existing_runs(args):
       the run `--max_train_steps` asks for only with the settings it was trained with and a learning rate that does
       not depend on the run's length; `--skip_training` cannot extend it.
 
+    Every images folder already there must have been made with this call's scenes and generation settings (its
+    `generation.json`, `evaluation.check_images_record`), or the report would mix two protocols after hours of
+    training.
+
     Raises `ValueError` naming the run and the fix.
     """
     from diffusers_innercontrol.checkpointing import list_checkpoints
 
+    check_existing_images(args)
     ignored = {"--max_train_steps", "--resume_from_checkpoint"}
     for task in args.tasks:
         for mode in args.modes:
@@ -173,6 +178,23 @@ def check_existing_runs(args):
                     raise ValueError(f"{out} was trained to {steps} steps and --lr_scheduler {scheduler} depends on the "
                                      f"run's length: resuming it would not give the curve of a run trained to "
                                      f"{args.max_train_steps} steps from the start. Give a new --output_dir.")
+
+
+def check_existing_images(args):
+    """`DataError` (a `ValueError`) for an images folder in `--output_dir` made with other scenes or settings than
+    `evaluate_task` would make them with now."""
+    import glob
+
+    from diffusers_innercontrol.evaluation import check_images_record, images_record
+    from diffusers_innercontrol.toy.shapesworld import ShapesWorldEvalSet
+
+    for task in args.tasks:
+        dataset = ShapesWorldEvalSet(task, args.resolution, args.world_seed, args.eval_start_index, args.num_eval_conditions)
+        made = images_record(dataset, args.num_inference_steps, args.guidance_scale, None, args.resolution)
+        check_images_record(os.path.join(args.output_dir, task, "no-controlnet"), dict(made, with_control=False), write=False)
+        check_images_record(os.path.join(args.output_dir, task, "real"), fidelity_scale.reference_record(dataset), write=False)
+        for folder in sorted(glob.glob(os.path.join(glob.escape(args.output_dir), "runs", task, "*", "seed*", "eval*"))):
+            check_images_record(folder, made, write=False)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
