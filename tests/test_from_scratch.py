@@ -222,6 +222,17 @@ def test_existing_runs_are_checked_before_anything_is_trained(fs, tmp_path):
             fs.parse_args(base + extra)
 
 
+def test_a_run_moved_to_another_folder_can_still_be_extended(fs, tmp_path):
+    out = _finished_run(fs, tmp_path, 500)
+    record = json.loads((out / "run.json").read_text())
+    train_args = record["train_args"]
+    train_args[train_args.index("--output_dir") + 1] = "elsewhere/runs/depth/controlnet/seed0"  # where it was trained
+    (out / "run.json").write_text(json.dumps(record))
+    assert fs.parse_args(_base(tmp_path) + ["--max_train_steps", "1000"]).max_train_steps == 1000
+    with pytest.raises(ValueError, match=r"other settings \(--learning_rate\)"):  # other options still count
+        fs.parse_args(_base(tmp_path) + ["--max_train_steps", "1000", "--learning_rate", "1e-3"])
+
+
 def test_a_schedule_that_depends_on_the_length_is_not_extended(fs, tmp_path):
     _finished_run(fs, tmp_path, 500, extra=["--lr_scheduler", "cosine"])
     with pytest.raises(ValueError, match="--lr_scheduler cosine depends on the run's length"):

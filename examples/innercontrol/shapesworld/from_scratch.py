@@ -143,7 +143,8 @@ def check_existing_runs(args):
     from diffusers_innercontrol.checkpointing import list_checkpoints
 
     check_existing_images(args)
-    ignored = {"--max_train_steps", "--resume_from_checkpoint"}
+    # --output_dir is the run's own folder, where it was found: a run moved or renamed since is the same run
+    ignored = {"--max_train_steps", "--resume_from_checkpoint", "--output_dir"}
     for task in args.tasks:
         for mode in args.modes:
             for seed in args.seeds:
