@@ -94,6 +94,47 @@ def test_report_has_every_level_and_the_per_step_tests(fs):
     assert "| Alignment only | - | +50.0 (" in md  # the closure 0.8 against 0.3 at step 100, none at step 0
 
 
+def test_level_from_summary_and_report_by_hand(fs):
+    """Closures at steps 0-300, level from step 100 (3 evaluations). Baseline seeds: 0.2, 0.4, 0.6 (level 0.4,
+    slope 0.002 a step = 2.0 per 1000) and 0.2 flat (0.2, slope 0); alignment: 0.6 flat (0.6) and 0.9, 0.8, 0.7
+    (0.8, slope -1.0 per 1000). Welch on the levels: diff 0.7 - 0.3 = 0.4, each side's variance 0.02 over 2 seeds,
+    se = sqrt(0.01 + 0.01), t = 0.4 / 0.1414 = 2.828, df = 0.02^2 / (0.01^2 + 0.01^2) = 2, and with 2 degrees of
+    freedom p = 1 - t / sqrt(t^2 + 2) = 1 - sqrt(8 / 10) = 0.1056."""
+    def run(mode, seed, closures):
+        return {"task": "depth", "mode": mode, "seed": seed, "curve": {"steps": [0, 100, 200, 300], "closures": closures}}
+
+    runs = [run("alignment", 1, [0.0, 0.9, 0.8, 0.7]), run("controlnet", 0, [0.0, 0.2, 0.4, 0.6]),
+            run("controlnet", 1, [0.0, 0.2, 0.2, 0.2]), run("alignment", 0, [0.0, 0.6, 0.6, 0.6])]
+    modes = ["alignment", "controlnet"]  # the baseline is summarized first whatever the order
+    out = fs.summarize_task(runs, "depth", modes, [0.5], level_from=100)
+    base, align = out["controlnet"]["level"], out["alignment"]["level"]
+    assert base["from"] == 100 and base["evaluations"] == 3 and base["vs_controlnet"] is None
+    assert [r["closure"] for r in base["per_seed"]] == pytest.approx([0.4, 0.2])
+    assert [r["slope_per_1000_steps"] for r in base["per_seed"]] == pytest.approx([2.0, 0.0])
+    assert base["closure"]["mean"] == pytest.approx(0.3) and base["closure"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert [(r["seed"], r["slope_per_1000_steps"]) for r in align["per_seed"]] == [(0, pytest.approx(0.0)), (1, pytest.approx(-1.0))]
+    test = align["vs_controlnet"]
+    assert test["diff"] == pytest.approx(0.4) and test["t"] == pytest.approx(0.4 / math.sqrt(0.02))
+    assert test["df"] == pytest.approx(2.0) and test["p"] == pytest.approx(1 - math.sqrt(0.8))
+    assert "level" not in fs.summarize_task(runs, "depth", modes, [0.5])["controlnet"]  # only when asked
+    args = {"max_train_steps": 300, "train_batch_size": 8, "learning_rate": 5e-4, "lr_scheduler": "constant",
+            "lr_warmup_steps": 0, "seeds": [0, 1], "eval_every": 100, "num_eval_conditions": 2, "eval_start_index": 0,
+            "num_inference_steps": 2, "guidance_scale": 7.5, "target_closure": [0.5]}
+    result = {"args": args, "tasks": {"depth": {"floor": 1.0, "ceiling": 2.0, "steps": [0, 100, 200, 300]}},
+              "summary": {"depth": out}, "seconds": 1.0,
+              "mode_labels": {"controlnet": "ControlNet", "alignment": "Alignment only"}}
+    md = fs.results_markdown(result)
+    assert "Level from step 100: per seed the mean closure over the 3 evaluations" in md
+    assert "| ControlNet | 30.0 ± 14.1 % | +100.00 ± 141.42 | - | - | 0: 40.0, 1: 20.0 |" in md
+    assert "| Alignment only | 70.0 ± 14.1 % | -50.00 ± 70.71 | +40.0 [" in md and "| 0.106 | 0: 60.0, 1: 80.0 |" in md
+    with pytest.raises(ValueError, match="at least 2 evaluated steps from step 300"):
+        fs.summarize_task(runs, "depth", modes, [0.5], level_from=300)
+    fs.check_level_from(200, [0, 100, 200, 300])
+    with pytest.raises(ValueError, match="--level_from 250: fewer than 2 evaluated steps from there on .the last is 300.; "
+                                         "give --level_from 200 or lower"):
+        fs.check_level_from(250, [0, 100, 200, 300])
+
+
 def test_bad_arguments_fail_before_work(fs, tmp_path):
     base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", "d", "--tasks", "depth",
             "--modes", "controlnet"]
@@ -105,6 +146,9 @@ def test_bad_arguments_fail_before_work(fs, tmp_path):
         with pytest.raises(ValueError, match="--target_closure"):
             fs.parse_args(base + ["--target_closure", levels])
     assert fs.parse_args(base + ["--target_closure", "0.15,0.25"]).target_closure == [0.15, 0.25]
+    with pytest.raises(ValueError, match="--level_from 1000: fewer than 2 evaluated steps .* give --level_from 750 or lower"):
+        fs.parse_args(base + ["--level_from", "1000"])  # evaluated at 0, 250, ..., 1000
+    assert fs.parse_args(base + ["--level_from", "750"]).level_from == 750
     with pytest.raises(ValueError, match="--depth_probe"):
         fs.parse_args(base[:-1] + ["alignment"])
     for option in ("--use_ema", "--use_lora", "--checkpoints_total_limit 2"):  # checkpoints that are not the curve's

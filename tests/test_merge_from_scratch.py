@@ -75,6 +75,27 @@ def test_two_drivers_make_the_summary_of_their_union(merger, tmp_path):
     # without --target_closure: the first input's levels
     merged = merger.merge([json.load(open(os.path.join(p, "results.json"))) for p in (a, b)], ["a", "b"])
     assert set(merged["summary"]["depth"]["controlnet"]["targets"]) == {"0.5", "0.25"}
+    assert "level" not in merged["summary"]["depth"]["controlnet"] and merged["args"]["level_from"] is None
+
+
+def test_level_from_over_the_merged_seeds(merger, tmp_path):
+    """--level_from 100 over the two drivers' curves: baseline levels (0.2 + 0.6) / 2 = 0.4 and (0.4 + 0.6) / 2 = 0.5,
+    alignment (0.6 + 0.7) / 2 = 0.65 and 1.0; the difference (0.65 + 1.0) / 2 - 0.45 = 0.375 is tested across the
+    two drivers' seeds; a later merge of that merge keeps the option."""
+    a = _write(tmp_path, "a", _result(0, {"controlnet": [0.0, 0.2, 0.6], "alignment": [0.0, 0.6, 0.7]}))
+    b = _write(tmp_path, "b", _result(1, {"controlnet": [0.0, 0.4, 0.6], "alignment": [0.0, 1.0, 1.0]}))
+    out = str(tmp_path / "merged")
+    merger.cli_main([a, b, "--output_dir", out, "--level_from", "100"])
+    with open(os.path.join(out, "results.json")) as f:
+        merged = json.load(f)
+    summary = merged["summary"]["depth"]
+    assert [r["closure"] for r in summary["controlnet"]["level"]["per_seed"]] == pytest.approx([0.4, 0.5])
+    assert summary["alignment"]["level"]["vs_controlnet"]["diff"] == pytest.approx(0.375)
+    assert summary["alignment"]["level"]["vs_controlnet"]["n"] == 2 and merged["args"]["level_from"] == 100
+    with open(os.path.join(out, "from_scratch.md")) as f:
+        assert "Level from step 100" in f.read()
+    again = merger.merge([merged], ["merged"])
+    assert again["summary"]["depth"]["alignment"]["level"]["from"] == 100
 
 
 def test_other_protocols_and_repeated_runs_are_refused(merger):
@@ -100,7 +121,8 @@ def test_bad_input_is_one_line_before_anything_is_written(merger, tmp_path, caps
     a = _write(tmp_path, "a", _result(0, {"controlnet": [0.0, 0.2, 0.6]}))
     for argv, message in (([a, str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "m")], "nowhere does not exist: give from_scratch.py output folders"),
                           ([a, "--output_dir", a], "holds an input's results.json"),
-                          ([a, "--output_dir", str(tmp_path / "m"), "--target_closure", "1.5"], "--target_closure")):
+                          ([a, "--output_dir", str(tmp_path / "m"), "--target_closure", "1.5"], "--target_closure"),
+                          ([a, "--output_dir", str(tmp_path / "m"), "--level_from", "150"], "--level_from 150: fewer than 2")):
         with pytest.raises(SystemExit) as err:
             merger.cli_main(argv)
         assert err.value.code == 1

@@ -314,6 +314,28 @@ def test_steps_to_reach_interpolates_the_first_crossing():
         steps_to_reach([0, 100, 100], [0.1, 0.2, 0.3], 0.5)
 
 
+def test_curve_level_is_the_mean_and_the_least_squares_slope_from_the_start_step():
+    """Closures 0, 0.2, 0.6, 0.4, 0.9 at steps 0-400, from step 200 on: mean (0.6 + 0.4 + 0.9) / 3 = 0.6333; slope
+    over three evenly spaced points = (last - first) / (2 * 100) = 0.3 / 200 = 0.0015 per step (the middle point does
+    not count); from step 150 the same three evaluations; from 0 all five: mean 0.42, slope
+    (-200 * -0.42 + -100 * -0.22 + 0 + 100 * -0.02 + 200 * 0.48) / 100 000 = 0.002."""
+    from diffusers_innercontrol.metrics import curve_level
+
+    steps, values = [0, 100, 200, 300, 400], [0.0, 0.2, 0.6, 0.4, 0.9]
+    out = curve_level(steps, values, 200)
+    assert out["mean"] == pytest.approx(1.9 / 3)
+    assert out["slope"] == pytest.approx(0.0015)
+    assert out["n"] == 3 and out["start"] == 200.0
+    assert curve_level(steps, values, 150) == pytest.approx(dict(out, start=150.0))
+    full = curve_level(steps, values, 0)
+    assert full["mean"] == pytest.approx(0.42) and full["slope"] == pytest.approx(0.002) and full["n"] == 5
+    assert curve_level([0, 1, 2], [0.3, 0.3, 0.3], 1)["slope"] == 0.0  # a level curve
+    with pytest.raises(ValueError, match="at least 2 evaluated steps from step 400"):
+        curve_level(steps, values, 400)
+    with pytest.raises(ValueError, match="one value per step"):
+        curve_level([0, 100], [0.1], 0)
+
+
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     """KID on a fixed random feature map: two samples of the same images give about 0, shifted images clearly more."""
     from diffusers_innercontrol.metrics import build_kid

@@ -608,6 +608,31 @@ def steps_to_reach(steps: Sequence[float], values: Sequence[float], target: floa
     return None
 
 
+def curve_level(steps: Sequence[float], values: Sequence[float], start: float) -> Dict[str, float]:
+    """
+    Where a learning curve levels off: the mean of its values at the evaluations from step `start` on, and their
+    least-squares slope against the step (value units per step; near 0 on a level). Together they tell a curve that
+    has stopped rising from one still climbing, with less noise than the last evaluation alone.
+
+    Returns:
+        `mean`, `slope`, `n` (the evaluations used), `start`.
+
+    Raises:
+        ValueError: the lists differ in length, or fewer than 2 evaluations are at or after `start`.
+    """
+    if len(steps) != len(values):
+        raise ValueError(f"curve_level needs one value per step, got {len(steps)} steps and {len(values)} values.")
+    pairs = [(float(s), float(v)) for s, v in zip(steps, values) if float(s) >= start]
+    if len(pairs) < 2 or len({s for s, _ in pairs}) < 2:
+        raise ValueError(f"curve_level needs at least 2 evaluated steps from step {start:g} on, got "
+                         f"{[s for s, _ in pairs]}: start earlier or evaluate more often.")
+    x = torch.tensor([s for s, _ in pairs], dtype=torch.float64)
+    y = torch.tensor([v for _, v in pairs], dtype=torch.float64)
+    dx = x - x.mean()
+    slope = ((dx * (y - y.mean())).sum() / (dx * dx).sum()).item()
+    return {"mean": y.mean().item(), "slope": slope, "n": len(pairs), "start": float(start)}
+
+
 def summarize(values: Sequence[float]) -> Dict[str, float]:
     """Mean and (population) standard deviation of a list of numbers."""
     t = torch.tensor(list(values), dtype=torch.float64)

@@ -17,7 +17,9 @@ measured on the same scenes.
 Reported per task: the learning curves (closure against steps, mean and standard deviation over seeds: a band per
 mode, with Welch's test of each mode against the diffusion-loss baseline at every evaluated step), and the steps
 each run needs to reach every `--target_closure` level (`metrics.steps_to_reach`, interpolated between evaluations),
-with mean, standard deviation and Welch's test of each mode against the baseline.
+with mean, standard deviation and Welch's test of each mode against the baseline. With `--level_from STEP`, also
+where the curves level off: per seed the mean closure over the evaluations from STEP on and its slope
+(`metrics.curve_level`), with Welch's test of each mode's levels against the baseline's.
 
 Modes are those of `run_experiment.py` (default: `controlnet`, `alignment`, `reward200_alignment`, the last being
 InnerControl). The defaults are the recipe of the shipped toy ControlNets (lr 5e-4 after 100 warm-up steps, here
@@ -65,6 +67,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--target_closure", type=experiment._csv(float), default=[0.5],
                    help="The fixed fidelities whose steps are reported (comma-separated, e.g. 0.15,0.25): shares of the "
                         "gap between no ControlNet and the real images.")
+    g.add_argument("--level_from", type=int, default=None,
+                   help="Also report where the curves level off: per seed the mean closure over the evaluations from "
+                        "this step on and its slope, with Welch's test of each mode against the ControlNet.")
     g.add_argument("--scenes_per_batch", type=int, default=8, help="Held-out scenes per pipeline call.")
     g.add_argument("--quick", action="store_true", help="Tiny counts (tests): 4 steps, 2 conditions, except options given.")
     g.add_argument("--output_dir", type=str, default="shapesworld-from-scratch")
@@ -111,6 +116,16 @@ def validate_args(args):
                          "fidelity gap in (0, 1], comma-separated.")
     if len(set(args.target_closure)) != len(args.target_closure):
         raise ValueError(f"--target_closure {','.join(map(str, args.target_closure))}: a level is repeated; give each once.")
+    check_level_from(args.level_from, [0] + evaluated_steps(args.max_train_steps, args.eval_every))  # a curve's steps
+
+
+def check_level_from(level_from: Optional[int], steps: Sequence[int]):
+    """`--level_from` needs 2 evaluated steps at or after it (a mean and a slope); raises `ValueError` naming the fix."""
+    steps = sorted(steps)
+    if level_from is not None and sum(s >= level_from for s in steps) < 2:
+        fix = f"give --level_from {steps[-2]} or lower" if len(steps) > 1 else "evaluate more often (--eval_every)"
+        raise ValueError(f"--level_from {level_from}: fewer than 2 evaluated steps from there on (the last is "
+                         f"{steps[-1]}); {fix}.")
 
 
 def _options(train_args: Sequence[str]) -> Dict[str, object]:
@@ -304,13 +319,35 @@ def closure_tests(closures: Sequence[Sequence[float]], baseline: Sequence[Sequen
     return [welch_or_none([c[i] for c in closures], [c[i] for c in baseline]) for i in range(len(closures[0]) if closures else 0)]
 
 
-def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], targets: Sequence[float]) -> Dict:
+def summarize_level(closures: Sequence[Sequence[float]], seeds: Sequence[int], steps: Sequence[int], level_from: int,
+                    baseline: Optional[Dict] = None) -> Dict:
+    """
+    Where a mode's curves level off (`closures[seed][step]`): per seed `metrics.curve_level` from step `level_from`
+    on (the mean closure and its slope, given per 1000 steps), their mean and standard deviation over seeds, and
+    Welch's test of the per-seed means against `baseline` (the `controlnet` mode's own summary) where there is one.
+    """
+    from diffusers_innercontrol.metrics import curve_level
+
+    levels = [curve_level(steps, c, level_from) for c in closures]
+    per_seed = [{"seed": seed, "closure": lv["mean"], "slope_per_1000_steps": 1000 * lv["slope"]}
+                for seed, lv in zip(seeds, levels)]
+    out = {"from": level_from, "evaluations": levels[0]["n"], "per_seed": per_seed,
+           "closure": experiment.mean_std([r["closure"] for r in per_seed]),
+           "slope_per_1000_steps": experiment.mean_std([r["slope_per_1000_steps"] for r in per_seed])}
+    out["vs_controlnet"] = (welch_or_none([r["closure"] for r in per_seed], [r["closure"] for r in baseline["per_seed"]])
+                            if baseline else None)
+    return out
+
+
+def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], targets: Sequence[float],
+                   level_from: Optional[int] = None) -> Dict:
     """
     Per mode: the closure at every evaluated step (mean and standard deviation over seeds), Welch's test of it
     against the `controlnet` mode at every step (`closure_vs_controlnet`, `closure_tests`), and for every level in
     `targets`, under `targets[target_key(level)]`, the steps to reach it (per seed, their mean and standard
     deviation when every seed reached it, and Welch's test against the `controlnet` mode when every seed of both
-    modes reached it).
+    modes reached it). With `level_from`, also `level`: where the curves level off from that step on
+    (`summarize_level`; the `controlnet` mode first, the others tested against it).
     """
     from diffusers_innercontrol.metrics import steps_to_reach
 
@@ -348,6 +385,11 @@ def summarize_task(runs: Sequence[Dict], task: str, modes: Sequence[str], target
             base = out.get("controlnet", {}).get("targets", {}).get(key, {}).get("steps_to_target", [])
             complete = all(s is not None for s in mine["steps_to_target"] + base)
             mine["vs_controlnet"] = welch_or_none(mine["steps_to_target"], base) if mode != "controlnet" and complete else None
+    if level_from is not None:
+        for mode in sorted((m for m in modes if rows[m]), key=lambda m: m != "controlnet"):  # the baseline first
+            base = out.get("controlnet", {}).get("level") if mode != "controlnet" else None
+            out[mode]["level"] = summarize_level([r["curve"]["closures"] for r in rows[mode]], out[mode]["seeds"],
+                                                 out[mode]["steps"], level_from, base)
     return out
 
 
@@ -389,6 +431,7 @@ def results_markdown(result: Dict) -> str:
                 cells.append(cell + (f": {experiment.format_difference(test, digits=0)}, p = {experiment.format_p(test)}"
                                      if test else ""))
             lines.append(f"| {result['mode_labels'][mode]} | " + " | ".join(cells) + " |")
+        lines += level_markdown(result, summary)
         tested = {mode: entry for mode, entry in summary.items() if any(entry.get("closure_vs_controlnet") or [])}
         if tested:
             lines += ["", "Closure difference to the ControlNet per step, in points (Welch's p, one test per step, not "
@@ -405,6 +448,28 @@ def results_markdown(result: Dict) -> str:
             lines += [f"![{task}: control | real | each mode after the last step]({result['grids'][task]})", ""]
     lines.append(f"Wall time: {result['seconds']} s.")
     return "\n".join(lines) + "\n"
+
+
+def level_markdown(result: Dict, summary: Dict) -> List[str]:
+    """The `--level_from` table of a task (no lines without it): per mode the level and slope over seeds, the
+    difference to the ControlNet, and each seed's level."""
+    with_level = {mode: entry for mode, entry in summary.items() if entry.get("level")}
+    if not with_level:
+        return []
+    first = next(iter(with_level.values()))["level"]
+    lines = ["", f"Level from step {first['from']}: per seed the mean closure over the {first['evaluations']} evaluations "
+             "from there on and its least-squares slope; mean ± standard deviation over seeds, and the difference to "
+             "the ControlNet in points with its 95 % interval and Welch's p:", "",
+             "| mode | level | slope (points per 1000 steps) | difference to ControlNet | p | per seed |", "|---|---|---|---|---|---|"]
+    for mode, entry in with_level.items():
+        lv = entry["level"]
+        c, sl = lv["closure"], lv["slope_per_1000_steps"]
+        seeds = ", ".join(f"{r['seed']}: {100 * r['closure']:.1f}" for r in lv["per_seed"])
+        lines.append(f"| {result['mode_labels'][mode]} | {100 * c['mean']:.1f} ± {100 * c['std']:.1f} % | "
+                     f"{100 * sl['mean']:+.2f} ± {100 * sl['std']:.2f} | "
+                     f"{experiment.format_difference(lv['vs_controlnet'], 100, 1)} | {experiment.format_p(lv['vs_controlnet'])} | "
+                     f"{seeds} |")
+    return lines
 
 
 def write_plots(result: Dict, output_dir: str) -> Dict[str, str]:
@@ -448,7 +513,7 @@ def main(args) -> Dict:
     for task in args.tasks:
         task_runs = [r for r in runs if r["task"] == task]
         tasks[task] = evaluate_task(args, task, task_runs, device)
-        summary[task] = summarize_task(runs, task, args.modes, args.target_closure)
+        summary[task] = summarize_task(runs, task, args.modes, args.target_closure, args.level_from)
         dataset = ShapesWorldEvalSet(task, args.resolution, args.world_seed, args.eval_start_index, args.num_eval_conditions)
         grid = experiment.sample_grid(dataset, task_runs, args.modes, min(4, len(dataset)), 0)
         if grid is not None:

@@ -5,8 +5,9 @@ One report from several `from_scratch.py` results: seeds trained by other driver
 sessions (whose run folders may be gone), put back together without training, generating or scoring anything again.
 
 Every run keeps the curve its driver measured. The summary (closure per step with Welch's test against the
-ControlNet, the steps to every `--target_closure` level) is recomputed over the union with
-`from_scratch.summarize_task`, and the report and the plots are written as `from_scratch.py` writes them.
+ControlNet, the steps to every `--target_closure` level, and with `--level_from` where the curves level off) is
+recomputed over the union with `from_scratch.summarize_task`, and the report and the plots are written as
+`from_scratch.py` writes them.
 
     python examples/innercontrol/shapesworld/merge_from_scratch.py --output_dir fs-depth-5seeds \\
       fs-depth-seeds012/results.json fs-depth-seeds34
@@ -49,6 +50,9 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--target_closure", type=fs.experiment._csv(float), default=None,
                         help="Closure levels, comma-separated (default: the first input's).")
+    parser.add_argument("--level_from", type=int, default=None,
+                        help="Also report where the curves level off from this step on (as from_scratch.py's option; "
+                             "default: the first input's, if it had one).")
     args = parser.parse_args(input_args)
     missing = [s for s in args.sources if not os.path.isfile(results_path(s))]
     if missing:
@@ -58,7 +62,12 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
         raise ValueError(f"--output_dir {args.output_dir} holds an input's results.json: write the merge to a new folder.")
     if args.target_closure is not None and (not args.target_closure or not all(0.0 < x <= 1.0 for x in args.target_closure)):
         raise ValueError("--target_closure: give shares of the fidelity gap in (0, 1], comma-separated.")
-    check_same_protocol(load_results(args.sources), list(args.sources))
+    results = load_results(args.sources)
+    check_same_protocol(results, list(args.sources))
+    if args.level_from is not None:
+        for task, info in results[0]["tasks"].items():
+            if info["ceiling"] is not None:
+                fs.check_level_from(args.level_from, info["steps"])
     return args
 
 
@@ -100,7 +109,8 @@ def check_same_protocol(results: List[Dict], names: List[str]):
             seen[key] = name
 
 
-def merge(results: List[Dict], names: List[str], targets: Optional[List[float]] = None) -> Dict:
+def merge(results: List[Dict], names: List[str], targets: Optional[List[float]] = None,
+          level_from: Optional[int] = None) -> Dict:
     """The union of the inputs' evaluated runs, summarized again (`fs.summarize_task`); no report written."""
     check_same_protocol(results, names)
     runs = [dict(run, source=name) for result, name in zip(results, names) for run in result["runs"] if "curve" in run]
@@ -112,14 +122,16 @@ def merge(results: List[Dict], names: List[str], targets: Optional[List[float]] 
     for task in task_names:  # the first input that evaluated the task gives its floor and ceiling
         held = [r["tasks"][task] for r in results if task in r["tasks"]]
         tasks[task] = next((info for info in held if info["ceiling"] is not None), held[0])
-    args = dict(results[0]["args"], modes=modes, tasks=task_names, target_closure=targets,
+    if level_from is None:
+        level_from = results[0]["args"].get("level_from")  # older results have no such option
+    args = dict(results[0]["args"], modes=modes, tasks=task_names, target_closure=targets, level_from=level_from,
                 seeds=sorted({run["seed"] for run in runs}))
     labels = {}
     for result in results:
         labels.update({m: label for m, label in result["mode_labels"].items() if m not in labels})
     return {
         "args": args, "runs": runs, "tasks": tasks,
-        "summary": {task: fs.summarize_task(runs, task, modes, targets) for task in task_names},
+        "summary": {task: fs.summarize_task(runs, task, modes, targets, level_from) for task in task_names},
         "grids": {}, "mode_labels": labels,
         "merged_from": [{"source": name, "seconds": result.get("seconds"),
                          "runs": sorted(f"{r['task']}/{r['mode']}/seed{r['seed']}" for r in result["runs"] if "curve" in r)}
@@ -129,7 +141,7 @@ def merge(results: List[Dict], names: List[str], targets: Optional[List[float]] 
 
 def main(args) -> Dict:
     t0 = time.perf_counter()
-    result = merge(load_results(args.sources), list(args.sources), args.target_closure)
+    result = merge(load_results(args.sources), list(args.sources), args.target_closure, args.level_from)
     os.makedirs(args.output_dir, exist_ok=True)
     for task in result["tasks"]:
         for source in args.sources:
