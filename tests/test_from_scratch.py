@@ -386,6 +386,7 @@ def test_protocol_stages_are_the_documented_settings(protocol, tmp_path, capsys)
     assert stages["fig2"].fig2_only and stages["fig2"].segmentation_probe.endswith("probe-segmentation")
     fs = stages["from_scratch"]
     assert fs.tasks == ["depth", "hed"] and fs.seeds == [0, 1, 2] and (fs.max_train_steps, fs.eval_every) == (1500, 250)
+    assert fs.level_from == 1000
     assert {os.path.basename(s.output_dir) for s in stages.values()} == {"table2", "fig2", "from-scratch"}
     assert t2.train_data_dir == fs.train_data_dir == str(tmp_path / "p" / "shapes64")  # one set of training scenes
 
