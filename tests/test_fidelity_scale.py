@@ -81,6 +81,10 @@ def test_miou_from_confusion_matches_torchmetrics():
     assert miou_from_confusion(confusion) == pytest.approx(metric.compute().item(), abs=1e-6)
     # by hand: 2 classes, target [0, 0, 1], prediction [0, 1, 1] -> IoU 1/2 and 1/2
     assert miou_from_confusion(torch.tensor([[1, 1], [0, 1]])) == pytest.approx(0.5)
+    # a class seen once (union 1) counts; a class never seen does not; nothing seen at all has no mIoU
+    assert miou_from_confusion(torch.tensor([[2, 0, 0], [0, 1, 0], [0, 0, 0]])) == pytest.approx(1.0)
+    assert miou_from_confusion(torch.tensor([[2, 0, 0], [0, 0, 1], [0, 0, 0]])) == pytest.approx(1 / 3)  # IoU 1, 0, 0
+    assert math.isnan(miou_from_confusion(torch.zeros(3, 3)))
 
 
 def test_bootstrap_closure_ends_and_interval():
@@ -89,7 +93,7 @@ def test_bootstrap_closure_ends_and_interval():
     g = torch.Generator().manual_seed(1)
     floor, ceiling = 0.8 + 0.05 * torch.rand(40, generator=g), 0.4 + 0.05 * torch.rand(40, generator=g)
     # a model equal to the floor (ceiling) on every scene closes 100 % (0 %) in every resample
-    assert bootstrap_closure(floor, ceiling, floor, num_resamples=50) | {"level": 0.95} == {
+    assert bootstrap_closure(floor, ceiling, floor, num_resamples=50) == {
         "low": 1.0, "high": 1.0, "level": 0.95, "num_resamples": 50}
     zero = bootstrap_closure(floor, ceiling, ceiling, num_resamples=50)
     assert zero["low"] == zero["high"] == 0.0
@@ -98,8 +102,58 @@ def test_bootstrap_closure_ends_and_interval():
     ci = bootstrap_closure(floor, ceiling, value, num_resamples=300)
     point = (ceiling.mean() - value.mean()) / (ceiling.mean() - floor.mean())
     assert ci["low"] < point.item() < ci["high"] and ci["high"] - ci["low"] < 0.3
-    with pytest.raises(ValueError, match="same >= 2 scenes"):
+    with pytest.raises(ValueError, match=r"bootstrap_closure needs the same >= 2 scenes for every row, got \[40, 40, 5\]"):
         bootstrap_closure(floor, ceiling, value[:5])
+    with pytest.raises(ValueError, match="same >= 2 scenes"):
+        bootstrap_closure(floor[:1], ceiling[:1], value[:1])
+
+
+def _resampled_closures(floor, ceiling, value, num_resamples, seed, reduce):
+    """The bootstrap written the direct way: draw n scene indices with replacement from the seeded generator, pool
+    each row's drawn scenes (a mean of metric values, or `reduce` of the summed confusion matrices) and take the
+    closure; resamples where floor and ceiling coincide are skipped."""
+    generator, n, out = torch.Generator().manual_seed(seed), len(floor), []
+    for _ in range(num_resamples):
+        idx = torch.randint(0, n, (n,), generator=generator)
+        f, c, v = ((x[idx].double().mean() if reduce is None else reduce(x[idx].sum(0))) for x in (floor, ceiling, value))
+        if float(c) != float(f):
+            out.append(float((c - v) / (c - f)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_bootstrap_closure_is_the_quantiles_of_the_resampled_closures():
+    """Against the bootstrap done by indexing (`_resampled_closures`), at an 80 % level (the 10th and 90th
+    percentiles), on metric values and on per-scene confusion matrices (segmentation), where a class that only the
+    value row predicts, one seen once and one never seen must all be handled as `miou_from_confusion` of the pooled
+    matrix handles them."""
+    from diffusers_innercontrol.metrics import bootstrap_closure, miou_from_confusion
+
+    g = torch.Generator().manual_seed(3)
+    floor, ceiling, value = (torch.rand(7, generator=g, dtype=torch.float64) + shift for shift in (2.0, 0.0, 1.0))
+    out = bootstrap_closure(floor, ceiling, value, num_resamples=200, seed=5, level=0.8)
+    q = _resampled_closures(floor, ceiling, value, 200, 5, None)
+    assert out == {"low": pytest.approx(torch.quantile(q, 0.1).item(), rel=1e-12),
+                   "high": pytest.approx(torch.quantile(q, 0.9).item(), rel=1e-12), "level": 0.8, "num_resamples": 200}
+    assert bootstrap_closure(floor, ceiling, value, num_resamples=200, seed=6, level=0.8)["low"] != out["low"]
+    assert bootstrap_closure(floor, ceiling, value) == bootstrap_closure(floor, ceiling, value, 1000, 0, 0.95)  # defaults
+    assert bootstrap_closure(floor[:2], ceiling[:2], value[:2], num_resamples=20)["num_resamples"] == 20  # 2 scenes do
+
+    # 6 scenes, 5 classes: 0 and 1 everywhere, 2 only in the value row's predictions, 3 once, 4 never
+    n = 6
+    perfect = torch.zeros(n, 5, 5)
+    perfect[:, 0, 0], perfect[:, 1, 1] = 3 + torch.randint(0, 3, (n,), generator=g), 2 + torch.randint(0, 3, (n,), generator=g)
+    poor = perfect.clone()
+    poor[:, 0, 1], poor[:, 0, 0] = poor[:, 0, 0] - 1, 1  # one class-0 pixel predicted as 1 in every scene
+    poor[:, 1, 0], poor[:, 1, 1] = poor[:, 1, 1], 0  # class 1 never found
+    value = perfect.clone()
+    value[:3, 1, 2], value[:3, 1, 1] = 1, value[:3, 1, 1] - 1  # class 1 predicted as 2 in three scenes
+    value[0, 3, 3] = 1  # class 3 seen once
+    out = bootstrap_closure(perfect, poor, value, num_resamples=150, seed=1, level=0.8, reduce=miou_from_confusion)
+    q = _resampled_closures(perfect, poor, value, 150, 1, miou_from_confusion)
+    assert out["num_resamples"] == len(q) == 150
+    assert (out["low"], out["high"]) == (pytest.approx(torch.quantile(q, 0.1).item(), rel=1e-9),
+                                         pytest.approx(torch.quantile(q, 0.9).item(), rel=1e-9))
+    assert out["low"] < out["high"]
 
 
 # --- the labelled grid ----------------------------------------------------------------------------
@@ -115,6 +169,7 @@ def test_closure_by_group_by_hand():
     # a: floor 0.8, ceiling 0.4, value 0.65 -> 0.25 / 0.4; b: floor 0.8, ceiling 0.4, value 0.45 -> 0.05 / 0.4
     assert out["a"]["closure"] == pytest.approx(0.625) and out["b"]["closure"] == pytest.approx(0.125)
     assert out["a"]["scenes"] == 2 and out["b"]["value"] == pytest.approx(0.45)
+    assert (out["a"]["floor"], out["a"]["ceiling"]) == (pytest.approx(0.8), pytest.approx(0.4))
     # one group of everything is the overall closure (floor 0.8, ceiling 0.4, value 0.55); no gap, no closure
     assert closure_by_group(floor, ceiling, value, ["x"] * 4)["x"]["closure"] == pytest.approx(0.375)
     assert closure_by_group(floor, floor, value, ["x"] * 4)["x"]["closure"] is None
@@ -212,11 +267,17 @@ def test_paired_closure_difference_by_hand():
     assert paired_closure_difference(floor, ceiling, reference, value)["diff"] == pytest.approx(-0.125)
     rmse = paired_closure_difference(-floor, -ceiling, -value, -reference)
     assert rmse["diff"] == pytest.approx(0.125) and rmse["p"] == pytest.approx(d["p"])
-    assert paired_closure_difference(floor, ceiling, value, value) | {"level": 0.95} == {
+    assert d["level"] == 0.95 and paired_closure_difference(floor, ceiling, value, value) == {
         "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0, "n": 4, "level": 0.95}
-    with pytest.raises(ValueError, match="same >= 2 scenes"):
+    # in float64 from plain numbers: 0.125 to the last digits
+    exact = paired_closure_difference([0.9, 0.8, 0.7, 0.8], [0.5, 0.4, 0.3, 0.4], [0.8, 0.5, 0.5, 0.4], [0.7, 0.5, 0.4, 0.4])
+    assert exact["diff"] == pytest.approx(0.125, rel=1e-12)
+    # two scenes are enough: per scene 0.25 and 0 -> mean 0.125, t = 1 with 1 degree of freedom, p = 0.5
+    two = paired_closure_difference(floor[:2], ceiling[:2], value[:2], reference[:2])
+    assert (two["diff"], two["p"], two["n"]) == (pytest.approx(0.125), pytest.approx(0.5), 2)
+    with pytest.raises(ValueError, match=r"^paired_closure_difference needs the same >= 2 scenes in every row, got \[4, 4, 4, 3\]"):
         paired_closure_difference(floor, ceiling, value, reference[:3])
-    with pytest.raises(ValueError, match="no fidelity gap"):
+    with pytest.raises(ValueError, match="^The floor and the ceiling have the same mean: there is no fidelity gap to close.$"):
         paired_closure_difference(floor, floor, value, reference)
 
 

@@ -83,6 +83,66 @@ def test_ms_ssim_identical_is_one_and_small_maps_give_none():
     torch.testing.assert_close(edge_ms_ssim(big, big.expand(-1, 3, -1, -1)), torch.ones(1), atol=1e-4, rtol=0)
     with pytest.warns(UserWarning, match="MS-SSIM needs"):
         assert edge_ms_ssim(torch.rand(1, 1, 32, 32), torch.rand(1, 3, 32, 32)) is None
+    with pytest.warns(UserWarning, match=r"MS-SSIM needs maps larger than 160 px \(got \(160, 160\)\)"):
+        assert edge_ms_ssim(torch.rand(1, 1, 160, 160), torch.rand(1, 1, 160, 160)) is None  # larger, not equal
+
+
+def test_ms_ssim_is_per_sample_on_a_fixed_range_with_the_kernel_given():
+    """Two different pairs of maps in [0.2, 0.6] (a range of 0.4, so a range read off the data would differ):
+    one value each, as torchmetrics computes them with data_range 1 and the kernel asked for."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+
+    g = torch.Generator().manual_seed(0)
+    control = 0.2 + 0.4 * torch.rand(2, 1, 112, 112, generator=g)
+    pred = (control + 0.1 * torch.randn(2, 1, 112, 112, generator=g)).clamp(0.2, 0.6)
+    pred[1] = control[1].flip(-1)
+    out = edge_ms_ssim(pred, control, kernel_size=7)  # (7 - 1) * 16 = 96 px needed
+    expected = ms_ssim(pred, control, data_range=1.0, kernel_size=7, reduction="none")
+    assert out.shape == (2,) and abs(out[0] - out[1]) > 0.05
+    torch.testing.assert_close(out, expected.reshape(-1))
+    assert not torch.allclose(out, ms_ssim(pred, control, kernel_size=7, reduction="none").reshape(-1))
+
+
+def test_edge_maps_clamp_resize_and_refuse_a_batch_mismatch():
+    """Readings outside [0, 1] count as 0 or 1, on both sides; the resize is bilinear with half-pixel centres
+    (align_corners=False): [[0, 1], [2, 3]] to 4x4 has the first row 0, 0.25, 0.75, 1 (not 0, 1/3, 2/3, 1)."""
+    from diffusers_innercontrol.metrics import edge_maps, resize_map, to_single_channel
+
+    pred, target = edge_maps(torch.tensor([[[[-0.5, 0.3], [1.7, 1.0]]]]), torch.tensor([[[[2.0, -1.0], [0.5, 0.2]]]]))
+    torch.testing.assert_close(pred, torch.tensor([[[[0.0, 0.3], [1.0, 1.0]]]]))
+    torch.testing.assert_close(target, torch.tensor([[[[1.0, 0.0], [0.5, 0.2]]]]))
+    grid = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    torch.testing.assert_close(resize_map(grid, (4, 4))[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    assert resize_map(grid, (2, 2)) is grid  # at its size: untouched
+    with pytest.raises(ValueError, match=r"^Got 2 predicted maps for 3 controls\.$"):
+        edge_maps(torch.rand(2, 1, 4, 4), torch.rand(3, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"^Expected maps of shape \(B, C, H, W\) or \(B, H, W\), got \(4, 4\)\.$"):
+        to_single_channel(torch.rand(4, 4))
+
+
+def test_ssim_options_reach_torchmetrics():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    pred, control = torch.rand(2, 1, 24, 24), torch.rand(2, 1, 24, 24)
+    options = dict(kernel_size=5, gaussian_kernel=False)
+    expected = structural_similarity_index_measure(pred, control, data_range=1.0, reduction="none", **options)
+    torch.testing.assert_close(edge_ssim(pred, control, **options), expected)
+    assert not torch.allclose(edge_ssim(pred, control), expected)
+
+
+def test_ssim_deficit_by_region_defaults_and_threshold():
+    """A control value exactly at the threshold is not an edge (strictly above counts); the defaults are a 3-pixel
+    band and a 0.05 threshold."""
+    a, b, c1 = 0.5, 0.25, 1e-4
+    deficit = 1 - (2 * a * b + c1) / (a * a + b * b + c1)
+    parts = edge_ssim_deficit_by_region(torch.full((1, 1, 24, 24), a), torch.full((1, 1, 24, 24), b), threshold=b)
+    assert parts[0, 0].item() == 0 and abs(parts[0, 1].item() - deficit) < 1e-4
+    control = torch.zeros(1, 1, 48, 48)
+    control[:, :, 20:22, 10:30] = 1.0
+    moved = torch.roll(control, 1, dims=-2)
+    default = edge_ssim_deficit_by_region(moved, control)
+    assert torch.equal(default, edge_ssim_deficit_by_region(moved, control, near_px=3, threshold=0.05))
+    assert not torch.allclose(default, edge_ssim_deficit_by_region(moved, control, near_px=4))
 
 
 # --- depth RMSE -----------------------------------------------------------------------------------
@@ -110,6 +170,11 @@ def test_depth_rmse_of_two_hand_maps():
     assert abs(depth_rmse(torch.ones(1, 1, 1), control).item() - 127 / math.sqrt(2)) < 1e-3
 
 
+def test_depth_rmse_refuses_a_batch_mismatch():
+    with pytest.raises(ValueError, match=r"^Got 2 depth predictions for 3 controls\.$"):
+        depth_rmse(torch.rand(2, 4, 4), torch.rand(3, 3, 4, 4))
+
+
 # --- mIoU -----------------------------------------------------------------------------------------
 def test_miou_known_confusion():
     target = torch.tensor([[[0, 0], [1, 1]]])
@@ -124,6 +189,36 @@ def test_miou_ignores_255_and_absent_classes():
     pred = torch.tensor([[[0, 1], [1, 1]]])
     # the ignored pixel is dropped: class 0 -> 1/2, class 1: I = 1, U = 2 -> 1/2; class 2 absent: not averaged
     assert abs(mean_iou(pred, target, 3).item() - 0.5) < 1e-6
+
+
+def test_miou_of_logits_and_of_maps_of_another_shape():
+    target = torch.tensor([[[0, 0], [1, 1]]])
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]], [[1.0, 3.0], [1.0, 1.0]]]])  # (1, 2, 2, 2): argmax [[0, 1], [1, 1]]
+    assert abs(mean_iou(logits, target, 2).item() - 7 / 12) < 1e-6  # as test_miou_known_confusion
+    with pytest.raises(ValueError, match=r"^Predicted class maps \(1, 2, 3\) and targets \(1, 2, 2\) differ in shape\.$"):
+        mean_iou(torch.zeros(1, 2, 3, dtype=torch.long), target, 2)
+
+
+def test_to_uint8_by_hand():
+    from diffusers_innercontrol.metrics import to_uint8
+
+    out = to_uint8(torch.tensor([-0.5, 0.0, 0.5, 0.2, 1.0, 1.5]))
+    assert out.dtype == torch.uint8 and out.tolist() == [0, 0, 128, 51, 255, 255]  # 127.5 rounds to even 128
+
+
+def test_control_fidelity_checks_and_keeps_the_confusion_matrices_when_asked():
+    with pytest.raises(ValueError, match=r"^Unknown task 'colour': choose one of hed, lineart, depth, segmentation\.$"):
+        ControlFidelity("colour")
+    with pytest.raises(ValueError, match=r"^The segmentation metric needs num_classes \(150 for ADE20K\)\.$"):
+        ControlFidelity("segmentation")
+    assert ControlFidelity("segmentation", num_classes=2).confusions is None  # off by default
+    assert ControlFidelity("segmentation", num_classes=2).compute()["miou"] is None  # nothing scored yet
+    kept = ControlFidelity("segmentation", num_classes=2, keep_confusion=True)
+    kept.update(torch.tensor([[[0, 1], [1, 1]]]), control_classes=torch.tensor([[[0, 0], [1, 1]]]))
+    assert kept.num_classes == 2 and len(kept.confusions) == 1
+    assert kept.confusions[0].tolist() == [[1, 1], [0, 2]]  # rows: target, columns: prediction
+    lineart = ControlFidelity("lineart").update(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)).compute()
+    assert lineart["ms_ssim"] is None  # 16 px: too small for MS-SSIM, on record as missing
 
 
 def test_control_fidelity_accumulates_the_confusion_matrix():
@@ -290,7 +385,9 @@ def test_welch_test_against_hand_values():
     half = out["ci_high"] - out["diff"]
     assert out["diff"] - out["ci_low"] == pytest.approx(half)
     assert _t_cdf(half / se, df) == pytest.approx(0.975, abs=1e-6)
-    assert (out["n"], out["n_baseline"]) == (3, 4)
+    assert (out["n"], out["n_baseline"], out["level"]) == (3, 4, 0.95)
+    narrow = welch_test([1, 2, 3], [4, 5, 6, 7], level=0.5)  # the interval holds the middle half of t's distribution
+    assert narrow["level"] == 0.5 and _t_cdf((narrow["ci_high"] - narrow["diff"]) / se, df) == pytest.approx(0.75, abs=1e-6)
     swapped = welch_test([4, 5, 6, 7], [1, 2, 3])
     assert swapped["diff"] == pytest.approx(3.5) and swapped["p"] == pytest.approx(out["p"])
     with pytest.raises(ValueError, match="at least 2 values"):
@@ -307,6 +404,7 @@ def test_steps_to_reach_interpolates_the_first_crossing():
     assert steps_to_reach(steps, values, 0.6) == pytest.approx(200.0)  # reached exactly at an evaluation
     assert steps_to_reach(steps, values, 0.8) == pytest.approx(300 + 0.4 / 0.5 * 100)
     assert steps_to_reach(steps, values, 0.0) == 0.0  # the first evaluation already reaches it
+    assert steps_to_reach([0, 100, 200], [0.5, 0.4, 0.6], 0.5) == 0.0  # exactly, before a dip (not 150)
     assert steps_to_reach(steps, values, 0.95) is None  # never reached
     with pytest.raises(ValueError, match="one value per step"):
         steps_to_reach([0, 100], [0.1], 0.5)
@@ -323,7 +421,7 @@ def test_curve_level_is_the_mean_and_the_least_squares_slope_from_the_start_step
 
     steps, values = [0, 100, 200, 300, 400], [0.0, 0.2, 0.6, 0.4, 0.9]
     out = curve_level(steps, values, 200)
-    assert out["mean"] == pytest.approx(1.9 / 3)
+    assert out["mean"] == pytest.approx(1.9 / 3, rel=1e-12)  # in float64
     assert out["slope"] == pytest.approx(0.0015)
     assert out["n"] == 3 and out["start"] == 200.0
     assert curve_level(steps, values, 150) == pytest.approx(dict(out, start=150.0))
@@ -334,6 +432,8 @@ def test_curve_level_is_the_mean_and_the_least_squares_slope_from_the_start_step
         curve_level(steps, values, 400)
     with pytest.raises(ValueError, match="one value per step"):
         curve_level([0, 100], [0.1], 0)
+    with pytest.raises(ValueError, match="at least 2 evaluated steps"):  # two values of one step: no slope
+        curve_level([100, 100], [0.1, 0.2], 0)
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():

@@ -460,11 +460,7 @@ def bootstrap_closure(floor, ceiling, value, num_resamples: int = 1000, seed: in
     n = rows[0].shape[0]
     if n < 2 or any(r.shape[0] != n for r in rows):
         raise ValueError(f"bootstrap_closure needs the same >= 2 scenes for every row, got {[r.shape[0] for r in rows]}.")
-    if rows[0].ndim == 3:  # confusion matrices: keep the classes that occur at all (the others have no IoU)
-        active = (sum(r.sum(0) for r in rows) > 0)
-        active = (active.any(0) | active.any(1)).nonzero(as_tuple=True)[0]
-        rows = [r[:, active][:, :, active] for r in rows]
-    flat = [r.reshape(n, -1) for r in rows]
+    flat = [r.reshape(n, -1) for r in rows]  # confusion matrices flattened; `reduce` skips the classes never seen
 
     def stat(r, counts):  # a resample as the number of times each scene was drawn
         total = counts @ r
@@ -631,14 +627,6 @@ def curve_level(steps: Sequence[float], values: Sequence[float], start: float) -
     dx = x - x.mean()
     slope = ((dx * (y - y.mean())).sum() / (dx * dx).sum()).item()
     return {"mean": y.mean().item(), "slope": slope, "n": len(pairs), "start": float(start)}
-
-
-def summarize(values: Sequence[float]) -> Dict[str, float]:
-    """Mean and (population) standard deviation of a list of numbers."""
-    t = torch.tensor(list(values), dtype=torch.float64)
-    if t.numel() == 0:
-        return {"mean": math.nan, "std": math.nan}
-    return {"mean": t.mean().item(), "std": t.std(unbiased=False).item()}
 
 
 # --- comparing training modes over seeds ---------------------------------------------------------------
