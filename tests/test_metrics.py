@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from diffusers_innercontrol.hub_utils import OfflineModelError
 from diffusers_innercontrol.metrics import (
@@ -272,17 +273,18 @@ def test_fid_with_a_replaceable_feature_network_by_hand():
     fid.update(real + shift, real=False)
     # same covariance, means differ by the shift: FID = ||shift||^2 = 0.01 + 0.04
     assert abs(fid.compute().item() - 0.05) < 1e-3
+    assert fid.normalize  # fed images in [0, 1] (what the InceptionV3 path turns into uint8 for torch-fidelity)
 
 
 def test_fid_offline_inception_fails_fast_and_bad_weights_are_refused(tmp_path):
     from diffusers_innercontrol.metrics import _inception_cache_path
 
     if not os.path.isfile(_inception_cache_path()):
-        with pytest.raises(OfflineModelError, match="--fid_feature_extractor"):
+        with pytest.raises(OfflineModelError, match=r" with --fid_feature_extractor\.$"):
             build_fid("inception")
     bad = tmp_path / "inception.pth"
     torch.save({"model": ChannelMeans()}, bad)  # a pickled module, not a state dict
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match=r"^--fid_feature_extractor '.*' is not a plain InceptionV3 state dict .weights_only"):
         build_fid(str(bad))
     with pytest.raises(ValueError, match="neither"):
         build_fid(str(tmp_path / "nothing_here"))
@@ -337,19 +339,84 @@ def test_clip_score_matches_cosine_of_the_embeddings(tiny_clip_path):
 
 
 def test_clip_score_offline_hub_id_fails_fast():
-    with pytest.raises(OfflineModelError, match="--clip_model_name_or_path"):
+    with pytest.raises(OfflineModelError, match=r" \(--clip_model_name_or_path\) is a Hub id"):
         build_clip_score("openai/clip-vit-base-patch16")
 
 
 def test_fid_features_from_a_local_model_folder(tiny_clip_path):
+    from transformers import CLIPImageProcessor
+
     from diffusers_innercontrol.metrics import PretrainedImageFeatures
 
     fid = build_fid(tiny_clip_path)
-    assert isinstance(fid.inception, PretrainedImageFeatures) and fid.inception.num_features == 16
+    assert isinstance(fid.inception, PretrainedImageFeatures) and fid.inception.num_features == 16 and fid.normalize
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip_path)  # the folder's own statistics, not ImageNet's
+    torch.testing.assert_close(fid.inception.mean.flatten(), torch.tensor(processor.image_mean))
+    torch.testing.assert_close(fid.inception.std.flatten(), torch.tensor(processor.image_std))
     images = torch.rand(4, 3, 32, 32)
     fid.update(images, real=True)
     fid.update(images, real=False)
     assert abs(fid.compute().item()) < 1e-2  # identical sets
+
+
+class _PixelsOut(nn.Module):
+    """A stand-in vision model: its "embedding" is the pixel values it is given, flattened (one weight, unused),
+    returned as `transformers` models do: `image_embeds` (projected), `pooler_output`, only `last_hidden_state`
+    (tokens), or a tensor."""
+
+    def __init__(self, kind="pooler_output"):
+        super().__init__()
+        self.unused = nn.Parameter(torch.ones(1))
+        self.kind = kind
+
+    def forward(self, pixel_values):
+        from types import SimpleNamespace
+
+        flat = pixel_values.flatten(1)
+        if self.kind == "tensor":
+            return flat
+        if self.kind == "image_embeds":
+            return SimpleNamespace(image_embeds=flat, pooler_output=-flat)
+        if self.kind == "last_hidden_state":  # two tokens whose mean is the pixels, and no pooled output at all
+            return SimpleNamespace(last_hidden_state=torch.stack([flat - 1, flat + 1], 1))
+        return SimpleNamespace(pooler_output=flat)
+
+
+def test_pretrained_image_features_preprocess_by_hand():
+    """uint8 images are divided by 255, every image is resized (bilinear, antialiased) to the model's size, then
+    normalised per channel: a constant 51 (0.2) gives (0.2 - mean) / std = 0.2, 0, -0.8 for mean 0.1, 0.2, 0.3
+    and std 0.5, 0.25, 0.125."""
+    from diffusers_innercontrol.metrics import PretrainedImageFeatures
+
+    feats = PretrainedImageFeatures(_PixelsOut(), image_size=4, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125))
+    assert feats.num_features == 3 * 4 * 4 and not any(p.requires_grad for p in feats.parameters())
+    assert "mean" not in feats.state_dict() and "std" not in feats.state_dict()  # not saved with a model
+    out = feats(torch.full((2, 3, 8, 8), 51, dtype=torch.uint8)).view(2, 3, 16)
+    torch.testing.assert_close(out, torch.tensor([0.2, 0.0, -0.8]).view(1, 3, 1).expand(2, 3, 16))
+    torch.testing.assert_close(feats(torch.full((1, 3, 8, 8), 0.2)), out[:1].flatten(1))  # floats are taken as [0, 1]
+    x = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    resized = F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
+    expected = (resized - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 0.125]).view(1, 3, 1, 1)
+    torch.testing.assert_close(feats(x), expected.flatten(1))
+    for kind in ("image_embeds", "last_hidden_state", "tensor"):  # the embedding each kind of output holds
+        other = PretrainedImageFeatures(_PixelsOut(kind), image_size=4, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125))
+        torch.testing.assert_close(other(x), expected.flatten(1))
+
+
+def test_pretrained_image_features_from_a_folder_without_a_processor(tmp_path):
+    """A vision model saved without preprocessor_config.json: ImageNet statistics and the config's image size."""
+    from transformers import ViTConfig, ViTModel
+
+    from diffusers_innercontrol.metrics import PretrainedImageFeatures
+
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=16)
+    ViTModel(config).save_pretrained(tmp_path)
+    feats = PretrainedImageFeatures.from_pretrained(str(tmp_path))
+    assert feats.image_size == 16 and feats.num_features == 8
+    torch.testing.assert_close(feats.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    torch.testing.assert_close(feats.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+    assert feats(torch.rand(2, 3, 20, 20)).shape == (2, 8)
 
 
 def _t_cdf(x: float, df: float, steps: int = 20000) -> float:
@@ -443,7 +510,10 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     torch.manual_seed(0)
     features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
     images = torch.rand(64, 3, 8, 8)
+    defaults = build_kid(features)
+    assert (defaults.subset_size, defaults.subsets, defaults.normalize) == (1000, 100, True)
     kid = build_kid(features, subset_size=16, subsets=20)
+    assert (kid.subset_size, kid.subsets) == (16, 20)
     kid.update(images[:32], real=True)
     kid.update(images[32:], real=False)
     same, _ = kid.compute()
