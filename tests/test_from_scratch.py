@@ -130,9 +130,21 @@ def test_level_from_summary_and_report_by_hand(fs):
     with pytest.raises(ValueError, match="at least 2 evaluated steps from step 300"):
         fs.summarize_task(runs, "depth", modes, [0.5], level_from=300)
     fs.check_level_from(200, [0, 100, 200, 300])
+    fs.check_level_from(None, [])
     with pytest.raises(ValueError, match="--level_from 250: fewer than 2 evaluated steps from there on .the last is 300.; "
                                          "give --level_from 200 or lower"):
         fs.check_level_from(250, [0, 100, 200, 300])
+    for bad, steps, message in ((0, [0, 100, 200], r"--level_from 0: give a training step >= 1 \(step 0 is the toy SD alone\)"),
+                                (50, [0, 100], r"\(the last is 100\); evaluate more often \(--eval_every\)"),
+                                (50, [], r"\(none was evaluated\); evaluate more often")):
+        with pytest.raises(ValueError, match=message):
+            fs.check_level_from(bad, steps)
+    # without a baseline, or with one seed on a side, the levels are reported without a test
+    alone = fs.summarize_task([r for r in runs if r["mode"] == "alignment"], "depth", modes, [0.5], level_from=100)
+    assert alone["alignment"]["level"]["vs_controlnet"] is None and alone["controlnet"] == {"seeds": []}
+    one_seed = fs.summarize_task([r for r in runs if r["seed"] == 0], "depth", modes, [0.5], level_from=100)
+    assert one_seed["alignment"]["level"]["vs_controlnet"] is None
+    assert one_seed["alignment"]["level"]["closure"] == {"mean": pytest.approx(0.6), "std": 0.0, "n": 1}
 
 
 def test_bad_arguments_fail_before_work(fs, tmp_path):

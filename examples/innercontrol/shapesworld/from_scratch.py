@@ -120,12 +120,19 @@ def validate_args(args):
 
 
 def check_level_from(level_from: Optional[int], steps: Sequence[int]):
-    """`--level_from` needs 2 evaluated steps at or after it (a mean and a slope); raises `ValueError` naming the fix."""
-    steps = sorted(steps)
-    if level_from is not None and sum(s >= level_from for s in steps) < 2:
-        fix = f"give --level_from {steps[-2]} or lower" if len(steps) > 1 else "evaluate more often (--eval_every)"
-        raise ValueError(f"--level_from {level_from}: fewer than 2 evaluated steps from there on (the last is "
-                         f"{steps[-1]}); {fix}.")
+    """
+    `--level_from` needs 2 evaluated training steps at or after it (a mean and a slope), step 0 (the toy SD alone)
+    not counted; raises `ValueError` naming the fix.
+    """
+    if level_from is None:
+        return
+    if level_from < 1:
+        raise ValueError(f"--level_from {level_from}: give a training step >= 1 (step 0 is the toy SD alone).")
+    trained = sorted(s for s in steps if s > 0)
+    if sum(s >= level_from for s in trained) < 2:
+        fix = f"give --level_from {trained[-2]} or lower" if len(trained) > 1 else "evaluate more often (--eval_every)"
+        last = f"the last is {trained[-1]}" if trained else "none was evaluated"
+        raise ValueError(f"--level_from {level_from}: fewer than 2 evaluated steps from there on ({last}); {fix}.")
 
 
 def _options(train_args: Sequence[str]) -> Dict[str, object]:

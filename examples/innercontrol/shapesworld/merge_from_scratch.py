@@ -65,9 +65,10 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     results = load_results(args.sources)
     check_same_protocol(results, list(args.sources))
     if args.level_from is not None:
-        for task, info in results[0]["tasks"].items():
-            if info["ceiling"] is not None:
-                fs.check_level_from(args.level_from, info["steps"])
+        for result in results:
+            for task, info in result["tasks"].items():
+                if info["ceiling"] is not None:
+                    fs.check_level_from(args.level_from, info["steps"])
     return args
 
 

@@ -8,7 +8,8 @@ The whole ShapesWorld experiment in one command, on the bundled models (docs/sha
 2. `fig2`: `run_experiment.py --fig2_only` - the probe against the evaluator on the one-step x0 per timestep bucket,
    on the shipped ControlNets, 64 scenes a bucket;
 3. `from_scratch`: `from_scratch.py` - ControlNet, alignment only and InnerControl trained from the UNet, fidelity
-   every 250 steps to 1500, 3 seeds, and the level of the curves from step 1000 on.
+   every 250 steps to 1500, 3 seeds, and where the curves stand over their last three evaluations (`--level_from
+   1000`: the mean closure and its slope per seed; a clearly positive slope says a curve is still climbing).
 
 Every stage writes into its own folder of `--output_dir` and skips what a previous call already finished (trained
 runs, generated images), so the command can be started again after an interruption. The stages run on CUDA when
@@ -94,7 +95,7 @@ def stage_args(args) -> Dict[str, List[str]]:
                 + model_args(args.tasks, ("controlnet", "probe")),
         "from_scratch": common + ["--tasks", csv(args.from_scratch_tasks), "--seeds", csv(map(str, args.from_scratch_seeds)),
                                   "--max_train_steps", "1500", "--eval_every", "250", "--num_eval_conditions", "64",
-                                  "--level_from", "1000",  # where depth's curves level off
+                                  "--level_from", "1000",  # the last 3 evaluations: their mean and slope
                                   "--output_dir", os.path.join(args.output_dir, "from-scratch")]
                         + model_args(args.from_scratch_tasks, ("probe", "reward_model")),
     }
